@@ -1,0 +1,41 @@
+# Two commands do all set-up: `make demo` and `make test`. Both create .venv when it is missing and
+# install the project into it once; the stamp file makes a second run skip the install.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mmvq-installed
+# The demo keeps everything it writes (shards, checkpoints, tokens, MLflow store) under here.
+DEMO_ROOT ?= runs/demo
+UI_PORT ?= 5000
+
+.PHONY: demo test bench lint ui clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or run make PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)  ## set up, then run the demo workflow end to end (in-process Ray, MLflow in SQLite)
+	$(BIN)/mmvq run workflows/demo.yaml --data-root $(DEMO_ROOT)
+
+test: $(STAMP)  ## set up, then run the test suite (no benchmarks)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)  ## the heavier checks and benchmarks behind the `benchmark` marker
+	$(BIN)/python -m pytest -q -m benchmark
+
+lint: $(STAMP)  ## ruff over the code
+	$(BIN)/ruff check mmvq pipeline workflows tests
+
+ui: $(STAMP)  ## open the MLflow UI over the demo's tracking store on 127.0.0.1
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_ROOT))/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+clean:  ## remove the demo outputs (keeps .venv)
+	rm -rf $(DEMO_ROOT)

@@ -1,0 +1,17 @@
+"""mmvq: multimodal vector-quantized tokenizers (image, audio, text).
+
+The model library: configs, per-modality codecs, quantizers, losses, metrics, the tokenizer API
+and plain-torch train steps. Imports only torch, torchaudio, numpy and einops.
+"""
+
+from mmvq.batch import ModelInputs, to_model_inputs
+from mmvq.config import TokenizerConfig
+from mmvq.tokenizer import MultimodalTokenizer, TokenizerOutput
+
+__all__ = [
+    "ModelInputs",
+    "MultimodalTokenizer",
+    "TokenizerConfig",
+    "TokenizerOutput",
+    "to_model_inputs",
+]

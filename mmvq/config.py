@@ -1,0 +1,228 @@
+"""Typed, frozen configuration of the multimodal tokenizer.
+
+Plain defaults are the tiny CPU preset the demo trains in a few minutes on two cores. Configs load
+strictly from plain dicts (parsed YAML/JSON): an unknown key is an error naming its path, e.g.
+``audio.strid``, so a typo can never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ImageCodecConfig:
+    """Conv encoder/decoder for square RGB images (VQGAN family, Esser et al. 2021)."""
+
+    image_size: int = 64  # side in pixels; preprocess resizes/crops every image to this square
+    base_channels: int = 32  # width of the full-resolution stem; everything else scales from it
+    # Width multiplier per resolution level; each level after the first halves the resolution,
+    # so the grid is image_size / 2**(len - 1). (1, 2, 2, 2): 64 px -> 8x8 tokens, as in VQGAN f8.
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 1  # ResNet blocks per level: the main depth/speed knob
+    latent_dim: int = 32  # code vector width; low-dim codes use the codebook better (ViT-VQGAN)
+    codebook_size: int = 256  # number of image codes K; 256 is plenty for the synthetic demo
+
+    def __post_init__(self) -> None:
+        if not self.channel_mult:
+            raise ValueError("image.channel_mult must not be empty")
+        if self.image_size % self.downsample:
+            raise ValueError(
+                f"image.image_size={self.image_size} is not divisible by the downsampling "
+                f"factor {self.downsample} implied by channel_mult={self.channel_mult}"
+            )
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per token along each side."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid ``(h, w)``."""
+        side = self.image_size // self.downsample
+        return (side, side)
+
+
+@dataclass(frozen=True)
+class AudioCodecConfig:
+    """Strided Conv1d encoder/decoder for mono waveforms (SEANet, as in SoundStream/EnCodec)."""
+
+    sample_rate: int = 8000  # Hz; 8 kHz keeps speech intelligible and the demo cheap
+    num_samples: int = 20000  # fixed clip length (2.5 s at 8 kHz); shorter clips are zero-padded
+    base_channels: int = 32  # width after the first strided conv; doubles at each later stride
+    strides: tuple[int, ...] = (4, 4, 5)  # per-stage downsampling; hop = prod = 80 samples (10 ms)
+    latent_dim: int = 32  # code vector width
+    codebook_size: int = 256  # number of audio codes K
+    # STFT sizes of the multi-resolution mel loss: a short window for transients, a long one for
+    # pitch (multi-scale spectral loss, Engel et al. 2020 / DAC).
+    mel_n_ffts: tuple[int, ...] = (128, 512)
+
+    def __post_init__(self) -> None:
+        if not self.strides or any(s < 1 for s in self.strides):
+            raise ValueError(f"audio.strides must be positive integers, got {self.strides}")
+        if not self.mel_n_ffts or any(n < 16 for n in self.mel_n_ffts):
+            raise ValueError(f"audio.mel_n_ffts must be >= 16, got {self.mel_n_ffts}")
+
+    @property
+    def hop(self) -> int:
+        """Samples per token."""
+        return math.prod(self.strides)
+
+    @property
+    def num_frames(self) -> int:
+        """Tokens per clip (the clip is zero-padded up to a whole number of hops)."""
+        return -(-self.num_samples // self.hop)
+
+
+@dataclass(frozen=True)
+class TextCodecConfig:
+    """Byte-level transformer encoder/decoder with one code per byte position."""
+
+    max_len: int = 64  # bytes per caption; longer text is truncated by preprocess
+    dim: int = 128  # transformer width
+    num_layers: int = 2  # transformer layers in the encoder and in the decoder
+    num_heads: int = 4  # attention heads; dim must be divisible by it
+    latent_dim: int = 32  # code vector width
+    codebook_size: int = 256  # number of text codes K (one code per byte position)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"text.dim={self.dim} must be divisible by text.num_heads={self.num_heads}"
+            )
+        if self.max_len < 1:
+            raise ValueError(f"text.max_len must be positive, got {self.max_len}")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """Settings shared by the per-modality quantizers."""
+
+    kind: str = "vq"  # key of mmvq.quantizers.QUANTIZERS
+    # Look up codes by cosine similarity (l2-normalised latents and codes, ViT-VQGAN, Yu et al.
+    # 2022): far fewer dead codes than raw-L2 VQ with a randomly initialised codebook.
+    l2_normalize: bool = True
+
+
+# Loss names the tokenizer computes, with their default weight in ``total``.
+DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
+    {
+        "image/l1": 1.0,  # pixel L1 on [-1, 1] images
+        "audio/l1": 1.0,  # waveform L1; anchors phase, which the mel loss ignores
+        "audio/mel": 1.0,  # multi-resolution log-mel L1 (perceptual proxy)
+        "text/ce": 1.0,  # byte cross-entropy over the real (unpadded) positions
+        "vq/commit": 0.25,  # beta of VQ-VAE (van den Oord et al. 2017, eq. 3)
+        "vq/codebook": 1.0,  # moves codes towards the encoder outputs
+    }
+)
+
+
+def _default_loss_weights() -> Mapping[str, float]:
+    return types.MappingProxyType(dict(DEFAULT_LOSS_WEIGHTS))
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The whole tokenizer: one codec per modality, the quantizer and the loss weights."""
+
+    image: ImageCodecConfig = field(default_factory=ImageCodecConfig)
+    audio: AudioCodecConfig = field(default_factory=AudioCodecConfig)
+    text: TextCodecConfig = field(default_factory=TextCodecConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    # Weight of each loss in ``total``; keys as in DEFAULT_LOSS_WEIGHTS, missing keys keep the
+    # default, unknown keys are an error.
+    loss_weights: Mapping[str, float] = field(default_factory=_default_loss_weights)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(
+                f"unknown key loss_weights.{unknown[0]}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}"
+            )
+        merged = {**DEFAULT_LOSS_WEIGHTS, **{k: float(v) for k, v in self.loss_weights.items()}}
+        # Frozen dataclass: __post_init__ is the one place allowed to normalise a field.
+        object.__setattr__(self, "loss_weights", types.MappingProxyType(merged))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Convert a config dataclass to plain JSON/YAML types (tuples become lists)."""
+    return _to_plain(cfg)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def tokenizer_config_from_dict(d: Mapping[str, Any]) -> TokenizerConfig:
+    """Build a :class:`TokenizerConfig` from plain types, strictly.
+
+    Raises
+    ------
+    ValueError
+        On an unknown key (the message names its dotted path, e.g. ``audio.strid``) or a value
+        of the wrong type.
+    """
+    return _from_plain(TokenizerConfig, d, path="")
+
+
+def _from_plain(cls: type, d: Any, path: str) -> Any:
+    where = path or "<root>"
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+        if key not in names:
+            raise ValueError(f"unknown config key {path + '.' if path else ''}{key}")
+    kwargs = {key: _coerce(d[key], hints[key], f"{path + '.' if path else ''}{key}") for key in d}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # defensive: dataclass signature mismatch
+        raise ValueError(f"{where}: {err}") from err
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and convert lists to tuples."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_plain(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path}: expected a list, got {type(value).__name__}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is not None and issubclass(origin, Mapping):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{path}: expected a mapping, got {type(value).__name__}")
+        _key_tp, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: expected a bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: expected an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported annotation {tp!r}")  # a bug in this module

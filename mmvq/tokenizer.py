@@ -1,0 +1,264 @@
+"""The multimodal tokenizer: one VQ-VAE per modality behind a single encode/decode/save/load API.
+
+Image, audio and text each have an encoder, a quantizer with its own codebook and a decoder.
+``forward`` computes reconstructions, codes and the weighted losses for training; ``encode`` and
+``decode`` are the inference API the tokenize and evaluate stages use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from mmvq import losses as L
+from mmvq.batch import ModelInputs
+from mmvq.config import TokenizerConfig, config_to_dict, tokenizer_config_from_dict
+from mmvq.modalities import (
+    AudioDecoder,
+    AudioEncoder,
+    ImageDecoder,
+    ImageEncoder,
+    TextDecoder,
+    TextEncoder,
+)
+from mmvq.quantizers import QUANTIZERS, QuantizerOutput
+
+# Bumped whenever the meaning of saved weights or config.json changes; load() refuses others.
+FORMAT_VERSION = 1
+MODALITIES = ("image", "audio", "text")
+
+
+@dataclass
+class TokenizerOutput:
+    """What ``MultimodalTokenizer.forward`` returns.
+
+    reconstructions : ``image`` (B, 3, H, W), ``audio`` (B, T), ``text_logits`` (B, L, V)
+    indices : ``image`` (B, h, w), ``audio`` (B, frames), ``text`` (B, L), long
+    losses : scalar tensors keyed ``image/l1``, ``audio/l1``, ``audio/mel``, ``text/ce``,
+        ``vq/commit``, ``vq/codebook`` and ``total`` (the weighted sum)
+    """
+
+    reconstructions: dict[str, torch.Tensor]
+    indices: dict[str, torch.Tensor]
+    losses: dict[str, torch.Tensor]
+
+
+class MultimodalTokenizer(nn.Module):
+    """Image, audio and text VQ tokenizers with separate codebooks.
+
+    Parameters
+    ----------
+    config : TokenizerConfig
+    """
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        if config.quantizer.kind not in QUANTIZERS:
+            raise ValueError(
+                f"unknown quantizer.kind {config.quantizer.kind!r}; known: {sorted(QUANTIZERS)}"
+            )
+        self.config = config
+        self.image_encoder = ImageEncoder(config.image)
+        self.image_decoder = ImageDecoder(config.image)
+        self.audio_encoder = AudioEncoder(config.audio)
+        self.audio_decoder = AudioDecoder(config.audio)
+        self.text_encoder = TextEncoder(config.text)
+        self.text_decoder = TextDecoder(config.text)
+        quantizer = QUANTIZERS[config.quantizer.kind]
+        self.quantizers = nn.ModuleDict(
+            {
+                name: quantizer(sub.codebook_size, sub.latent_dim, config.quantizer.l2_normalize)
+                for name, sub in (
+                    ("image", config.image),
+                    ("audio", config.audio),
+                    ("text", config.text),
+                )
+            }
+        )
+
+    # -- shapes --------------------------------------------------------------------------------
+
+    def codebook_sizes(self) -> dict[str, int]:
+        """Number of codes per modality."""
+        return {name: q.codebook_size for name, q in self.quantizers.items()}
+
+    def token_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Token array shape per sample: image (h, w), audio (frames,), text (max_len,)."""
+        return {
+            "image": self.config.image.grid,
+            "audio": (self.config.audio.num_frames,),
+            "text": (self.config.text.max_len,),
+        }
+
+    def _check_inputs(self, inputs: ModelInputs) -> None:
+        cfg = self.config
+        size = cfg.image.image_size
+        if tuple(inputs.image.shape[1:]) != (3, size, size):
+            raise ValueError(f"image must be (B, 3, {size}, {size}), got {tuple(inputs.image.shape)}")
+        if inputs.audio.shape[-1] != cfg.audio.num_samples:
+            raise ValueError(
+                f"audio must have {cfg.audio.num_samples} samples, got {tuple(inputs.audio.shape)}"
+            )
+        if inputs.text_ids.shape[-1] != cfg.text.max_len:
+            raise ValueError(
+                f"text_ids must have length {cfg.text.max_len}, got {tuple(inputs.text_ids.shape)}"
+            )
+
+    # -- encoders ------------------------------------------------------------------------------
+
+    def _quantize_image(self, inputs: ModelInputs) -> QuantizerOutput:
+        z = self.image_encoder(inputs.image)  # (B, D, h, w)
+        z = rearrange(z, "b d h w -> b h w d")
+        mask = inputs.has_image[:, None, None].expand(z.shape[:-1])  # (B, h, w)
+        return self.quantizers["image"](z, mask)
+
+    def _quantize_audio(self, inputs: ModelInputs) -> QuantizerOutput:
+        z = self.audio_encoder(inputs.audio)  # (B, D, frames)
+        z = rearrange(z, "b d t -> b t d")
+        mask = inputs.has_audio[:, None].expand(z.shape[:-1])  # (B, frames)
+        return self.quantizers["audio"](z, mask)
+
+    def _quantize_text(self, inputs: ModelInputs) -> QuantizerOutput:
+        z = self.text_encoder(inputs.text_ids)  # (B, L, D)
+        positions = torch.arange(z.shape[1], device=z.device)  # (L,)
+        # Padding positions get codes too, but must not drag the codebook towards "PAD".
+        mask = (positions[None, :] < inputs.text_len[:, None]) & inputs.has_text[:, None]
+        return self.quantizers["text"](z, mask)
+
+    # -- decoders (from code vectors, shared by forward and decode) ----------------------------
+
+    def _decode_image(self, q: torch.Tensor) -> torch.Tensor:
+        return self.image_decoder(rearrange(q, "b h w d -> b d h w"))  # (B, 3, H, W)
+
+    def _decode_audio(self, q: torch.Tensor) -> torch.Tensor:
+        return self.audio_decoder(rearrange(q, "b t d -> b d t"))  # (B, T)
+
+    def _decode_text(self, q: torch.Tensor) -> torch.Tensor:
+        return self.text_decoder(q)  # (B, L, V)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def forward(self, inputs: ModelInputs) -> TokenizerOutput:
+        """Reconstruct every modality and compute the masked, weighted losses.
+
+        All three branches always run (absent modalities are zeros and masked out of the
+        losses), so the autograd graph is the same for every batch, as DDP expects.
+        """
+        self._check_inputs(inputs)
+        cfg = self.config
+        vq = {
+            "image": self._quantize_image(inputs),
+            "audio": self._quantize_audio(inputs),
+            "text": self._quantize_text(inputs),
+        }
+        image = self._decode_image(vq["image"].quantized)
+        audio = self._decode_audio(vq["audio"].quantized)
+        text_logits = self._decode_text(vq["text"].quantized)
+        losses = {
+            "image/l1": L.masked_l1(image, inputs.image, inputs.has_image),
+            "audio/l1": L.masked_l1(audio, inputs.audio, inputs.has_audio),
+            "audio/mel": L.masked_mean(
+                L.log_mel_distance(
+                    inputs.audio, audio, cfg.audio.sample_rate, cfg.audio.mel_n_ffts
+                ),
+                inputs.has_audio,
+            ),
+            "text/ce": L.masked_cross_entropy(
+                text_logits, inputs.text_ids, inputs.text_len, inputs.has_text
+            ),
+            "vq/commit": sum(out.commit_loss for out in vq.values()),
+            "vq/codebook": sum(out.codebook_loss for out in vq.values()),
+        }
+        losses["total"] = sum(cfg.loss_weights[name] * value for name, value in losses.items())
+        return TokenizerOutput(
+            reconstructions={"image": image, "audio": audio, "text_logits": text_logits},
+            indices={name: out.indices for name, out in vq.items()},
+            losses=losses,
+        )
+
+    # -- inference API -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
+        """Codes per modality: ``image`` (B, h, w), ``audio`` (B, frames), ``text`` (B, L), long.
+
+        Every sample gets codes for every modality; ``has_*`` says which ones are meaningful.
+        """
+        self._check_inputs(inputs)
+        return {
+            "image": self._quantize_image(inputs).indices,
+            "audio": self._quantize_audio(inputs).indices,
+            "text": self._quantize_text(inputs).indices,
+        }
+
+    @torch.no_grad()
+    def decode(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reconstruct from codes; any subset of modalities may be given.
+
+        Returns
+        -------
+        dict with ``image`` (B, 3, H, W) clamped to [-1, 1], ``audio`` (B, T) and ``text_ids``
+        (B, L) argmax byte ids, for the modalities present in ``tokens``.
+        """
+        unknown = sorted(set(tokens) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; expected a subset of {MODALITIES}")
+        out = {}
+        if "image" in tokens:
+            q = self.quantizers["image"].lookup(tokens["image"].long())  # (B, h, w, D)
+            out["image"] = self._decode_image(q).clamp(-1.0, 1.0)
+        if "audio" in tokens:
+            q = self.quantizers["audio"].lookup(tokens["audio"].long())  # (B, frames, D)
+            out["audio"] = self._decode_audio(q)
+        if "text" in tokens:
+            q = self.quantizers["text"].lookup(tokens["text"].long())  # (B, L, D)
+            out["text_ids"] = self._decode_text(q).argmax(dim=-1)
+        return out
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``config.json`` (with ``format_version``) and ``model.pt`` (the state dict)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(self.config)}
+        (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        torch.save(self.state_dict(), directory / "model.pt")
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu"):
+        """Rebuild a tokenizer written by :meth:`save`.
+
+        Raises
+        ------
+        ValueError
+            If the checkpoint's ``format_version`` is not this code's ``FORMAT_VERSION``.
+        """
+        directory = Path(directory)
+        meta = json.loads((directory / "config.json").read_text())
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{directory}: checkpoint format_version {version!r}, this code reads "
+                f"{FORMAT_VERSION}"
+            )
+        model = cls(tokenizer_config_from_dict(meta["config"]))
+        state = torch.load(directory / "model.pt", map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        return model.to(map_location)
+
+    def weights_hash(self) -> str:
+        """sha256 over the state dict (names, dtypes, shapes, bytes) in name order."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            # Raw bytes via a uint8 view: exact, and works for dtypes numpy lacks (bfloat16).
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()

@@ -1,0 +1,35 @@
+"""The registry of stages: name -> config type, input slots, run function.
+
+A workflow names stages from here and wires their input slots to upstream stages; the
+``mmvq stage`` command runs one of them alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline import evaluate, preprocess, tokenize, train
+from pipeline.stage import StageContext, StageSpec
+from pipeline.synth import SynthConfig
+from pipeline.synth import run as synth_run
+
+
+def _synth(config: SynthConfig, ctx: StageContext) -> dict[str, Any]:
+    manifest = synth_run(config, ctx.output_dir, progress=ctx.progress)
+    if ctx.logger:
+        counts = manifest.get("counts", {})
+        ctx.logger.metrics({f"samples/{k}": v for k, v in counts.items()}, step=0)
+        ctx.logger.artifact(ctx.output_dir / "manifest.json")
+    return {"counts": manifest.get("counts", {})}
+
+
+STAGES: dict[str, StageSpec] = {
+    "synth": StageSpec("synth", SynthConfig, _synth),
+    "preprocess": StageSpec("preprocess", preprocess.PreprocessConfig, preprocess.run,
+                            inputs=("shards",)),
+    "train": StageSpec("train", train.TrainConfig, train.run, inputs=("data",)),
+    "tokenize": StageSpec("tokenize", tokenize.TokenizeConfig, tokenize.run,
+                          inputs=("data", "model")),
+    "evaluate": StageSpec("evaluate", evaluate.EvaluateConfig, evaluate.run,
+                          inputs=("data", "model", "tokens")),
+}

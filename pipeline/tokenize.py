@@ -1,0 +1,172 @@
+"""Tokenize stage: the trained tokenizer over every split, written as a parquet token dataset.
+
+A pool of Ray Data actors each loads the tokenizer once and encodes batches of preprocessed
+rows. The output has one directory per split (``tokens/train``, ``tokens/val``) with the
+DESIGN.md token schema, and ``manifest.json`` describing the unified vocabulary that
+``joint_tokens`` uses, so a downstream language model can read the dataset without mmvq.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.stage import StageContext
+from pipeline.train import TOKENIZER_DIR
+
+TOKENS_DIR = "tokens"
+MANIFEST = "manifest.json"
+# Markers around each modality's run in joint_tokens, placed after all codebooks.
+SPECIAL_TOKENS = ("<boi>", "<eoi>", "<boa>", "<eoa>", "<bot>", "<eot>")
+# Explicit types: Ray would otherwise infer object columns from Python lists.
+_CODES = pa.list_(pa.int32())
+TOKEN_SCHEMA = pa.schema([
+    ("key", pa.string()), ("split", pa.string()), ("image_tokens", _CODES),
+    ("image_grid", _CODES), ("audio_tokens", _CODES), ("audio_frames", pa.int32()),
+    ("text_tokens", _CODES), ("joint_tokens", _CODES), ("tokenizer", pa.string()),
+    ("source_shard", pa.string())])
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    batch_size: int = 64  # rows per encode call
+    num_actors: int = 2  # actors holding a model copy each
+    use_gpu: bool = False  # one GPU per actor when true
+
+
+def vocabulary_layout(codebook_sizes: dict[str, int]) -> dict[str, Any]:
+    """Offsets of each modality's codes in the unified vocabulary, then the special tokens.
+
+    ``image`` codes occupy ``[0, K_image)``, ``audio`` the next ``K_audio`` ids, ``text`` the
+    next ``K_text``; the special tokens follow. Fixed order, so two runs with the same
+    codebook sizes share a layout.
+    """
+    offsets, total = {}, 0
+    for name in ("image", "audio", "text"):
+        offsets[name] = total
+        total += codebook_sizes[name]
+    specials = {token: total + i for i, token in enumerate(SPECIAL_TOKENS)}
+    return {"offsets": offsets, "codebook_sizes": dict(codebook_sizes),
+            "special_tokens": specials, "vocab_size": total + len(SPECIAL_TOKENS)}
+
+
+def joint_sequence(image: np.ndarray | None, audio: np.ndarray | None, text: np.ndarray | None,
+                   layout: dict[str, Any]) -> np.ndarray:
+    """One sample's modality codes as a single unified-vocabulary stream.
+
+    ``<boi> image <eoi> <boa> audio <eoa> <bot> text <eot>``; absent modalities are left out.
+    """
+    special, offsets = layout["special_tokens"], layout["offsets"]
+    parts = []
+    for name, codes, (begin, end) in (("image", image, ("<boi>", "<eoi>")),
+                                      ("audio", audio, ("<boa>", "<eoa>")),
+                                      ("text", text, ("<bot>", "<eot>"))):
+        if codes is None:
+            continue
+        parts += [[special[begin]], np.asarray(codes, np.int64) + offsets[name], [special[end]]]
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+class TokenizeActor:
+    """Ray Data actor: holds one tokenizer, encodes batches of preprocessed rows."""
+
+    def __init__(self, model_dir: str, layout: dict[str, Any], tokenizer_id: str,
+                 use_gpu: bool) -> None:
+        from mmvq import MultimodalTokenizer
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = MultimodalTokenizer.load(model_dir, map_location=self.device).eval()
+        self.layout = layout
+        self.tokenizer_id = tokenizer_id
+        self.hop = self.model.config.audio.num_samples // self.model.token_shapes()["audio"][0]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from mmvq import to_model_inputs
+
+        inputs = to_model_inputs(batch, self.device)
+        with torch.no_grad():
+            codes = {k: v.cpu().numpy() for k, v in self.model.encode(inputs).items()}
+        n = len(batch["key"])
+        audio_frames = [math.ceil(int(a) / self.hop) for a in batch["audio_len"]]
+        rows: dict[str, list] = {c: [] for c in (
+            "key", "split", "image_tokens", "image_grid", "audio_tokens", "audio_frames",
+            "text_tokens", "joint_tokens", "tokenizer", "source_shard")}
+        for i in range(n):
+            image = codes["image"][i].reshape(-1) if batch["has_image"][i] else None
+            audio = codes["audio"][i] if batch["has_audio"][i] else None
+            text = codes["text"][i] if batch["has_text"][i] else None
+            joint = joint_sequence(
+                image, None if audio is None else audio[:audio_frames[i]],
+                None if text is None else text[:int(batch["text_len"][i])], self.layout)
+            rows["key"].append(str(batch["key"][i]))
+            rows["split"].append(str(batch["split"][i]))
+            rows["image_tokens"].append(_as_list(image))
+            rows["image_grid"].append(list(codes["image"].shape[1:]) if image is not None else [])
+            rows["audio_tokens"].append(_as_list(audio))
+            rows["audio_frames"].append(audio_frames[i] if audio is not None else 0)
+            rows["text_tokens"].append(_as_list(text))
+            rows["joint_tokens"].append(joint.tolist())
+            rows["tokenizer"].append(self.tokenizer_id)
+            rows["source_shard"].append(str(batch["source_shard"][i]))
+        return pa.table(rows, schema=TOKEN_SCHEMA)
+
+
+def _as_list(codes: np.ndarray | None) -> list[int]:
+    return [] if codes is None else np.asarray(codes, np.int32).reshape(-1).tolist()
+
+
+def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
+    """Encode every preprocessed split with the trained tokenizer; write tokens + manifest."""
+    import ray.data
+
+    from mmvq import MultimodalTokenizer
+
+    model_dir = Path(ctx.inputs["model"]) / TOKENIZER_DIR
+    model = MultimodalTokenizer.load(model_dir)
+    layout = vocabulary_layout(model.codebook_sizes())
+    weights_hash = model.weights_hash()
+    tokenizer_id = f"local:{weights_hash[:16]}"
+    data_dir = Path(ctx.inputs["data"])
+    splits = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
+    counts: dict[str, int] = {}
+    for split in splits:
+        tokens = ray.data.read_parquet(str(data_dir / split)).map_batches(
+            TokenizeActor, fn_constructor_args=(str(model_dir), layout, tokenizer_id,
+                                                config.use_gpu),
+            batch_size=config.batch_size, concurrency=config.num_actors,
+            num_gpus=1 if config.use_gpu else 0, batch_format="numpy")
+        out = ctx.output_dir / TOKENS_DIR / split
+        tokens.write_parquet(str(out))
+        counts[split] = pq.ParquetDataset(str(out)).read(columns=["key"]).num_rows
+    source_shards = sorted({s for split in splits for s in pq.ParquetDataset(
+        str(ctx.output_dir / TOKENS_DIR / split)).read(columns=["source_shard"])
+        .column("source_shard").to_pylist()})
+    manifest = {
+        "counts": counts, "total": sum(counts.values()), "splits": splits,
+        "vocabulary": layout, "token_shapes": {k: list(v) for k, v in
+                                               model.token_shapes().items()},
+        "audio_hop_samples": model.config.audio.num_samples // model.token_shapes()["audio"][0],
+        "tokenizer": {"id": tokenizer_id, "weights_sha256": weights_hash,
+                      "path": str(model_dir)},
+        "codebook_hash": weights_hash, "source_shards": source_shards,
+        "columns": {"image_tokens": "row-major image code grid (image_grid = [h, w])",
+                    "audio_tokens": "all frames of the fixed window; the first audio_frames "
+                                    "cover the real audio",
+                    "text_tokens": "one code per text position, padding included",
+                    "joint_tokens": "unified vocabulary: <boi> image <eoi> <boa> audio "
+                                    "<eoa> <bot> text <eot>"},
+    }
+    (ctx.output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if ctx.logger:
+        ctx.logger.metrics({f"tokens/rows/{k}": v for k, v in counts.items()}, step=0)
+        ctx.logger.artifact(ctx.output_dir / MANIFEST)
+    return {"counts": counts, "vocab_size": layout["vocab_size"],
+            "tokens": str(ctx.output_dir / TOKENS_DIR)}

@@ -1,0 +1,46 @@
+"""Stage outputs: fingerprints and atomic commits."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from pipeline.stage import StageSpec, committed_dir, fingerprint, read_record, run_committed
+
+
+@dataclass(frozen=True)
+class Cfg:
+    n: int = 1
+
+
+def test_fingerprint_changes_with_config_inputs_and_code():
+    base = fingerprint("s", Cfg(1), {"a": "f1"}, "code1")
+    assert base == fingerprint("s", Cfg(1), {"a": "f1"}, "code1")
+    assert base != fingerprint("s", Cfg(2), {"a": "f1"}, "code1")
+    assert base != fingerprint("s", Cfg(1), {"a": "f2"}, "code1")
+    assert base != fingerprint("s", Cfg(1), {"a": "f1"}, "code2")
+    assert base != fingerprint("t", Cfg(1), {"a": "f1"}, "code1")
+
+
+def _writer(config, ctx):
+    (ctx.output_dir / "data.txt").write_text(str(config.n))
+    return {"n": config.n}
+
+
+def test_commit_makes_output_visible_with_record(tmp_path):
+    spec = StageSpec("w", Cfg, _writer)
+    out, summary = run_committed(spec, Cfg(3), tmp_path, "fp1", {}, record={"fingerprint": "fp1"})
+    assert out == committed_dir(tmp_path, "w", "fp1")
+    assert (out / "data.txt").read_text() == "3"
+    assert read_record(out) == {"fingerprint": "fp1", "summary": {"n": 3}}
+    assert summary == {"n": 3}
+
+
+def test_failed_stage_leaves_nothing(tmp_path):
+    def broken(config, ctx):
+        (ctx.output_dir / "half.txt").write_text("partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_committed(StageSpec("b", Cfg, broken), Cfg(), tmp_path, "fp", {}, record={})
+    assert list((tmp_path / "b").iterdir()) == []
+    assert read_record(committed_dir(tmp_path, "b", "fp")) is None

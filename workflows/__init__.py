@@ -1,0 +1,1 @@
+"""Workflow definitions (YAML) and the runner that executes their stages."""
