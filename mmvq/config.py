@@ -56,8 +56,12 @@ class AudioCodecConfig:
 
     sample_rate: int = 8000  # Hz; 8 kHz keeps speech intelligible and the demo cheap
     num_samples: int = 20000  # fixed clip length (2.5 s at 8 kHz); shorter clips are zero-padded
-    base_channels: int = 32  # width after the first strided conv; doubles at each later stride
+    # Width of the first strided stage. It holds T/4 steps, so its width sets most of the CPU cost:
+    # 16 (4x the 4 samples it reads) trains ~2x faster than 32 for the same frame-rate width.
+    base_channels: int = 16
     strides: tuple[int, ...] = (4, 4, 5)  # per-stage downsampling; hop = prod = 80 samples (10 ms)
+    # Width multiplier per stage, one per stride (SEANet doubles at every stage): 16, 32, 32.
+    channel_mult: tuple[int, ...] = (1, 2, 2)
     latent_dim: int = 32  # code vector width
     codebook_size: int = 256  # number of audio codes K
     # STFT sizes of the multi-resolution mel loss: a short window for transients, a long one for
@@ -67,6 +71,11 @@ class AudioCodecConfig:
     def __post_init__(self) -> None:
         if not self.strides or any(s < 1 for s in self.strides):
             raise ValueError(f"audio.strides must be positive integers, got {self.strides}")
+        if len(self.channel_mult) != len(self.strides):
+            raise ValueError(
+                f"audio.channel_mult needs one entry per stride: {self.channel_mult} vs "
+                f"{self.strides}"
+            )
         if not self.mel_n_ffts or any(n < 16 for n in self.mel_n_ffts):
             raise ValueError(f"audio.mel_n_ffts must be >= 16, got {self.mel_n_ffts}")
 

@@ -119,8 +119,7 @@ class MultimodalTokenizer(nn.Module):
         return self.quantizers["image"](z, mask)
 
     def _quantize_audio(self, inputs: ModelInputs) -> QuantizerOutput:
-        z = self.audio_encoder(inputs.audio)  # (B, D, frames)
-        z = rearrange(z, "b d t -> b t d")
+        z = self.audio_encoder(inputs.audio)  # (B, frames, D), channels last
         mask = inputs.has_audio[:, None].expand(z.shape[:-1])  # (B, frames)
         return self.quantizers["audio"](z, mask)
 
@@ -137,7 +136,7 @@ class MultimodalTokenizer(nn.Module):
         return self.image_decoder(rearrange(q, "b h w d -> b d h w"))  # (B, 3, H, W)
 
     def _decode_audio(self, q: torch.Tensor) -> torch.Tensor:
-        return self.audio_decoder(rearrange(q, "b t d -> b d t"))  # (B, T)
+        return self.audio_decoder(q)  # (B, frames, D) -> (B, T)
 
     def _decode_text(self, q: torch.Tensor) -> torch.Tensor:
         return self.text_decoder(q)  # (B, L, V)

@@ -86,7 +86,7 @@ class TokenizeActor:
         self.model = MultimodalTokenizer.load(model_dir, map_location=self.device).eval()
         self.layout = layout
         self.tokenizer_id = tokenizer_id
-        self.hop = self.model.config.audio.num_samples // self.model.token_shapes()["audio"][0]
+        self.hop = self.model.config.audio.hop  # waveform samples per audio token
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from mmvq import to_model_inputs
@@ -141,7 +141,7 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
         tokens = ray.data.read_parquet(str(data_dir / split)).map_batches(
             TokenizeActor, fn_constructor_args=(str(model_dir), layout, tokenizer_id,
                                                 config.use_gpu),
-            batch_size=config.batch_size, concurrency=config.num_actors,
+            batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
             num_gpus=1 if config.use_gpu else 0, batch_format="numpy")
         out = ctx.output_dir / TOKENS_DIR / split
         tokens.write_parquet(str(out))
@@ -153,9 +153,9 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
         "counts": counts, "total": sum(counts.values()), "splits": splits,
         "vocabulary": layout, "token_shapes": {k: list(v) for k, v in
                                                model.token_shapes().items()},
-        "audio_hop_samples": model.config.audio.num_samples // model.token_shapes()["audio"][0],
+        "audio_hop_samples": model.config.audio.hop,
         "tokenizer": {"id": tokenizer_id, "weights_sha256": weights_hash,
-                      "path": str(model_dir)},
+                      "source": str(model_dir)},
         "codebook_hash": weights_hash, "source_shards": source_shards,
         "columns": {"image_tokens": "row-major image code grid (image_grid = [h, w])",
                     "audio_tokens": "all frames of the fixed window; the first audio_frames "
@@ -168,5 +168,5 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     if ctx.logger:
         ctx.logger.metrics({f"tokens/rows/{k}": v for k, v in counts.items()}, step=0)
         ctx.logger.artifact(ctx.output_dir / MANIFEST)
-    return {"counts": counts, "vocab_size": layout["vocab_size"],
-            "tokens": str(ctx.output_dir / TOKENS_DIR)}
+    # Paths in a summary are relative to the committed output (the stage runs in a temp dir).
+    return {"counts": counts, "vocab_size": layout["vocab_size"], "tokens": TOKENS_DIR}

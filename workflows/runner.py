@@ -79,9 +79,10 @@ def load_workflow(path: str | Path, overrides: Sequence[str] = ()) -> Workflow:
     stage_names = set(data.get("stages", {}) or {})
     rewritten = []
     for item in overrides:
-        head = item.split(".", 1)[0]
+        key = item.split("=", 1)[0]
+        head = key.split(".", 1)[0]
         rewritten.append(f"stages.{head}.config.{item.split('.', 1)[1]}"
-                         if head in stage_names and "." in item.split("=", 1)[0] else item)
+                         if head in stage_names and "." in key else item)
     data = apply_overrides(data, rewritten)
     workflow = from_dict(Workflow, data, source=str(path))
     for name, entry in workflow.stages.items():
@@ -242,12 +243,13 @@ def _init_ray(config: RayConfig, progress: bool) -> None:
 
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS")
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
-                                  "logging_level": logging.WARNING}
+        kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=config.num_cpus, **kwargs)
+            # The dashboard also serves the state API that Ray Train's controller polls.
+            ray.init(num_cpus=config.num_cpus, include_dashboard=True,
+                     dashboard_host="127.0.0.1", **kwargs)
     context = DataContext.get_current()
     context.enable_progress_bars = progress
     context.print_on_execution_start = False
@@ -277,9 +279,10 @@ def format_report(results: Sequence[StageResult], tracking_uri: str) -> str:
                 continue
             lines.append(f"{key:<28} {evaluation['trained'][key]:>10.4f} "
                          f"{evaluation['untrained'].get(key, float('nan')):>10.4f}")
-    tokens = next((r.summary.get("tokens") for r in results if "tokens" in r.summary), None)
+    tokens = next((r.output / r.summary["tokens"] for r in results if "tokens" in r.summary),
+                  None)
     if tokens:
-        lines += ["", f"token dataset: {tokens}"]
+        lines += ["", f"token dataset: {tokens}  (parquet, one directory per split)"]
     lines += [f"MLflow tracking: {tracking_uri}",
               "open the UI:     make ui   (or: mlflow ui --backend-store-uri "
               f"{tracking_uri} --host 127.0.0.1)"]

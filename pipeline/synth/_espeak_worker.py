@@ -183,8 +183,10 @@ def _answer(engine: EspeakLibrary, request: bytes) -> bytes:
             fields["text"], fields["voice"], fields["rate"], fields["pitch"], fields["seed"]
         )
         return b"O" + pcm
-    except Exception as error:  # reported to the parent, which raises it
-        return b"E" + f"{type(error).__name__}: {error}".encode("utf-8")
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as error:
+        # Reported to the parent, which raises it; anything else kills the child, which the
+        # server reports as a dead synthesis process.
+        return b"E" + f"{type(error).__name__}: {error}".encode()
 
 
 def speak_in_child(engine: EspeakLibrary, request: bytes) -> bytes:
@@ -202,7 +204,7 @@ def speak_in_child(engine: EspeakLibrary, request: bytes) -> bytes:
     os.close(read_end)
     _, status = os.waitpid(pid, 0)
     if status != 0 or not answer:
-        return b"E" + f"synthesis process died (wait status {status})".encode("utf-8")
+        return b"E" + f"synthesis process died (wait status {status})".encode()
     return answer
 
 
@@ -213,8 +215,8 @@ def main(argv: list[str]) -> int:
     requests = sys.stdin.buffer
     try:
         engine = EspeakLibrary(argv[1], argv[2])
-    except Exception as error:
-        write_frame(protocol, b"E" + str(error).encode("utf-8"))
+    except (RuntimeError, OSError) as error:
+        write_frame(protocol, b"E" + str(error).encode())
         return 1
     write_frame(protocol, b"O" + struct.pack("<i", engine.sample_rate))
     while (request := read_frame(requests)) is not None:

@@ -1,9 +1,9 @@
 """Spoken-scene images: a few coloured shapes on a textured background, and their caption.
 
-A scene is one to three shapes and one spatial relation. The relation always reads from the first
-shape to every other one: "a red circle left of a blue square and a green star" means the circle is
-left of the square *and* left of the star. Colours are distinct within a scene, so every shape can be
-named by its colour alone and every caption word is checkable against the pixels.
+A scene is one to three shapes and one spatial relation. The relation always reads from the
+first shape to every other one: "a red circle left of a blue square and a green star" means the
+circle is left of the square *and* left of the star. Colours are distinct within a scene, so every
+shape can be named by its colour alone and every caption word is checkable against the pixels.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ SIZE_RADIUS: dict[str, tuple[float, float]] = {"small": (0.08, 0.11), "large": (
 
 RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
 
-# Smallest image side for which three large shapes always fit with their gaps (see `_canonical_layout`).
+# Smallest image side for which three large shapes always fit with their gaps
+# (see `_canonical_layout`).
 MIN_IMAGE_SIZE = 32
 
 # How far (degrees) each kind may be rotated: a square turned by 45 degrees would read as a diamond.
@@ -278,7 +279,10 @@ def _canonical_layout(
     centres = [(x0, rng.uniform(margin + r0, size - margin - r0))]
     for _ in range(64):  # rejection sampling; in practice a few tries suffice
         candidates = [
-            (rng.uniform(x0 + r0 + gap + r, size - margin - r), rng.uniform(margin + r, size - margin - r))
+            (
+                rng.uniform(x0 + r0 + gap + r, size - margin - r),
+                rng.uniform(margin + r, size - margin - r),
+            )
             for r in others
         ]
         if not _any_overlap(candidates, others, gap):
@@ -334,7 +338,7 @@ def _polygon(kind: str, placement: Placement) -> list[tuple[float, float]]:
         angles = [i * 36.0 for i in range(10)]
     else:
         corners = {"square": 4, "triangle": 3, "diamond": 4, "hexagon": 6}[kind]
-        # A square's first corner sits at 45 degrees so its sides are axis-aligned; a diamond's at 0.
+        # A square's first corner sits at 45 degrees (sides axis-aligned); a diamond's at 0.
         start = 45.0 if kind == "square" else 0.0
         angles = [start + i * 360.0 / corners for i in range(corners)]
         radii = [placement.radius] * corners
