@@ -242,9 +242,10 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
 
     paths = shard_paths(ctx.inputs["shards"])
     raw = ray.data.read_webdataset(paths, decoder=None)
-    processed = raw.map_batches(Preprocessor, fn_constructor_args=(config,),
-                                batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-                                batch_format="numpy").materialize()
+    processed = raw.map_batches(
+        Preprocessor, fn_constructor_args=(config,), batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors), batch_format="numpy",
+    ).materialize()
     statuses = processed.select_columns(["key", "split", "status", "source_shard"]).to_pandas()
     ok = statuses["status"] == "ok"
     quarantine = statuses.loc[~ok, ["key", "source_shard", "status"]].rename(

@@ -141,7 +141,8 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
         tokens = ray.data.read_parquet(str(data_dir / split)).map_batches(
             TokenizeActor, fn_constructor_args=(str(model_dir), layout, tokenizer_id,
                                                 config.use_gpu),
-            batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
             num_gpus=1 if config.use_gpu else 0, batch_format="numpy")
         out = ctx.output_dir / TOKENS_DIR / split
         tokens.write_parquet(str(out))

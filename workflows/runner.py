@@ -284,6 +284,6 @@ def format_report(results: Sequence[StageResult], tracking_uri: str) -> str:
     if tokens:
         lines += ["", f"token dataset: {tokens}  (parquet, one directory per split)"]
     lines += [f"MLflow tracking: {tracking_uri}",
-              "open the UI:     make ui   (or: mlflow ui --backend-store-uri "
-              f"{tracking_uri} --host 127.0.0.1)"]
+              ("open the UI:     make ui   (or: mlflow ui --backend-store-uri "
+              f"{tracking_uri} --host 127.0.0.1)")]
     return "\n".join(lines)

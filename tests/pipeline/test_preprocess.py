@@ -11,8 +11,8 @@ from PIL import Image
 from mmvq.text_vocab import PAD_ID
 from pipeline.preprocess import (
     BadSample,
-    Preprocessor,
     PreprocessConfig,
+    Preprocessor,
     Resamplers,
     decode_audio,
     decode_image,
@@ -36,7 +36,7 @@ def _flac(wave: np.ndarray, rate: int) -> bytes:
 def _sample(**members):
     base = {"__key__": "k1", "png": _png(np.full((40, 60, 3), 200, np.uint8)),
             "flac": _flac(np.sin(np.linspace(0, 200, 16000)).astype(np.float32) * 0.5, 16000),
-            "txt": "a red circle".encode(), "json": json.dumps({"split": "val"}).encode()}
+            "txt": b"a red circle", "json": json.dumps({"split": "val"}).encode()}
     base.update(members)
     return {k: v for k, v in base.items() if v is not None}
 
