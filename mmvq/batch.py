@@ -62,7 +62,11 @@ class ModelInputs:
 
 def _tensor(value: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        # Ray Data hands out read-only views of Arrow buffers; torch warns on (and must not
+        # write to) those, so they are copied once here.
+        if not value.flags.writeable or not value.flags.c_contiguous:
+            value = np.array(value, order="C")
+        value = torch.from_numpy(value)
     return value.to(device, non_blocking=True)
 
 

@@ -16,24 +16,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """An invalid config: unknown key, wrong type or bad value; the message names the key path."""
+
+
 @dataclass(frozen=True)
 class ImageCodecConfig:
     """Conv encoder/decoder for square RGB images (VQGAN family, Esser et al. 2021)."""
 
     image_size: int = 64  # side in pixels; preprocess resizes/crops every image to this square
-    base_channels: int = 32  # width of the full-resolution stem; everything else scales from it
-    # Width multiplier per resolution level; each level after the first halves the resolution,
-    # so the grid is image_size / 2**(len - 1). (1, 2, 2, 2): 64 px -> 8x8 tokens, as in VQGAN f8.
+    base_channels: int = 32  # width after the patchify stem; every other width scales from it
+    # Width multiplier per level; each level after the first halves the resolution, so the grid
+    # is image_size / 2**(len - 1). (1, 2, 2, 2): 64 px -> 8x8 tokens, as in VQGAN f8.
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 1  # ResNet blocks per level: the main depth/speed knob
+    num_res_blocks: int = 1  # ResNet blocks on the token grid: the main depth/speed knob
     latent_dim: int = 32  # code vector width; low-dim codes use the codebook better (ViT-VQGAN)
     codebook_size: int = 256  # number of image codes K; 256 is plenty for the synthetic demo
 
     def __post_init__(self) -> None:
         if not self.channel_mult:
-            raise ValueError("image.channel_mult must not be empty")
+            raise ConfigError("image.channel_mult must not be empty")
         if self.image_size % self.downsample:
-            raise ValueError(
+            raise ConfigError(
                 f"image.image_size={self.image_size} is not divisible by the downsampling "
                 f"factor {self.downsample} implied by channel_mult={self.channel_mult}"
             )
@@ -52,7 +56,7 @@ class ImageCodecConfig:
 
 @dataclass(frozen=True)
 class AudioCodecConfig:
-    """Strided Conv1d encoder/decoder for mono waveforms (SEANet, as in SoundStream/EnCodec)."""
+    """Strided encoder/decoder for mono waveforms (a slim SEANet, as in SoundStream/EnCodec)."""
 
     sample_rate: int = 8000  # Hz; 8 kHz keeps speech intelligible and the demo cheap
     num_samples: int = 20000  # fixed clip length (2.5 s at 8 kHz); shorter clips are zero-padded
@@ -70,14 +74,14 @@ class AudioCodecConfig:
 
     def __post_init__(self) -> None:
         if not self.strides or any(s < 1 for s in self.strides):
-            raise ValueError(f"audio.strides must be positive integers, got {self.strides}")
+            raise ConfigError(f"audio.strides must be positive integers, got {self.strides}")
         if len(self.channel_mult) != len(self.strides):
-            raise ValueError(
+            raise ConfigError(
                 f"audio.channel_mult needs one entry per stride: {self.channel_mult} vs "
                 f"{self.strides}"
             )
         if not self.mel_n_ffts or any(n < 16 for n in self.mel_n_ffts):
-            raise ValueError(f"audio.mel_n_ffts must be >= 16, got {self.mel_n_ffts}")
+            raise ConfigError(f"audio.mel_n_ffts must be >= 16, got {self.mel_n_ffts}")
 
     @property
     def hop(self) -> int:
@@ -103,18 +107,20 @@ class TextCodecConfig:
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"text.dim={self.dim} must be divisible by text.num_heads={self.num_heads}"
             )
         if self.max_len < 1:
-            raise ValueError(f"text.max_len must be positive, got {self.max_len}")
+            raise ConfigError(f"text.max_len must be positive, got {self.max_len}")
 
 
 @dataclass(frozen=True)
 class QuantizerConfig:
     """Settings shared by the per-modality quantizers."""
 
-    kind: str = "vq"  # key of mmvq.quantizers.QUANTIZERS
+    # Key of mmvq.quantizers.QUANTIZERS. "simvq" (a shared linear map over a frozen random
+    # codebook) keeps more codes alive than plain "vq" at the same cost.
+    kind: str = "simvq"
     # Look up codes by cosine similarity (l2-normalised latents and codes, ViT-VQGAN, Yu et al.
     # 2022): far fewer dead codes than raw-L2 VQ with a randomly initialised codebook.
     l2_normalize: bool = True
@@ -152,12 +158,17 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown key loss_weights.{unknown[0]}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}"
             )
         merged = {**DEFAULT_LOSS_WEIGHTS, **{k: float(v) for k, v in self.loss_weights.items()}}
         # Frozen dataclass: __post_init__ is the one place allowed to normalise a field.
         object.__setattr__(self, "loss_weights", types.MappingProxyType(merged))
+
+    def __reduce__(self):
+        # A mappingproxy cannot be pickled, and Ray pickles configs to ship them to workers.
+        fields = (self.image, self.audio, self.text, self.quantizer, dict(self.loss_weights))
+        return (type(self), fields)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -180,9 +191,9 @@ def tokenizer_config_from_dict(d: Mapping[str, Any]) -> TokenizerConfig:
 
     Raises
     ------
-    ValueError
-        On an unknown key (the message names its dotted path, e.g. ``audio.strid``) or a value
-        of the wrong type.
+    ConfigError
+        (a ValueError) on an unknown key (the message names its dotted path, e.g.
+        ``audio.strid``), a value of the wrong type, or an invalid combination of values.
     """
     return _from_plain(TokenizerConfig, d, path="")
 
@@ -190,17 +201,17 @@ def tokenizer_config_from_dict(d: Mapping[str, Any]) -> TokenizerConfig:
 def _from_plain(cls: type, d: Any, path: str) -> Any:
     where = path or "<root>"
     if not isinstance(d, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in d:
         if key not in names:
-            raise ValueError(f"unknown config key {path + '.' if path else ''}{key}")
+            raise ConfigError(f"unknown config key {path + '.' if path else ''}{key}")
     kwargs = {key: _coerce(d[key], hints[key], f"{path + '.' if path else ''}{key}") for key in d}
     try:
         return cls(**kwargs)
     except TypeError as err:  # defensive: dataclass signature mismatch
-        raise ValueError(f"{where}: {err}") from err
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -210,28 +221,28 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return _from_plain(tp, value, path)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{path}: expected a list, got {type(value).__name__}")
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
         (item_tp, _ellipsis) = typing.get_args(tp)
         return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is not None and issubclass(origin, Mapping):
         if not isinstance(value, Mapping):
-            raise ValueError(f"{path}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         _key_tp, val_tp = typing.get_args(tp)
         return {str(k): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{path}: expected a bool, got {value!r}")
+            raise ConfigError(f"{path}: expected a bool, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{path}: expected an int, got {value!r}")
+            raise ConfigError(f"{path}: expected an int, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{path}: expected a number, got {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     raise TypeError(f"{path}: unsupported annotation {tp!r}")  # a bug in this module

@@ -31,7 +31,7 @@ def masked_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return masked_mean(l1_per_sample(x, y), mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mel_filters(
     sample_rate: int, n_fft: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,24 +51,38 @@ def mel_filters(
     return window, fbank
 
 
-def log_mel(wav: torch.Tensor, sample_rate: int, n_fft: int) -> torch.Tensor:
+# Mel power floor, relative to a full-scale sine (peak ~0.25 after the normalisation in
+# log_mel): -30 dB. With a floor of -40 dB or lower the loss chases the noise floor of silent and
+# zero-padded stretches, and the audio codes collapsed to a handful within 300 steps (measured on
+# the synthetic chirps); at -30 dB they stay in use and SI-SNR climbs.
+MEL_FLOOR = 1e-3
+
+
+def log_mel(
+    wav: torch.Tensor, sample_rate: int, n_fft: int, floor: float = MEL_FLOOR
+) -> torch.Tensor:
     """Log mel power spectrogram: (B, T) -> (B, frames, n_mels).
 
-    Power is taken as re^2 + im^2 of the real view, not ``abs()`` of the complex STFT, whose
-    backward is several times slower on CPU; hop = n_fft / 2 and no centre padding for the
-    same reason (this is a loss, not an analysis: edges and redundancy do not matter).
+    The STFT is divided by the window sum, so a sine of amplitude A peaks at (A/2)^2 whatever
+    ``n_fft`` is and one ``floor`` suits every resolution. Power is re^2 + im^2 of the real view,
+    not ``abs()`` of the complex STFT, whose backward is several times slower on CPU; hop is
+    n_fft / 2 with no centre padding for the same reason (a loss needs no perfect reconstruction).
     """
     window, fbank = mel_filters(sample_rate, n_fft, wav.device)
     spec = torch.stft(
         wav, n_fft, hop_length=n_fft // 2, window=window, center=False, return_complex=True
     )  # (B, n_fft // 2 + 1, frames) complex
-    power = torch.view_as_real(spec).pow(2).sum(dim=-1)  # (B, freqs, frames)
+    power = torch.view_as_real(spec).pow(2).sum(dim=-1) / window.sum() ** 2  # (B, freqs, frames)
     mel = torch.matmul(power.transpose(1, 2), fbank)  # (B, frames, n_mels)
-    return (mel + 1e-5).log()
+    return (mel + floor).log()
 
 
 def log_mel_distance(
-    ref: torch.Tensor, est: torch.Tensor, sample_rate: int, n_ffts: Sequence[int]
+    ref: torch.Tensor,
+    est: torch.Tensor,
+    sample_rate: int,
+    n_ffts: Sequence[int],
+    floor: float = MEL_FLOOR,
 ) -> torch.Tensor:
     """Multi-resolution log-mel L1 per sample (Engel et al. 2020; DAC's mel loss).
 
@@ -77,19 +91,22 @@ def log_mel_distance(
     ref, est : (B, T) waveforms; gradients flow to ``est`` only
     sample_rate : int
     n_ffts : STFT sizes; the distance is averaged over them.
+    floor : mel power added before the log; sets the dynamic range the loss cares about.
 
     Returns
     -------
     (B,) tensor.
     """
+    if ref.shape[0] == 0:  # e.g. a batch where no sample has audio; MKL's FFT rejects it
+        return torch.zeros(0, device=ref.device)
     # STFTs are not supported in reduced precision: compute in fp32 whatever the autocast.
     with torch.autocast(device_type=ref.device.type, enabled=False):
         ref, est = ref.float(), est.float()
         total = torch.zeros(ref.shape[0], device=ref.device)
         for n_fft in n_ffts:
             with torch.no_grad():  # the target needs no graph: saves half the backward
-                target = log_mel(ref, sample_rate, int(n_fft))
-            total = total + l1_per_sample(log_mel(est, sample_rate, int(n_fft)), target)
+                target = log_mel(ref, sample_rate, int(n_fft), floor)
+            total = total + l1_per_sample(log_mel(est, sample_rate, int(n_fft), floor), target)
         return total / len(n_ffts)
 
 

@@ -100,7 +100,9 @@ class MultimodalTokenizer(nn.Module):
         cfg = self.config
         size = cfg.image.image_size
         if tuple(inputs.image.shape[1:]) != (3, size, size):
-            raise ValueError(f"image must be (B, 3, {size}, {size}), got {tuple(inputs.image.shape)}")
+            raise ValueError(
+                f"image must be (B, 3, {size}, {size}), got {tuple(inputs.image.shape)}"
+            )
         if inputs.audio.shape[-1] != cfg.audio.num_samples:
             raise ValueError(
                 f"audio must have {cfg.audio.num_samples} samples, got {tuple(inputs.audio.shape)}"
@@ -133,7 +135,10 @@ class MultimodalTokenizer(nn.Module):
     # -- decoders (from code vectors, shared by forward and decode) ----------------------------
 
     def _decode_image(self, q: torch.Tensor) -> torch.Tensor:
-        return self.image_decoder(rearrange(q, "b h w d -> b d h w"))  # (B, 3, H, W)
+        # contiguous(): a permuted (channels-last) input gives the 1x1 conv's weight gradient
+        # odd strides, which DDP's gradient buckets then copy on every step.
+        z = rearrange(q, "b h w d -> b d h w").contiguous()  # (B, D, h, w)
+        return self.image_decoder(z)  # (B, 3, H, W)
 
     def _decode_audio(self, q: torch.Tensor) -> torch.Tensor:
         return self.audio_decoder(q)  # (B, frames, D) -> (B, T)
@@ -231,8 +236,10 @@ class MultimodalTokenizer(nn.Module):
         torch.save(self.state_dict(), directory / "model.pt")
 
     @classmethod
-    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu"):
-        """Rebuild a tokenizer written by :meth:`save`.
+    def load(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu"
+    ) -> MultimodalTokenizer:
+        """Rebuild a tokenizer written by :meth:`save`, on ``map_location``, in eval mode.
 
         Raises
         ------
@@ -250,7 +257,7 @@ class MultimodalTokenizer(nn.Module):
         model = cls(tokenizer_config_from_dict(meta["config"]))
         state = torch.load(directory / "model.pt", map_location=map_location, weights_only=True)
         model.load_state_dict(state)
-        return model.to(map_location)
+        return model.to(map_location).eval()
 
     def weights_hash(self) -> str:
         """sha256 over the state dict (names, dtypes, shapes, bytes) in name order."""

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -55,6 +54,10 @@ class RunLogger:
 
     def __init__(self, tracking_uri: str, run_id: str, retries: int = 3,
                  backoff_s: float = 0.5) -> None:
+        # MLflow's own HTTP layer retries 7 times with exponential backoff (minutes against a
+        # dead server); this class retries itself, so cap the inner ones unless the user set them.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.retries = retries
@@ -115,10 +118,3 @@ def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= _MAX_PARAM_CHARS else text[:_MAX_PARAM_CHARS - 3] + "..."
 
-
-def start_run(experiment_id: str, run_name: str, parent_run_id: str | None = None,
-              tags: Mapping[str, str] | None = None) -> mlflow.ActiveRun:
-    """Start a (nested, if a parent is given) run in the active tracking URI."""
-    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                            nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                            tags=dict(tags or {}))

@@ -1,8 +1,8 @@
 """Waveform encoder and decoder: a slim SEANet (SoundStream, Zeghidour et al. 2021; EnCodec).
 
-Strided stages with a smooth activation that widen the channels as they shorten the sequence, residual units at
-the frame rate, and a mirrored decoder. Two changes make it cheap enough to train on one CPU
-thread, where the first stage's (B, T/4, 32) activations dominate the cost:
+Strided stages that widen the channels as they shorten the sequence, residual units at the
+frame rate, and a mirrored decoder. Three changes make it cheap enough to train on one CPU
+thread, where the activations of the first stage (T/4 steps) dominate the cost:
 
 * every strided conv has kernel = stride, i.e. it is a Linear over non-overlapping frames of
   ``s`` steps. Tensors stay channels-last (B, L, C), so each stage is one reshape (a view) and one
@@ -57,6 +57,20 @@ def _widths(cfg: AudioCodecConfig) -> list[int]:
     return [cfg.base_channels * m for m in cfg.channel_mult]
 
 
+def init_weights(module: nn.Module) -> None:
+    """He-normal weights and zero biases for every Linear/Conv1d under ``module``.
+
+    torch's default init shrinks the signal ~3x per layer while its random biases do not
+    shrink, so after a few layers every frame's latent is the same bias vector and every frame
+    picks the same code. Variance-preserving weights with zero biases keep frames distinct.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class AudioEncoder(nn.Module):
     """(B, T) waveform -> (B, ceil(T / hop), latent_dim), channels last."""
 
@@ -72,6 +86,10 @@ class AudioEncoder(nn.Module):
         )
         self.res = FrameRateBlock(ch[-1])
         self.out = nn.Linear(ch[-1], cfg.latent_dim)
+        init_weights(self.stages)
+        init_weights(self.res)
+        # self.out keeps torch's random bias: with all-zero biases a silent frame would encode
+        # to exactly 0, whose direction (and l2-normalisation gradient) is undefined.
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         frames = -(-wav.shape[-1] // self.hop)
@@ -99,6 +117,7 @@ class AudioDecoder(nn.Module):
         self.stages = nn.ModuleList(
             nn.Linear(c_in, s * c_out) for s, c_in, c_out in zip(cfg.strides, ch, out_ch)
         )
+        init_weights(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.res(self.inp(z))  # (B, frames, ch[-1])

@@ -1,7 +1,8 @@
 """Quantizers, one module per family; pick one by name from ``QUANTIZERS``."""
 
+from mmvq.quantizers.simvq import SimVQ
 from mmvq.quantizers.vq import QuantizerOutput, VectorQuantizer, nearest_code
 
-QUANTIZERS = {"vq": VectorQuantizer}
+QUANTIZERS = {"vq": VectorQuantizer, "simvq": SimVQ}
 
-__all__ = ["QUANTIZERS", "QuantizerOutput", "VectorQuantizer", "nearest_code"]
+__all__ = ["QUANTIZERS", "QuantizerOutput", "SimVQ", "VectorQuantizer", "nearest_code"]

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from mmvq.losses import masked_mean
+
 
 class QuantizerOutput(NamedTuple):
     """What a quantizer returns.
@@ -58,18 +60,6 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 8192
     return torch.cat(out)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of per-vector values ``x`` (N,) over ``mask`` (N,) bool; 0 when nothing is masked in.
-
-    Multiplying by the mask (rather than indexing) keeps every parameter in the autograd graph,
-    which DistributedDataParallel requires even when a modality is absent from a batch.
-    """
-    if mask is None:
-        return x.mean()
-    weights = mask.to(x.dtype)
-    return (x * weights).sum() / weights.sum().clamp_min(1.0)
-
-
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer with a learned codebook.
 
@@ -94,16 +84,25 @@ class VectorQuantizer(nn.Module):
         self.dim = dim
         self.l2_normalize = l2_normalize
         self.chunk_size = chunk_size
-        self.codebook = nn.Embedding(codebook_size, dim)
-        if l2_normalize:
+        self.build_codebook()
+
+    def build_codebook(self) -> None:
+        """Create the codebook's parameters (subclasses reparameterise it here)."""
+        self.codebook = nn.Embedding(self.codebook_size, self.dim)
+        if self.l2_normalize:
             # Random directions with norm ~1, so that an Adam step of ~lr per coordinate turns a
             # code by a small, lr-proportional angle (a tiny norm would make every step huge).
-            nn.init.normal_(self.codebook.weight, std=dim**-0.5)
+            nn.init.normal_(self.codebook.weight, std=self.dim**-0.5)
         else:
-            nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+            bound = 1.0 / self.codebook_size  # VQ-VAE's init
+            nn.init.uniform_(self.codebook.weight, -bound, bound)
+
+    def raw_codes(self) -> torch.Tensor:
+        """The (K, D) code vectors before normalisation."""
+        return self.codebook.weight
 
     def _codes(self) -> torch.Tensor:
-        codes = self.codebook.weight.float()  # (K, D)
+        codes = self.raw_codes().float()  # (K, D)
         return F.normalize(codes, dim=-1) if self.l2_normalize else codes
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
@@ -126,9 +125,14 @@ class VectorQuantizer(nn.Module):
             codes = self._codes()  # (K, D)
             indices = nearest_code(flat.detach(), codes.detach(), self.chunk_size)  # (N,)
             q = codes[indices]  # (N, D), differentiable w.r.t. the codebook
-            flat_mask = None if mask is None else mask.reshape(-1)
-            commit = masked_mean((flat - q.detach()).pow(2).mean(dim=1), flat_mask)
-            codebook = masked_mean((flat.detach() - q).pow(2).mean(dim=1), flat_mask)
+            # Per-vector squared errors (N,); the same value, with the gradient to z or to q.
+            commit = (flat - q.detach()).pow(2).mean(dim=1)
+            codebook = (flat.detach() - q).pow(2).mean(dim=1)
+            if mask is None:
+                commit, codebook = commit.mean(), codebook.mean()
+            else:
+                flat_mask = mask.reshape(-1)  # (N,)
+                commit, codebook = masked_mean(commit, flat_mask), masked_mean(codebook, flat_mask)
             # Straight-through: the forward value is exactly q (x - x == 0 in IEEE arithmetic,
             # so lookup(indices) == quantized bit for bit), the gradient w.r.t. z is identity.
             quantized = q.detach() + (flat - flat.detach())

@@ -80,7 +80,15 @@ def make_batch():
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
-    """Seed torch per test; tests must not depend on each other's random state."""
+def _seeded_single_thread():
+    """Seed torch per test, and run it on one thread.
+
+    Tests must not depend on each other's random state. One thread: on the 2-core dev box torch's
+    default of one thread per core oversubscribes the CPU as soon as anything else runs, and the
+    small ops here gain nothing from a second thread anyway.
+    """
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
