@@ -14,12 +14,13 @@ and the code version, so an unchanged stage is reused and a changed one reruns a
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +50,26 @@ class StageSpec:
     config_type: type
     run: Callable[[Any, StageContext], dict[str, Any]]
     inputs: tuple[str, ...] = ()
-    # Summary keys worth a line in the workflow's closing table.
-    headline: tuple[str, ...] = field(default_factory=tuple)
+    # Modules whose source decides the output (part of the fingerprint). pipeline.stage is
+    # always included: it defines how outputs are written.
+    code: tuple[str, ...] = ()
+
+    def code_version(self) -> str:
+        return code_version(("pipeline.stage", *self.code))
 
 
-def code_version() -> str:
-    """Hash of the project's own source: a code change invalidates cached stage outputs."""
+def code_version(modules: tuple[str, ...]) -> str:
+    """Hash of the source of ``modules`` (a package counts with all its files).
+
+    A stage names the code its output depends on, so editing the trainer reruns train and what
+    follows, but not synth.
+    """
     digest = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
-    for package in ("mmvq", "pipeline"):
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
+    for name in sorted(modules):
+        origin = Path(importlib.import_module(name).__file__)
+        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        for path in files:
+            digest.update(f"{name}:{path.name}".encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -24,12 +24,13 @@ def _synth(config: SynthConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 STAGES: dict[str, StageSpec] = {
-    "synth": StageSpec("synth", SynthConfig, _synth),
+    "synth": StageSpec("synth", SynthConfig, _synth, code=("pipeline.synth",)),
     "preprocess": StageSpec("preprocess", preprocess.PreprocessConfig, preprocess.run,
-                            inputs=("shards",)),
-    "train": StageSpec("train", train.TrainConfig, train.run, inputs=("data",)),
+                            inputs=("shards",), code=("pipeline.preprocess", "mmvq.text_vocab")),
+    "train": StageSpec("train", train.TrainConfig, train.run, inputs=("data",),
+                       code=("pipeline.train", "mmvq")),
     "tokenize": StageSpec("tokenize", tokenize.TokenizeConfig, tokenize.run,
-                          inputs=("data", "model")),
+                          inputs=("data", "model"), code=("pipeline.tokenize", "mmvq")),
     "evaluate": StageSpec("evaluate", evaluate.EvaluateConfig, evaluate.run,
-                          inputs=("data", "model", "tokens")),
+                          inputs=("data", "model", "tokens"), code=("pipeline.evaluate", "mmvq")),
 }

@@ -144,6 +144,8 @@ def run(config: TrainConfig, ctx: StageContext) -> dict[str, Any]:
 
     train_dir = Path(ctx.inputs["data"]) / "train"
     dataset = ray.data.read_parquet(str(train_dir))
+    # One data progress bar per epoch per worker buries the training progress line.
+    dataset.context.enable_progress_bars = False
     if ctx.logger:
         ctx.logger.params(flatten(to_dict(config)))
     trainer = TorchTrainer(

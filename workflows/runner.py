@@ -20,7 +20,6 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, apply_overrides, flatten, from_dict, load_yaml, to_dict
 from pipeline.stage import (
-    code_version,
     committed_dir,
     fingerprint,
     read_record,
@@ -123,12 +122,11 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), progress: boo
     parent_log = RunLogger(tracking_uri, parent_id)
     if workflow_file:
         parent_log.artifact(workflow_file, "workflow")
-    code = code_version()
     results: dict[str, StageResult] = {}
     status = "FAILED"
     try:
         for name, entry in workflow.stages.items():
-            results[name] = _run_stage(name, entry, results, data_root, code, client,
+            results[name] = _run_stage(name, entry, results, data_root, client,
                                        experiment_id, parent_id, tracking_uri,
                                        forced=name in force, progress=progress)
         headline = _headline(results)
@@ -141,11 +139,12 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), progress: boo
 
 
 def _run_stage(name: str, entry: StageEntry, done: Mapping[str, StageResult], data_root: Path,
-               code: str, client: MlflowClient, experiment_id: str, parent_id: str,
+               client: MlflowClient, experiment_id: str, parent_id: str,
                tracking_uri: str, forced: bool, progress: bool) -> StageResult:
     spec = STAGES[entry.stage or name]
     config = from_dict(spec.config_type, entry.config, path=f"stages.{name}.config")
     inputs = {slot: done[upstream].output for slot, upstream in entry.inputs.items()}
+    code = spec.code_version()
     fp = fingerprint(spec.name, config, {s: done[u].fingerprint for s, u in entry.inputs.items()},
                      code)
     run = client.create_run(experiment_id, run_name=name, tags={
@@ -220,7 +219,7 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
     try:
         result = _run_stage(stage, StageEntry(stage=stage, inputs={s: s for s in inputs},
                                               config=dict(config)),
-                            upstream, data_root, code_version(), client, experiment_id,
+                            upstream, data_root, client, experiment_id,
                             parent.info.run_id, tracking_uri, forced=False, progress=progress)
         status = "FINISHED"
         return result

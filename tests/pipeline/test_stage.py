@@ -44,3 +44,10 @@ def test_failed_stage_leaves_nothing(tmp_path):
         run_committed(StageSpec("b", Cfg, broken), Cfg(), tmp_path, "fp", {}, record={})
     assert list((tmp_path / "b").iterdir()) == []
     assert read_record(committed_dir(tmp_path, "b", "fp")) is None
+
+
+def test_code_version_depends_on_the_named_modules_only():
+    assert StageSpec("a", Cfg, _writer, code=("pipeline.config",)).code_version() == \
+        StageSpec("b", Cfg, _writer, code=("pipeline.config",)).code_version()
+    assert StageSpec("a", Cfg, _writer, code=("pipeline.config",)).code_version() != \
+        StageSpec("a", Cfg, _writer, code=("pipeline.tracking",)).code_version()
