@@ -7,17 +7,13 @@ strictly from plain dicts (parsed YAML/JSON): an unknown key is an error naming 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """An invalid config: unknown key, wrong type or bad value; the message names the key path."""
+from mmvq.config_io import ConfigError, from_dict, to_dict
 
 
 @dataclass(frozen=True)
@@ -173,17 +169,7 @@ class TokenizerConfig:
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Convert a config dataclass to plain JSON/YAML types (tuples become lists)."""
-    return _to_plain(cfg)
-
-
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_to_plain(v) for v in value]
-    return value
+    return to_dict(cfg)
 
 
 def tokenizer_config_from_dict(d: Mapping[str, Any]) -> TokenizerConfig:
@@ -195,54 +181,4 @@ def tokenizer_config_from_dict(d: Mapping[str, Any]) -> TokenizerConfig:
         (a ValueError) on an unknown key (the message names its dotted path, e.g.
         ``audio.strid``), a value of the wrong type, or an invalid combination of values.
     """
-    return _from_plain(TokenizerConfig, d, path="")
-
-
-def _from_plain(cls: type, d: Any, path: str) -> Any:
-    where = path or "<root>"
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in d:
-        if key not in names:
-            raise ConfigError(f"unknown config key {path + '.' if path else ''}{key}")
-    kwargs = {key: _coerce(d[key], hints[key], f"{path + '.' if path else ''}{key}") for key in d}
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # defensive: dataclass signature mismatch
-        raise ConfigError(f"{where}: {err}") from err
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against annotation ``tp`` and convert lists to tuples."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _from_plain(tp, value, path)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is not None and issubclass(origin, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        _key_tp, val_tp = typing.get_args(tp)
-        return {str(k): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a bool, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an int, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{path}: unsupported annotation {tp!r}")  # a bug in this module
+    return from_dict(TokenizerConfig, d)

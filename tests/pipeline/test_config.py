@@ -29,7 +29,7 @@ def test_nested_values_and_defaults():
 
 
 def test_unknown_key_names_path_and_source():
-    with pytest.raises(ConfigError, match=r"demo.yaml: unknown key inner\.rat\b"):
+    with pytest.raises(ConfigError, match=r"demo.yaml: unknown config key inner\.rat\b"):
         from_dict(Outer, {"inner": {"rat": 2}}, source="demo.yaml")
 
 

@@ -75,3 +75,22 @@ def test_second_run_reuses_every_stage(demo_run):
     again = {r.name: r for r in run_workflow(workflow, progress=False)}
     assert all(r.reused for r in again.values())
     assert {n: r.output for n, r in again.items()} == {n: r.output for n, r in results.items()}
+
+
+def test_single_stage_command_on_committed_inputs(demo_run, tmp_path, capsys):
+    from pipeline.cli import main
+
+    _, results, _ = demo_run
+    args = ["stage", "evaluate", "--data-root", str(tmp_path), "grid_samples=4",
+            "--input", f"data={results['preprocess'].output}",
+            "--input", f"model={results['train'].output}",
+            "--input", f"tokens={results['tokenize'].output}"]
+    assert main(args) == 0
+    committed = list((tmp_path / "evaluate").iterdir())
+    assert len(committed) == 1 and (committed[0] / "metrics.json").is_file()
+    assert "image/psnr" in capsys.readouterr().out
+    assert main(args) == 0  # the same stage again is reused, not rerun
+    assert "reuse" in capsys.readouterr().out
+    assert main(["stage", "evaluate", "--data-root", str(tmp_path),
+                 "--input", f"data={tmp_path}"]) == 2
+    assert "needs --input for ['data', 'model', 'tokens']" in capsys.readouterr().err
