@@ -120,11 +120,15 @@ def decode_text(data: bytes) -> str:
 
 
 def member(sample: dict[str, Any], extensions: tuple[str, ...]) -> bytes | None:
-    """The bytes of the first member with one of ``extensions``, or None if absent."""
+    """The bytes of the first member with one of ``extensions``, or None if absent.
+
+    Ray Data fills a member that other samples of the block have but this one lacks with None
+    or NaN, so anything that is not bytes counts as absent.
+    """
     for ext in extensions:
         value = sample.get(ext)
-        if value is not None:
-            return value
+        if isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value)
     return None
 
 
@@ -163,9 +167,10 @@ def preprocess_sample(sample: dict[str, Any], config: PreprocessConfig,
         if raw[name] is None:
             raise BadSample(f"{name}: missing (required by preprocess.required)")
     split = config.default_split
-    if sample.get("json") is not None:
+    metadata = member(sample, ("json",))
+    if metadata is not None:
         try:
-            split = json.loads(sample["json"]).get("split", split)
+            split = json.loads(metadata).get("split", split)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             raise BadSample(f"json: does not parse ({err})") from err
 
