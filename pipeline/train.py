@@ -8,7 +8,9 @@ tokenizer to ``{output}/tokenizer``, where tokenize and evaluate load it.
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from mmvq.train_step import build_optimizer, generator_step
 
     cfg: TrainConfig = loop_config["config"]
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(cfg.threads_per_worker)
@@ -76,13 +79,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics = {**window.summary(), "epoch": epoch}
                 if logger:
                     logger.metrics(metrics, step=step)
-                    print(_progress_line(step, cfg.steps, metrics), flush=True)
+                    # The real stdout: Ray Train's print patch would log the line twice.
+                    print(_progress_line(step, cfg.steps, metrics), file=sys.__stdout__,
+                          flush=True)
                 _report(metrics | {"step": step}, model, rank, final=step == cfg.steps)
                 window = _Window()
             if step == cfg.steps:
                 break
             window.data_start()
         epoch += 1
+
+
+def _quiet_report_log() -> None:
+    """Silence Ray Train's per-report INFO line (the whole metrics dict, every report, every
+    rank); rank 0's progress line and MLflow carry the same numbers."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _report(metrics: dict[str, float], model: torch.nn.Module, rank: int, final: bool) -> None:
