@@ -105,3 +105,94 @@ def codebook_perplexity(indices: torch.Tensor | np.ndarray, codebook_size: int) 
         return 0.0
     p = counts[counts > 0] / counts.sum()
     return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, device: torch.device) -> torch.Tensor:
+    """(C, 1, size, size) normalised Gaussian kernel for a depthwise conv."""
+    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = torch.outer(g, g)  # (size, size)
+    return kernel.expand(channels, 1, size, size).float()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 11,
+         sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity per sample (Wang et al. 2004): (B, C, H, W) x2 -> (B,).
+
+    Gaussian 11x11 window with sigma 1.5, K1 = 0.01, K2 = 0.03, population statistics, mean over
+    channels and the valid (unpadded) positions: the settings of the paper and of
+    ``skimage.metrics.structural_similarity(gaussian_weights=True, use_sample_covariance=False)``.
+    """
+    x, y = x.float(), y.float()
+    channels = x.shape[1]
+    kernel = _gaussian_window(window, sigma, channels, x.device)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H-w+1, W-w+1)
+        return torch.nn.functional.conv2d(t, kernel, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(dim=1)
+
+
+def normalized_mutual_information(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
+    """NMI of two labelings of the same items, arithmetic-mean normalised, in [0, 1].
+
+    I(A; B) / ((H(A) + H(B)) / 2) from the joint histogram (Strehl and Ghosh 2002); 1 when one
+    labeling determines the other, 0 when they are independent. Two constant labelings give 1.
+    """
+    a = np.asarray(labels_a).reshape(-1)
+    b = np.asarray(labels_b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"labelings differ in size: {a.shape} vs {b.shape}")
+    _, a_ids = np.unique(a, return_inverse=True)
+    _, b_ids = np.unique(b, return_inverse=True)
+    joint = np.zeros((a_ids.max() + 1, b_ids.max() + 1), np.float64)
+    np.add.at(joint, (a_ids, b_ids), 1.0)
+    joint /= joint.sum()
+    pa, pb = joint.sum(axis=1), joint.sum(axis=0)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    ha, hb = float(-(pa * np.log(pa)).sum()), float(-(pb * np.log(pb)).sum())
+    if ha == 0.0 and hb == 0.0:
+        return 1.0
+    return max(0.0, mi / ((ha + hb) / 2))
+
+
+def dominant_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Each sample's most frequent code: (B, ...) -> (B,), ties to the smallest code."""
+    flat = np.asarray(torch.as_tensor(codes).detach().cpu()).reshape(len(codes), -1)
+    return np.array([np.bincount(row - row.min()).argmax() + row.min() for row in flat])
+
+
+def cross_modal_nmi(codes_a: torch.Tensor | np.ndarray, codes_b: torch.Tensor | np.ndarray,
+                    ) -> float:
+    """NMI between two modalities' clusterings of the same samples.
+
+    Each sample is labelled by its dominant code in each modality (``dominant_codes``); the NMI
+    of the two labelings is high when one modality's tokens predict the other's, as aligned
+    tokens should, and near 0 for independent codebooks.
+    """
+    if len(codes_a) != len(codes_b):
+        raise ValueError(f"different sample counts: {len(codes_a)} vs {len(codes_b)}")
+    return normalized_mutual_information(dominant_codes(codes_a), dominant_codes(codes_b))
+
+
+def retrieval_recall(queries: torch.Tensor, targets: torch.Tensor,
+                     ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Cross-modal retrieval recall: query i's match is target i, ranked by cosine similarity.
+
+    ``queries`` and ``targets`` are (B, D) embeddings of the same B samples in two modalities.
+    Returns ``{k: fraction of queries whose match is among the top k targets}``.
+    """
+    q = torch.nn.functional.normalize(queries.float(), dim=1)
+    t = torch.nn.functional.normalize(targets.float(), dim=1)
+    sim = q @ t.T  # (B, B)
+    # Rank of the true match = how many targets score strictly higher than it.
+    rank = (sim > sim.diagonal()[:, None]).sum(dim=1)  # (B,)
+    return {k: float((rank < k).float().mean()) for k in ks}

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 from einops import rearrange
 from torch import nn
@@ -30,7 +32,10 @@ from mmvq.modalities import (
 from mmvq.quantizers import QUANTIZERS, QuantizerOutput
 
 # Bumped whenever the meaning of saved weights or config.json changes; load() refuses others.
-FORMAT_VERSION = 1
+# 2: weights in safetensors (1 was a torch pickle, model.pt).
+FORMAT_VERSION = 2
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
 MODALITIES = ("image", "audio", "text")
 
 
@@ -228,12 +233,15 @@ class MultimodalTokenizer(nn.Module):
     # -- persistence ---------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
-        """Write ``config.json`` (with ``format_version``) and ``model.pt`` (the state dict)."""
+        """Write ``config.json`` (with ``format_version``) and ``model.safetensors``.
+
+        safetensors holds only tensors, so loading a checkpoint can never run pickled code.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(self.config)}
-        (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        torch.save(self.state_dict(), directory / "model.pt")
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        safetensors.torch.save_model(self, str(directory / WEIGHTS_FILE))
 
     @classmethod
     def load(
@@ -244,19 +252,33 @@ class MultimodalTokenizer(nn.Module):
         Raises
         ------
         ValueError
-            If the checkpoint's ``format_version`` is not this code's ``FORMAT_VERSION``.
+            Naming the directory and the problem: a missing or unreadable file, another
+            ``format_version``, an invalid config, or weights that do not fit the config.
         """
         directory = Path(directory)
-        meta = json.loads((directory / "config.json").read_text())
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise ValueError(f"{directory}: not a tokenizer checkpoint (no {name})")
+        try:
+            meta = json.loads((directory / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / CONFIG_FILE}: not valid JSON ({err})") from err
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
                 f"{directory}: checkpoint format_version {version!r}, this code reads "
                 f"{FORMAT_VERSION}"
             )
-        model = cls(tokenizer_config_from_dict(meta["config"]))
-        state = torch.load(directory / "model.pt", map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
+        try:
+            model = cls(tokenizer_config_from_dict(meta["config"]))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{directory / CONFIG_FILE}: invalid config ({err})") from err
+        try:
+            safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), strict=True,
+                                         device=str(map_location))
+        except (RuntimeError, OSError, safetensors.SafetensorError) as err:
+            raise ValueError(f"{directory / WEIGHTS_FILE}: weights do not load into the "
+                             f"configured model ({err})") from err
         return model.to(map_location).eval()
 
     def weights_hash(self) -> str:

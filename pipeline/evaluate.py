@@ -110,11 +110,13 @@ class _Scores:
         self.sample_rate = model.config.audio.sample_rate
         self.values: dict[str, list[float]] = {}
         self.codes: dict[str, list[np.ndarray]] = {m: [] for m in self.sizes}
+        self.paired: dict[str, list[np.ndarray]] = {m: [] for m in self.sizes}
 
     def add(self, inputs: Any, out: dict[str, torch.Tensor],
             codes: dict[str, torch.Tensor]) -> None:
         img, aud, txt = inputs.has_image, inputs.has_audio, inputs.has_text
         self._extend("image/psnr", M.psnr(inputs.image[img], out["image"][img]))
+        self._extend("image/ssim", M.ssim(inputs.image[img], out["image"][img]))
         self._extend("audio/si_snr", M.si_snr(inputs.audio[aud], out["audio"][aud],
                                               inputs.audio_len[aud]))
         self._extend("audio/mel_distance", M.mel_distance(
@@ -125,6 +127,9 @@ class _Scores:
             inputs.text_ids[txt], out["text_ids"][txt], inputs.text_len[txt]))
         for modality, present in (("image", img), ("audio", aud), ("text", txt)):
             self.codes[modality].append(codes[modality][present].reshape(-1).numpy())
+        complete = img & aud & txt  # cross-modal scores need every modality of a sample
+        for modality in self.paired:
+            self.paired[modality].append(codes[modality][complete].flatten(1).numpy())
 
     def _extend(self, key: str, values: torch.Tensor | float) -> None:
         array = np.atleast_1d(np.asarray(torch.as_tensor(values).detach().cpu(), np.float64))
@@ -137,6 +142,10 @@ class _Scores:
             size = self.sizes[modality]
             result[f"{modality}/codebook_usage"] = float(M.codebook_usage(codes, size))
             result[f"{modality}/codebook_perplexity"] = float(M.codebook_perplexity(codes, size))
+        paired = {m: np.concatenate(chunks) for m, chunks in self.paired.items() if chunks}
+        for a, b in (("image", "audio"), ("image", "text"), ("audio", "text")):
+            if a in paired and b in paired and len(paired[a]) > 1:
+                result[f"cross/nmi_{a}_{b}"] = M.cross_modal_nmi(paired[a], paired[b])
         result["samples"] = float(len(self.values.get("image/psnr", [])))
         return result
 

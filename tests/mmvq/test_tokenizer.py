@@ -200,3 +200,26 @@ def test_to_model_inputs_names_missing_columns(make_batch):
     del batch["audio_len"]
     with pytest.raises(KeyError, match="audio_len"):
         to_model_inputs(batch)
+
+
+def test_load_names_the_problem_for_broken_checkpoints(model, tmp_path):
+    from mmvq.config import TokenizerConfig, config_to_dict
+    from mmvq.tokenizer import MultimodalTokenizer
+
+    with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
+        MultimodalTokenizer.load(tmp_path / "missing")
+    model.save(tmp_path / "ok")
+    corrupt = tmp_path / "corrupt"
+    model.save(corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="model.safetensors: weights do not load"):
+        MultimodalTokenizer.load(corrupt)
+    mismatched = tmp_path / "mismatched"
+    model.save(mismatched)
+    meta = json.loads((mismatched / "config.json").read_text())
+    other = config_to_dict(TokenizerConfig())
+    other["image"]["codebook_size"] = 64
+    meta["config"] = other
+    (mismatched / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="weights do not load into the configured model"):
+        MultimodalTokenizer.load(mismatched)

@@ -62,7 +62,8 @@ def test_mlflow_parent_and_stage_runs(demo_run):
     assert [m.step for m in train_history] == [2, 4]
     assert stages["train"].data.params["steps"] == "4"
     evaluate = stages["evaluate"].data.metrics
-    for key in ("image/psnr", "audio/si_snr", "text/token_accuracy", "image/codebook_usage",
+    for key in ("image/psnr", "image/ssim", "audio/si_snr", "text/token_accuracy",
+                "image/codebook_usage", "cross/nmi_image_text",
                 "text/codebook_perplexity"):
         assert f"trained/{key}" in evaluate and f"untrained/{key}" in evaluate
     artifacts = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id)}
