@@ -1,7 +1,8 @@
 """mmvq: multimodal vector-quantized tokenizers (image, audio, text).
 
 The model library: configs, per-modality codecs, quantizers, losses, metrics, the tokenizer API
-and plain-torch train steps. Imports only torch, torchaudio, numpy and einops.
+and plain-torch train steps. Imports only torch, torchaudio, torchvision, numpy, einops and
+safetensors (checkpoints); never Ray, MLflow or webdataset.
 """
 
 from mmvq.batch import ModelInputs, to_model_inputs

@@ -11,14 +11,19 @@ import math
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from mmvq.config_io import ConfigError, from_dict, to_dict
 
 
 @dataclass(frozen=True)
 class ImageCodecConfig:
-    """Conv encoder/decoder for square RGB images (VQGAN family, Esser et al. 2021)."""
+    """Conv encoder/decoder for square RGB images (VQGAN family, Esser et al. 2021).
+
+    Named settings come from :func:`image_preset` (``tiny``: these defaults; ``base``: taming's
+    ImageNet f16).
+    """
 
     image_size: int = 64  # side in pixels; preprocess resizes/crops every image to this square
     base_channels: int = 32  # width after the patchify stem; every other width scales from it
@@ -28,14 +33,39 @@ class ImageCodecConfig:
     num_res_blocks: int = 1  # ResNet blocks on the token grid: the main depth/speed knob
     latent_dim: int = 32  # code vector width; low-dim codes use the codebook better (ViT-VQGAN)
     codebook_size: int = 256  # number of image codes K; 256 is plenty for the synthetic demo
+    # "tiny": patchify stem, ResNet blocks on the token grid only; the fast CPU demo codec.
+    # "vqgan": taming's encoder/decoder, ResNet blocks at every resolution (about 50x the compute
+    # of "tiny" at equal widths); for GPU training.
+    architecture: Literal["tiny", "vqgan"] = "tiny"
+    # vqgan only: resolutions (pixels per side) whose ResNet blocks are followed by
+    # self-attention. Taming's f16 attends at 16, its lowest level, where attention is cheap.
+    attn_resolutions: tuple[int, ...] = ()
+    # vqgan only: width at the encoder output and decoder input (taming's z_channels); 1x1
+    # quant convs map it to and from latent_dim, the code width.
+    z_channels: int = 256
 
     def __post_init__(self) -> None:
         if not self.channel_mult:
             raise ConfigError("image.channel_mult must not be empty")
+        if self.architecture not in ("tiny", "vqgan"):
+            raise ConfigError(
+                f"image.architecture must be 'tiny' or 'vqgan', got {self.architecture!r}"
+            )
+        self._check_attn_resolutions()
         if self.image_size % self.downsample:
             raise ConfigError(
                 f"image.image_size={self.image_size} is not divisible by the downsampling "
                 f"factor {self.downsample} implied by channel_mult={self.channel_mult}"
+            )
+
+    def _check_attn_resolutions(self) -> None:
+        if self.attn_resolutions and self.architecture != "vqgan":
+            raise ConfigError("image.attn_resolutions applies to architecture 'vqgan' only")
+        levels = [self.image_size >> i for i in range(len(self.channel_mult))]
+        stray = [r for r in self.attn_resolutions if r not in levels]
+        if stray:  # would silently add no attention at all
+            raise ConfigError(
+                f"image.attn_resolutions {stray} match no level; the levels are {levels}"
             )
 
     @property
@@ -48,6 +78,40 @@ class ImageCodecConfig:
         """Token grid ``(h, w)``."""
         side = self.image_size // self.downsample
         return (side, side)
+
+
+# Named image codecs, for :func:`image_preset`.
+IMAGE_PRESETS: Mapping[str, ImageCodecConfig] = types.MappingProxyType(
+    {
+        "tiny": ImageCodecConfig(),  # the CPU demo default
+        # taming-transformers' ImageNet f16 VQGAN (configs/imagenet_vqgan.yaml, n_embed 1024):
+        # 256 px -> 16x16 codes, about 72M encoder + decoder parameters.
+        "base": ImageCodecConfig(
+            image_size=256,
+            architecture="vqgan",
+            base_channels=128,
+            channel_mult=(1, 1, 2, 2, 4),
+            num_res_blocks=2,
+            attn_resolutions=(16,),
+            z_channels=256,
+            latent_dim=256,
+            codebook_size=1024,
+        ),
+    }
+)
+
+
+def image_preset(name: str) -> ImageCodecConfig:
+    """The image codec config called ``name`` (``tiny`` or ``base``).
+
+    Raises
+    ------
+    ConfigError
+        (a ValueError) for an unknown name; the message lists the known ones.
+    """
+    if name not in IMAGE_PRESETS:
+        raise ConfigError(f"unknown image preset {name!r}; known: {sorted(IMAGE_PRESETS)}")
+    return IMAGE_PRESETS[name]
 
 
 @dataclass(frozen=True)
@@ -112,17 +176,70 @@ class TextCodecConfig:
 
 @dataclass(frozen=True)
 class QuantizerConfig:
-    """Settings shared by the per-modality quantizers."""
+    """Settings shared by the per-modality quantizers.
 
-    # Key of mmvq.quantizers.QUANTIZERS. "simvq" (a shared linear map over a frozen random
-    # codebook) keeps more codes alive than plain "vq" at the same cost.
+    Each kind reads only some fields (``mmvq.quantizers.APPLICABLE_FIELDS``); setting one it does
+    not read is an error when the quantizer is built.
+    """
+
+    # Key of mmvq.quantizers.QUANTIZERS: "vq", "simvq", "rvq" (residual), "fsq", "lfq". "simvq"
+    # (a shared linear map over a frozen random codebook) keeps more codes alive than plain "vq"
+    # at the same cost.
     kind: str = "simvq"
     # Look up codes by cosine similarity (l2-normalised latents and codes, ViT-VQGAN, Yu et al.
-    # 2022): far fewer dead codes than raw-L2 VQ with a randomly initialised codebook.
+    # 2022): far fewer dead codes than raw-L2 VQ with a randomly initialised codebook. vq and
+    # simvq only; residual levels are not unit vectors, and fsq/lfq have no lookup.
     l2_normalize: bool = True
+    # Factorised codes (ViT-VQGAN): search in a learned code_dim-wide projection (e.g. 8) and
+    # project back; low-dimensional lookups use the codebook better. None: search in latent_dim.
+    code_dim: int | None = None
+    # Rotation trick (Fifty et al. 2024): the encoder gradient is rotated and scaled from code to
+    # input instead of copied, keeping the input's position inside its Voronoi cell.
+    rotation_trick: bool = False
+    # EMA codebook (VQ-VAE appendix A.1): codes are running means of their assigned vectors
+    # instead of learned by gradient; stabler with large K; vq/codebook is then 0.
+    ema: bool = False
+    decay: float = 0.99  # EMA decay of codes and usage counts; lower adapts faster, noisier
+    eps: float = 1e-5  # Laplace smoothing of EMA counts, so an unused code never divides by 0
+    # Codes start as k-means centroids of the first training batch, not random points far from
+    # the data where they would never be picked (SoundStream).
+    kmeans_init: bool = False
+    kmeans_iters: int = 10  # Lloyd iterations of that k-means; a few suffice for a start
+    # Codes whose EMA count of assigned vectors per step falls below this jump to random recent
+    # encoder outputs (dead-code restart, Jukebox/SoundStream); 0 disables. Counts start at 1,
+    # so with decay 0.99 a never-used code is restarted after ~log(t)/log(0.99) steps.
+    restart_threshold: float = 0.0
+    # rvq: residual levels, i.e. tokens per vector; bitrate = levels x log2(codebook_size).
+    num_levels: int = 4
+    # rvq: fraction of training samples that use a random number of levels (quantizer dropout,
+    # SoundStream), so that one model decodes at every bitrate; DAC uses 0.5.
+    quantizer_dropout: float = 0.0
+    # fsq: levels per dimension (Mentzer et al. 2023); the modality's codebook_size must equal
+    # their product: (8, 5, 5, 5) -> 1000, (8, 6, 5) -> 240, (8, 8, 8, 5, 5, 5) -> 64000.
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+    # lfq: weight of MAGVIT-v2's entropy loss (per-sample minus codebook entropy), which keeps
+    # the 2^b sign codes in use; added to vq/codebook. MAGVIT-v2 uses 0.1.
+    entropy_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        checks = {
+            "code_dim": self.code_dim is None or self.code_dim >= 1,
+            "decay": 0.0 < self.decay < 1.0,
+            "eps": self.eps > 0.0,
+            "kmeans_iters": self.kmeans_iters >= 0,
+            "restart_threshold": self.restart_threshold >= 0.0,
+            "num_levels": self.num_levels >= 1,
+            "quantizer_dropout": 0.0 <= self.quantizer_dropout <= 1.0,
+            "fsq_levels": bool(self.fsq_levels) and all(n >= 2 for n in self.fsq_levels),
+            "entropy_weight": self.entropy_weight >= 0.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"quantizer.{name} is out of range: {getattr(self, name)!r}")
 
 
-# Loss names the tokenizer computes, with their default weight in ``total``.
+# Loss names with their default weight in ``total``. The tokenizer computes the first six; the
+# GAN generator step (mmvq.train_step.gan_generator_step) adds the last three.
 DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
     {
         "image/l1": 1.0,  # pixel L1 on [-1, 1] images
@@ -131,6 +248,11 @@ DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
         "text/ce": 1.0,  # byte cross-entropy over the real (unpadded) positions
         "vq/commit": 0.25,  # beta of VQ-VAE (van den Oord et al. 2017, eq. 3)
         "vq/codebook": 1.0,  # moves codes towards the encoder outputs
+        "image/perceptual": 1.0,  # LPIPS (Zhang et al. 2018); taming's perceptual_weight
+        # Adversarial terms, times the adaptive weight when GanConfig.adaptive (taming's
+        # disc_weight; 0.8 in its ImageNet f16 config).
+        "adv/image": 0.8,
+        "adv/audio": 1.0,
     }
 )
 
@@ -165,6 +287,63 @@ class TokenizerConfig:
         # A mappingproxy cannot be pickled, and Ray pickles configs to ship them to workers.
         fields = (self.image, self.audio, self.text, self.quantizer, dict(self.loss_weights))
         return (type(self), fields)
+
+
+GAN_MODALITIES = ("image", "audio")  # modalities a discriminator exists for
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """Adversarial and perceptual training: when and how, and the discriminators' shapes.
+
+    VQGAN (Esser et al. 2021) for images, EnCodec (Défossez et al. 2022) for audio. The weights of
+    the terms live with every other loss weight in ``TokenizerConfig.loss_weights``
+    (``adv/image``, ``adv/audio``, ``image/perceptual``). Not part of the tokenizer checkpoint:
+    discriminators and the perceptual net are training-only.
+    """
+
+    # Step from which the discriminators train and the adversarial loss counts (adopt_weight).
+    # Before it the autoencoder learns to reconstruct; a discriminator switched on at step 0
+    # wins at once and its gradients are noise. Taming's ImageNet f16 run started at 250k.
+    disc_start: int = 10_000
+    # "hinge" (taming's default) or "vanilla" (non-saturating; Goodfellow et al. 2014).
+    loss: Literal["hinge", "vanilla"] = "hinge"
+    # Scale the adversarial gradient to the reconstruction gradient at the decoder's last layer
+    # (VQGAN eq. 7); off: the adversarial term gets its loss weight only.
+    adaptive: bool = True
+    # Clamp of the adaptive weight (taming: 1e4), for when the adversarial gradient vanishes.
+    max_adaptive_weight: float = 1e4
+    # File of LPIPS weights (mmvq.perceptual); None: no perceptual loss. Never downloaded:
+    # training nodes may have no network, and a silent download is an unpinned dependency.
+    perceptual_weights_path: Path | None = None
+    # Modalities that get a discriminator and an adversarial loss.
+    modalities: tuple[str, ...] = GAN_MODALITIES
+    image_disc_channels: int = 64  # PatchGAN width after the first conv (taming's ndf)
+    image_disc_layers: int = 3  # PatchGAN stride-2 convs; 3 -> 70x70-pixel patches (Isola 2017)
+    # "batch" as taming; "group" makes each sample's logits independent of the rest of the batch
+    # (absent, zero images in it; DDP without SyncBatchNorm).
+    image_disc_norm: Literal["batch", "group"] = "batch"
+    # STFT windows of the multi-scale audio discriminator; EnCodec's 128..2048 at 24 kHz scaled
+    # to the 8 kHz demo rate.
+    audio_disc_n_ffts: tuple[int, ...] = (128, 256, 512)
+    audio_disc_channels: int = 32  # conv width per STFT scale (EnCodec: 32)
+
+    def __post_init__(self) -> None:
+        stray = sorted(set(self.modalities) - set(GAN_MODALITIES))
+        if stray:
+            raise ConfigError(
+                f"gan.modalities: no discriminator for {stray}; known: {list(GAN_MODALITIES)}"
+            )
+        if self.loss not in ("hinge", "vanilla"):
+            raise ConfigError(f"gan.loss must be 'hinge' or 'vanilla', got {self.loss!r}")
+        if self.image_disc_norm not in ("batch", "group"):
+            raise ConfigError(
+                f"gan.image_disc_norm must be 'batch' or 'group', got {self.image_disc_norm!r}"
+            )
+        if self.disc_start < 0:
+            raise ConfigError(f"gan.disc_start must be >= 0, got {self.disc_start}")
+        if not self.audio_disc_n_ffts or any(n < 16 for n in self.audio_disc_n_ffts):
+            raise ConfigError(f"gan.audio_disc_n_ffts must be >= 16, got {self.audio_disc_n_ffts}")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

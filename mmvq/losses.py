@@ -127,3 +127,205 @@ def masked_cross_entropy(
     valid = (positions[None, :] < lengths[:, None]) & mask[:, None]  # (B, L)
     weights = valid.to(ce.dtype)
     return (ce * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+# -- adversarial losses (taming's vqperceptual.py; the discriminator lives outside) ---------------
+#
+# Logits may have any shape (B, ...), e.g. a PatchGAN's (B, 1, h, w); each loss is averaged over
+# everything but the batch axis and returned per sample (B,), so callers can mask absent samples.
+
+
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)  # (B, ...) -> (B,)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge discriminator loss per sample (Lim & Ye 2017; taming's default): (B, ...) x2 -> (B,).
+
+    ``0.5 * (relu(1 - D(x)) + relu(1 + D(x_hat)))``: zero once real logits exceed 1 and fake ones
+    fall below -1, so a discriminator that already wins stops pushing its logits apart.
+    """
+    return 0.5 * (_per_sample(F.relu(1.0 - logits_real)) + _per_sample(F.relu(1.0 + logits_fake)))
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy discriminator loss per sample (Goodfellow et al. 2014): -> (B,).
+
+    ``0.5 * (softplus(-D(x)) + softplus(D(x_hat)))`` = BCE with targets 1 for real, 0 for fake.
+    """
+    real = _per_sample(F.softplus(-logits_real))
+    fake = _per_sample(F.softplus(logits_fake))
+    return 0.5 * (real + fake)
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator loss paired with the hinge discriminator: ``-D(x_hat)`` per sample -> (B,)."""
+    return -_per_sample(logits_fake)
+
+
+def non_saturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss ``softplus(-D(x_hat))`` per sample -> (B,).
+
+    Goodfellow et al. 2014: the gradient stays large while the discriminator rejects the fakes.
+    """
+    return _per_sample(F.softplus(-logits_fake))
+
+
+# GanConfig.loss -> (discriminator loss, generator loss)
+GAN_LOSSES = {
+    "hinge": (hinge_d_loss, hinge_g_loss),
+    "vanilla": (vanilla_d_loss, non_saturating_g_loss),
+}
+
+
+def adopt_weight(weight: float, step: int, start: int, value: float = 0.0) -> float:
+    """``weight`` from step ``start`` on, ``value`` before (taming's ``disc_start`` gating)."""
+    return weight if step >= start else value
+
+
+def adaptive_gan_weight(
+    nll_grad_norm: torch.Tensor, g_grad_norm: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
+    """VQGAN's adaptive weight of the adversarial loss (Esser et al. 2021, eq. 7).
+
+    ``||grad_L nll|| / (||grad_L g|| + 1e-4)``, both gradients taken at the decoder's last layer
+    L, clamped to [0, max_weight] and detached: the adversarial gradient is scaled to the size of
+    the reconstruction gradient whatever the discriminator's current scale.
+
+    Parameters
+    ----------
+    nll_grad_norm, g_grad_norm : scalar tensors, e.g. from :func:`last_layer_grad_norms`
+    max_weight : upper clamp (taming: 1e4)
+    """
+    return (nll_grad_norm / (g_grad_norm + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def last_layer_grad_norms(
+    output: torch.Tensor, last_layer: torch.Tensor, output_grads: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Norm of the gradient at ``last_layer`` for each given gradient at ``output``.
+
+    Taming takes ``autograd.grad(nll, last_layer)`` and ``autograd.grad(g_loss, last_layer)``,
+    which runs the backward through the perceptual net and the discriminator a second time
+    (BENCHMARKS.md: half the throughput). By the chain rule the same numbers follow from the
+    gradients of the two losses at the reconstruction, taken once, carried back through the few
+    ops between ``last_layer`` and ``output`` only.
+
+    Parameters
+    ----------
+    output : the reconstruction, still attached to the graph that contains ``last_layer``
+    last_layer : weight of the layer that writes ``output``
+    output_grads : gradients of scalar losses with respect to ``output``, each shaped like it
+
+    Returns
+    -------
+    One scalar tensor per entry of ``output_grads``.
+    """
+    norms = []
+    for grad in output_grads:
+        (weight_grad,) = torch.autograd.grad(
+            output, last_layer, grad_outputs=grad, retain_graph=True
+        )
+        norms.append(weight_grad.norm())
+    return norms
+
+
+# -- audio: multi-resolution STFT loss ----------------------------------------------------------
+
+
+@functools.cache
+def hann_window(n_fft: int, device: torch.device) -> torch.Tensor:
+    """Hann window (n_fft,), built once per size and device."""
+    return torch.hann_window(n_fft, device=device)
+
+
+def stft_log_power(wav: torch.Tensor, n_fft: int, eps: float = 1e-7) -> torch.Tensor:
+    """Log power spectrogram (B, T) -> (B, n_fft // 2 + 1, frames); hop n_fft / 4, no centring.
+
+    ``eps`` floors the power: the log of silence stays finite and so does its gradient.
+    """
+    spec = torch.stft(
+        wav,
+        n_fft,
+        hop_length=n_fft // 4,
+        window=hann_window(n_fft, wav.device),
+        center=False,
+        return_complex=True,
+    )  # (B, freqs, frames) complex
+    return torch.view_as_real(spec).pow(2).sum(dim=-1).clamp_min(eps).log()
+
+
+def multi_resolution_stft_loss(
+    ref: torch.Tensor, est: torch.Tensor, n_ffts: Sequence[int]
+) -> torch.Tensor:
+    """Spectral convergence + log-magnitude L1 per sample, averaged over STFT sizes.
+
+    Parallel WaveGAN (Yamamoto et al. 2020, eqs. 3-5): spectral convergence
+    ``|| |S| - |S_hat| ||_F / || |S| ||_F`` weighs the loud bins, the log-magnitude L1 the quiet
+    ones; several window sizes trade time against frequency resolution.
+
+    Parameters
+    ----------
+    ref, est : (B, T) waveforms; gradients flow to ``est`` only
+    n_ffts : STFT sizes (window = n_fft, hop = n_fft / 4)
+
+    Returns
+    -------
+    (B,) tensor.
+    """
+    if ref.shape[0] == 0:  # MKL's FFT rejects an empty batch
+        return torch.zeros(0, device=ref.device)
+    with torch.autocast(device_type=ref.device.type, enabled=False):  # no STFT in half precision
+        ref, est = ref.float(), est.float()
+        total = torch.zeros(ref.shape[0], device=ref.device)
+        for n_fft in n_ffts:
+            with torch.no_grad():
+                log_ref = stft_log_power(ref, int(n_fft))
+            log_est = stft_log_power(est, int(n_fft))
+            mag_ref, mag_est = (0.5 * log_ref).exp(), (0.5 * log_est).exp()  # |S|
+            distance = (mag_ref - mag_est).flatten(1).norm(dim=1)  # (B,) Frobenius norms
+            convergence = distance / mag_ref.flatten(1).norm(dim=1).clamp_min(1e-7)
+            log_mag = 0.5 * l1_per_sample(log_est, log_ref)  # |log|S| - log|S_hat||
+            total = total + convergence + log_mag
+        return total / len(n_ffts)
+
+
+# -- codebook and contrastive losses ------------------------------------------------------------
+
+
+def codebook_entropy_loss(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean per-token entropy minus the entropy of the mean code distribution (scalar).
+
+    MAGVIT-v2's entropy penalty (Yu et al. 2023, eq. 5): the first term makes each token commit
+    to one code, the second spreads the tokens over the whole codebook. Minimum ``-log K`` (each
+    token sure of its code, all K codes equally used); 0 when every token is sure of the same code.
+
+    Parameters
+    ----------
+    logits : (N, K) code affinities per token, e.g. negative squared distances
+    temperature : divides ``logits`` before the softmax
+    """
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)  # (N, K)
+    probs = log_probs.exp()
+    per_token = -(probs * log_probs).sum(dim=-1).mean()
+    mean_probs = probs.mean(dim=0)  # (K,)
+    codebook = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
+    return per_token - codebook
+
+
+def info_nce_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Symmetric InfoNCE between paired embeddings (scalar): row i of ``a`` matches row i of ``b``.
+
+    CPC's InfoNCE (van den Oord et al. 2018) in both directions as in CLIP (Radford et al. 2021):
+    cross-entropy of each row of the cosine-similarity matrix / ``temperature`` against its
+    diagonal, averaged over a->b and b->a. Lower bound: 0; chance level: log B.
+
+    Parameters
+    ----------
+    a, b : (B, D) embeddings (normalised here)
+    temperature : softmax temperature; CLIP starts at 0.07
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = a @ b.T / temperature  # (B, B); [i, j] = sim(a_i, b_j)
+    targets = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))

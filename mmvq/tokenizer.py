@@ -24,12 +24,11 @@ from mmvq.config import TokenizerConfig, config_to_dict, tokenizer_config_from_d
 from mmvq.modalities import (
     AudioDecoder,
     AudioEncoder,
-    ImageDecoder,
-    ImageEncoder,
     TextDecoder,
     TextEncoder,
+    build_image_codec,
 )
-from mmvq.quantizers import QUANTIZERS, QuantizerOutput
+from mmvq.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
 
 # Bumped whenever the meaning of saved weights or config.json changes; load() refuses others.
 # 2: weights in safetensors (1 was a torch pickle, model.pt).
@@ -69,16 +68,14 @@ class MultimodalTokenizer(nn.Module):
                 f"unknown quantizer.kind {config.quantizer.kind!r}; known: {sorted(QUANTIZERS)}"
             )
         self.config = config
-        self.image_encoder = ImageEncoder(config.image)
-        self.image_decoder = ImageDecoder(config.image)
+        self.image_encoder, self.image_decoder = build_image_codec(config.image)
         self.audio_encoder = AudioEncoder(config.audio)
         self.audio_decoder = AudioDecoder(config.audio)
         self.text_encoder = TextEncoder(config.text)
         self.text_decoder = TextDecoder(config.text)
-        quantizer = QUANTIZERS[config.quantizer.kind]
         self.quantizers = nn.ModuleDict(
             {
-                name: quantizer(sub.codebook_size, sub.latent_dim, config.quantizer.l2_normalize)
+                name: build_quantizer(config.quantizer, sub.codebook_size, sub.latent_dim)
                 for name, sub in (
                     ("image", config.image),
                     ("audio", config.audio),

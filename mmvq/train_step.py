@@ -1,17 +1,29 @@
 """Plain-torch training steps; the Ray layer only wraps them (no Ray imports here).
 
-The generator step is separate from any future discriminator step (taming/DAC style), so an
-adversarial loss can be added without branching inside one function.
+Generator and discriminator steps are separate functions (taming/DAC style):
+
+- :func:`generator_step`: reconstruction + VQ losses only (the demo and the pipeline).
+- :func:`gan_generator_step`: the same plus LPIPS and adaptive-weighted adversarial losses.
+- :func:`discriminator_step`: hinge or vanilla discriminator loss on real vs reconstructed.
+
+A GAN loop per batch::
+
+    stats, recon = gan_generator_step(model, inputs, opt, discs, gan, step, perceptual)
+    stats |= discriminator_step(recon, inputs, discs, d_opt, gan, step)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
+from mmvq import losses as L
 from mmvq.batch import ModelInputs
+from mmvq.config import GanConfig
+from mmvq.tokenizer import TokenizerOutput
 
 # Layers whose ``weight`` gets weight decay; biases, norms, embeddings and codebooks do not
 # (decaying a codebook would shrink codes towards the origin, away from the encoder outputs).
@@ -75,10 +87,208 @@ def generator_step(
     optimizer.zero_grad(set_to_none=True)
     out = model(inputs)
     out.losses["total"].backward()
-    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = _clip_and_step(model, optimizer, grad_clip)
+    stats = {name: float(value.detach()) for name, value in out.losses.items()}
+    stats["grad_norm"] = grad_norm
+    return stats
+
+
+# -- adversarial training (VQGAN, Esser et al. 2021; EnCodec, Défossez et al. 2022) --------------
+
+# Losses inside the tokenizer's ``total`` that reconstruct each modality: the "nll" whose
+# gradient the adaptive weight matches the adversarial gradient to.
+RECONSTRUCTION_TERMS = {"image": ("image/l1",), "audio": ("audio/l1", "audio/mel")}
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper, or ``module`` itself."""
+    return getattr(module, "module", module)
+
+
+def _real_and_mask(inputs: ModelInputs, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The modality's target from the batch and its (B,) presence mask."""
+    if modality == "image":
+        return inputs.image, inputs.has_image
+    return inputs.audio, inputs.has_audio
+
+
+def _last_layer(model: nn.Module, modality: str) -> torch.Tensor:
+    """Weight of the decoder layer that writes the modality's output."""
+    core = _unwrap(model)
+    if modality == "image":
+        return core.image_decoder.last_layer
+    return core.audio_decoder.stages[0].weight  # the Linear that writes the samples
+
+
+def _grad_at(loss: torch.Tensor, x: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+    (grad,) = torch.autograd.grad(loss, x, retain_graph=retain_graph)
+    return grad
+
+
+def _mean_over_scales(
+    loss_fn: Callable[..., torch.Tensor], *logit_lists: list[torch.Tensor]
+) -> torch.Tensor:
+    """A per-sample GAN loss averaged over the discriminator's scales: -> (B,)."""
+    per_scale = [loss_fn(*logits) for logits in zip(*logit_lists)]  # S x (B,)
+    return torch.stack(per_scale).mean(dim=0)
+
+
+def _mean_logit(logits: list[torch.Tensor]) -> float:
+    """Mean logit over every scale and position, for logging."""
+    return float(sum(x.detach().mean() for x in logits) / len(logits))
+
+
+def gan_generator_step(
+    model: nn.Module,
+    inputs: ModelInputs,
+    optimizer: torch.optim.Optimizer,
+    discriminators: nn.ModuleDict,
+    gan: GanConfig,
+    step: int,
+    perceptual: nn.Module | None = None,
+    grad_clip: float | None = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One generator step: the tokenizer's losses plus perceptual and adversarial terms.
+
+    The perceptual net and the discriminators see a detached copy of each reconstruction; the
+    gradient of their losses at that copy is taken once and pushed into the real reconstruction
+    together with the tokenizer's own losses, in one backward. The adaptive weight (VQGAN eq. 7)
+    reuses those gradients (:func:`mmvq.losses.last_layer_grad_norms`), so neither network is
+    backpropagated twice. Before ``gan.disc_start`` the discriminators are not run at all.
+
+    Parameters
+    ----------
+    model : MultimodalTokenizer or a DDP wrapper of one; loss weights (``adv/image``,
+        ``adv/audio``, ``image/perceptual``) come from its config
+    inputs : the batch
+    optimizer : the tokenizer's optimizer
+    discriminators : from :func:`mmvq.discriminators.build_discriminators`, keyed by modality;
+        not updated here
+    gan : when and how the adversarial terms count
+    step : global training step (for ``disc_start``)
+    perceptual : e.g. from :func:`mmvq.perceptual.build_perceptual`; None: no perceptual loss
+    grad_clip : max global gradient norm of the tokenizer, or None
+
+    Returns
+    -------
+    stats : the tokenizer's losses, ``image/perceptual``, ``adv/<modality>`` (generator loss) and
+        ``adv/<modality>_weight`` (its effective weight) where computed, ``total`` and
+        ``grad_norm``, as floats
+    reconstructions : detached ``image`` and ``audio`` for :func:`discriminator_step`
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    out = model(inputs)
+    weights = _unwrap(model).config.loss_weights
+    extra: dict[str, torch.Tensor] = {}  # new loss terms, weighted, for the reported total
+    stats: dict[str, float] = {}
+    seeds: dict[str, torch.Tensor] = {}  # modality -> gradient pushed into its reconstruction
+    if perceptual is not None:
+        leaf = out.reconstructions["image"].detach().requires_grad_()
+        loss = L.masked_mean(perceptual(leaf, inputs.image), inputs.has_image)
+        extra["image/perceptual"] = weights["image/perceptual"] * loss
+        stats["image/perceptual"] = float(loss.detach())
+        seeds["image"] = _grad_at(extra["image/perceptual"], leaf)
+    if L.adopt_weight(1.0, step, gan.disc_start) > 0:
+        for modality, disc in discriminators.items():
+            loss, weight, grad = _adversarial_term(model, out, inputs, modality, disc, gan, seeds)
+            extra[f"adv/{modality}"] = weight * loss
+            stats[f"adv/{modality}"] = float(loss.detach())
+            stats[f"adv/{modality}_weight"] = float(weight)
+            seeds[modality] = seeds.get(modality, 0) + weight * grad
+    roots = [out.losses["total"], *(out.reconstructions[m] for m in seeds)]
+    torch.autograd.backward(roots, [None, *seeds.values()])
+    grad_norm = _clip_and_step(model, optimizer, grad_clip)
+    stats.update({name: float(value.detach()) for name, value in out.losses.items()})
+    stats["total"] += sum(float(v.detach()) for v in extra.values())
+    stats["grad_norm"] = grad_norm
+    reconstructions = {m: out.reconstructions[m].detach() for m in RECONSTRUCTION_TERMS}
+    return stats, reconstructions
+
+
+def _adversarial_term(
+    model: nn.Module,
+    out: TokenizerOutput,
+    inputs: ModelInputs,
+    modality: str,
+    disc: nn.Module,
+    gan: GanConfig,
+    seeds: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, float | torch.Tensor, torch.Tensor]:
+    """Generator loss, its effective weight, and its gradient at the reconstruction.
+
+    ``seeds`` holds the gradients already pushed into each reconstruction (the perceptual one):
+    part of the "nll" of the adaptive weight, as in taming.
+    """
+    recon = out.reconstructions[modality]
+    leaf = recon.detach().requires_grad_()
+    g_loss_fn = L.GAN_LOSSES[gan.loss][1]
+    # Unwrapped: the discriminator gets no gradient here, so DDP must not wait for one.
+    logits = _unwrap(disc)(leaf)
+    loss = L.masked_mean(_mean_over_scales(g_loss_fn, logits), _real_and_mask(inputs, modality)[1])
+    grad = _grad_at(loss, leaf)
+    weights = _unwrap(model).config.loss_weights
+    weight = weights[f"adv/{modality}"]
+    if gan.adaptive:
+        nll = sum(weights[name] * out.losses[name] for name in RECONSTRUCTION_TERMS[modality])
+        nll_grad = _grad_at(nll, recon, retain_graph=True) + seeds.get(modality, 0.0)
+        norms = L.last_layer_grad_norms(recon, _last_layer(model, modality), [nll_grad, grad])
+        weight = weight * L.adaptive_gan_weight(*norms, max_weight=gan.max_adaptive_weight)
+    return loss, weight, grad
+
+
+def _clip_and_step(
+    module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None
+) -> float:
+    """Clip the global gradient norm (if asked), step, and return the norm before clipping."""
+    params = [p for p in module.parameters() if p.grad is not None]
     max_norm = math.inf if grad_clip is None else grad_clip
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
-    stats = {name: float(value.detach()) for name, value in out.losses.items()}
-    stats["grad_norm"] = float(grad_norm)
+    return float(grad_norm)
+
+
+def discriminator_step(
+    reconstructions: Mapping[str, torch.Tensor],
+    inputs: ModelInputs,
+    discriminators: nn.ModuleDict,
+    optimizer: torch.optim.Optimizer,
+    gan: GanConfig,
+    step: int,
+    grad_clip: float | None = None,
+) -> dict[str, float]:
+    """One discriminator step on real inputs vs (detached) reconstructions.
+
+    Parameters
+    ----------
+    reconstructions : ``image`` (B, 3, H, W) and/or ``audio`` (B, T), e.g. as returned by
+        :func:`gan_generator_step`; detached here in any case
+    inputs : the batch the reconstructions came from (real samples and presence masks)
+    discriminators : keyed by modality; each returns a list of logit maps
+    optimizer : over the discriminators' parameters (taming: Adam, betas (0.5, 0.9))
+    gan : ``loss`` picks hinge or vanilla; ``disc_start`` gates the step
+    step : global training step
+
+    Returns
+    -------
+    ``disc/<modality>`` (loss), ``disc/<modality>_real`` and ``_fake`` (mean logits),
+    ``disc/grad_norm``, as floats; empty before ``gan.disc_start`` (nothing is run or updated).
+    """
+    if L.adopt_weight(1.0, step, gan.disc_start) == 0:
+        return {}
+    discriminators.train()
+    optimizer.zero_grad(set_to_none=True)
+    d_loss_fn = L.GAN_LOSSES[gan.loss][0]
+    stats, total = {}, 0.0
+    for modality, disc in discriminators.items():
+        real, mask = _real_and_mask(inputs, modality)
+        # Real and fake in separate calls, as taming: with BatchNorm each gets its own statistics.
+        logits_real, logits_fake = disc(real), disc(reconstructions[modality].detach())
+        loss = L.masked_mean(_mean_over_scales(d_loss_fn, logits_real, logits_fake), mask)
+        total = total + loss
+        stats[f"disc/{modality}"] = float(loss.detach())
+        stats[f"disc/{modality}_real"] = _mean_logit(logits_real)
+        stats[f"disc/{modality}_fake"] = _mean_logit(logits_fake)
+    total.backward()
+    stats["disc/grad_norm"] = _clip_and_step(discriminators, optimizer, grad_clip)
     return stats

@@ -1,7 +1,13 @@
 """Per-modality encoders and decoders."""
 
 from mmvq.modalities.audio import AudioDecoder, AudioEncoder
-from mmvq.modalities.image import ImageDecoder, ImageEncoder
+from mmvq.modalities.image import (
+    ImageDecoder,
+    ImageEncoder,
+    VQGANDecoder,
+    VQGANEncoder,
+    build_image_codec,
+)
 from mmvq.modalities.text import TextDecoder, TextEncoder
 
 __all__ = [
@@ -11,4 +17,7 @@ __all__ = [
     "ImageEncoder",
     "TextDecoder",
     "TextEncoder",
+    "VQGANDecoder",
+    "VQGANEncoder",
+    "build_image_codec",
 ]

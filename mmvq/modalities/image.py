@@ -1,10 +1,16 @@
-"""Image encoder and decoder: a slim VQGAN-family conv net (Esser et al. 2021).
+"""Image encoders and decoders of the VQGAN family (Esser et al. 2021), two architectures.
 
-Pre-activation ResNet blocks with GroupNorm and SiLU, as in VQGAN, but spent where they are cheap:
-a patchify stem and strided convs take the image down to the token grid, and the ResNet blocks
-run on that grid. On one CPU thread a single 32-channel block at 64x64 costs more than this whole
-codec, and the demo trains two workers on two cores; on a GPU, raise ``num_res_blocks`` and
-``base_channels`` instead of changing the layout.
+``ImageCodecConfig.architecture`` picks one (registry :data:`IMAGE_CODECS`):
+
+- ``"tiny"`` (:class:`ImageEncoder`, :class:`ImageDecoder`): the CPU demo codec below.
+- ``"vqgan"`` (:class:`VQGANEncoder`, :class:`VQGANDecoder`): taming-transformers' encoder and
+  decoder; the ``base`` preset is its ImageNet f16 model.
+
+Tiny codec. Pre-activation ResNet blocks with GroupNorm and SiLU, as in VQGAN, but spent where
+they are cheap: a patchify stem and strided convs take the image down to the token grid, and the
+ResNet blocks run on that grid. On one CPU thread a single 32-channel block at 64x64 costs more
+than this whole codec, and the demo trains two workers on two cores; on a GPU, use the ``vqgan``
+architecture, or raise ``num_res_blocks`` and ``base_channels``.
 
 Shapes for the default config (64x64 input, channel_mult (1, 2, 2, 2), base 32)::
 
@@ -12,11 +18,23 @@ Shapes for the default config (64x64 input, channel_mult (1, 2, 2, 2), base 32):
     -blocks-> (B, 64, 8, 8) -out-> (B, latent, 8, 8)
 
 and the mirror image in the decoder, with transposed convs for the upsampling.
+
+VQGAN codec (taming's ``diffusionmodules/model.py``): ResNet blocks at every resolution,
+self-attention after the blocks of the levels in ``attn_resolutions``, a middle block (ResNet,
+attention, ResNet) at the lowest resolution, and 1x1 "quant convs" to and from the code width.
+For the ``base`` preset (256 px, ch 128, ch_mult (1, 1, 2, 2, 4), 2 blocks, attention at 16)::
+
+    (B, 3, 256, 256) -conv_in-> (B, 128, 256, 256) -level 0..4, 4 halvings->
+    (B, 512, 16, 16) -mid-> -norm, SiLU, conv_out-> (B, 256, 16, 16) -quant_conv-> (B, D, 16, 16)
+
+and the decoder mirrors it with 3 ResNet blocks per level and nearest-neighbour upsampling.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from mmvq.config import ImageCodecConfig
@@ -111,8 +129,157 @@ class ImageDecoder(nn.Module):
                 group_norm(head_in), nn.SiLU(), nn.Conv2d(head_in, 3, 3, padding=1)
             )
 
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the layer that writes the pixels (for VQGAN's adaptive GAN weight)."""
+        return self.head[-1].weight
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.inp(z)  # (B, ch[n-1], h, w)
         h = self.blocks(h)  # (B, ch[n-2], h, w)
         h = self.up(h)  # (B, ch0, H/2, W/2)
         return self.head(h)  # (B, 3, H, W)
+
+
+# -- VQGAN (taming-transformers) -----------------------------------------------------------------
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the positions of a feature map, plus a residual.
+
+    As taming's ``AttnBlock`` (scale C^-1/2), with q, k, v in one 1x1 conv and the attention
+    through ``scaled_dot_product_attention``, which never builds the (h w) x (h w) matrix when a
+    fused kernel exists.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, C, h, w)
+        qkv = self.qkv(self.norm(x))  # (B, 3C, h, w)
+        q, k, v = rearrange(qkv, "b (three c) h w -> three b (h w) c", three=3)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h*w, C)
+        out = rearrange(out, "b (h w) c -> b c h w", h=x.shape[2])
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution: pad right and bottom by one, then a 3x3 stride-2 conv (taming)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour, then a 3x3 conv (no checkerboard artefacts)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(in_ch: int, out_ch: int, num_blocks: int, attention: bool) -> list[nn.Module]:
+    """``num_blocks`` ResNet blocks at one resolution, each followed by attention if asked."""
+    layers: list[nn.Module] = []
+    for i in range(num_blocks):
+        layers.append(ResBlock(in_ch if i == 0 else out_ch, out_ch))
+        if attention:
+            layers.append(AttnBlock(out_ch))
+    return layers
+
+
+def _mid_block(channels: int) -> nn.Sequential:
+    """ResNet, attention, ResNet at the lowest resolution (global mixing in every config)."""
+    return nn.Sequential(
+        ResBlock(channels, channels), AttnBlock(channels), ResBlock(channels, channels)
+    )
+
+
+class VQGANEncoder(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> (B, latent_dim, H/f, W/f); taming's ``Encoder`` + quant_conv."""
+
+    def __init__(self, cfg: ImageCodecConfig) -> None:
+        super().__init__()
+        ch = _widths(cfg)
+        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
+        levels, in_ch, res = [], ch[0], cfg.image_size
+        for i, out_ch in enumerate(ch):
+            layers = _level(in_ch, out_ch, cfg.num_res_blocks, res in cfg.attn_resolutions)
+            in_ch = out_ch if cfg.num_res_blocks else in_ch  # no blocks: the width stays
+            if i < len(ch) - 1:
+                layers.append(Downsample(in_ch))
+                res //= 2
+            levels.append(nn.Sequential(*layers))
+        self.down = nn.Sequential(*levels)
+        self.mid = _mid_block(in_ch)
+        self.norm_out = group_norm(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, cfg.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.latent_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, ch0, H, W)
+        h = self.mid(self.down(h))  # (B, ch[-1], H/f, W/f)
+        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
+        return self.quant_conv(h)  # (B, latent, H/f, W/f)
+
+
+class VQGANDecoder(nn.Module):
+    """(B, latent_dim, h, w) -> (B, 3, h*f, w*f); post_quant_conv + taming's ``Decoder``."""
+
+    def __init__(self, cfg: ImageCodecConfig) -> None:
+        super().__init__()
+        ch = _widths(cfg)
+        in_ch, res = ch[-1], cfg.grid[0]
+        self.post_quant_conv = nn.Conv2d(cfg.latent_dim, cfg.z_channels, 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, in_ch, 3, padding=1)
+        self.mid = _mid_block(in_ch)
+        levels = []
+        for i in reversed(range(len(ch))):  # lowest resolution first, in execution order
+            layers = _level(in_ch, ch[i], cfg.num_res_blocks + 1, res in cfg.attn_resolutions)
+            in_ch = ch[i]
+            if i > 0:
+                layers.append(Upsample(in_ch))
+                res *= 2
+            levels.append(nn.Sequential(*layers))
+        self.up = nn.Sequential(*levels)
+        self.norm_out = group_norm(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, 3, 3, padding=1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the layer that writes the pixels (for VQGAN's adaptive GAN weight)."""
+        return self.conv_out.weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(self.post_quant_conv(z))  # (B, ch[-1], h, w)
+        h = self.up(self.mid(h))  # (B, ch0, H, W)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+
+
+# architecture name -> (encoder class, decoder class)
+IMAGE_CODECS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "tiny": (ImageEncoder, ImageDecoder),
+    "vqgan": (VQGANEncoder, VQGANDecoder),
+}
+
+
+def build_image_codec(cfg: ImageCodecConfig) -> tuple[nn.Module, nn.Module]:
+    """The encoder and decoder of ``cfg.architecture``.
+
+    Returns
+    -------
+    (encoder, decoder): encoder maps (B, 3, H, W) to (B, latent_dim, *cfg.grid); decoder maps
+    back. Both decoders expose ``last_layer``, the weight that writes the pixels.
+    """
+    encoder_cls, decoder_cls = IMAGE_CODECS[cfg.architecture]
+    return encoder_cls(cfg), decoder_cls(cfg)

@@ -1,8 +1,100 @@
-"""Quantizers, one module per family; pick one by name from ``QUANTIZERS``."""
+"""Quantizers, one module per family; pick one by name from ``QUANTIZERS``.
 
+``build_quantizer`` makes one from a :class:`~mmvq.config.QuantizerConfig`, which is how the
+tokenizer builds its three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from mmvq.config import QuantizerConfig
+from mmvq.config_io import ConfigError
+from mmvq.quantizers.base import QuantizerOutput
+from mmvq.quantizers.distance import nearest_code
+from mmvq.quantizers.fsq import FSQ
+from mmvq.quantizers.lfq import LFQ
+from mmvq.quantizers.rvq import ResidualVQ
 from mmvq.quantizers.simvq import SimVQ
-from mmvq.quantizers.vq import QuantizerOutput, VectorQuantizer, nearest_code
+from mmvq.quantizers.vq import VectorQuantizer
 
-QUANTIZERS = {"vq": VectorQuantizer, "simvq": SimVQ}
+QUANTIZERS: dict[str, type[nn.Module]] = {
+    "vq": VectorQuantizer,
+    "simvq": SimVQ,
+    "rvq": ResidualVQ,
+    "fsq": FSQ,
+    "lfq": LFQ,
+}
 
-__all__ = ["QUANTIZERS", "QuantizerOutput", "SimVQ", "VectorQuantizer", "nearest_code"]
+_LOOKUP = ("l2_normalize", "code_dim", "rotation_trick")
+_CODEBOOK = ("ema", "decay", "eps", "kmeans_init", "kmeans_iters", "restart_threshold")
+# QuantizerConfig fields that each kind reads besides ``kind`` and ``l2_normalize`` (whose default,
+# True, is the cosine lookup of vq/simvq; the other kinds have no such lookup and ignore it).
+# Setting any other field away from its default is an error rather than silently ignored.
+APPLICABLE_FIELDS: dict[str, tuple[str, ...]] = {
+    "vq": _LOOKUP + _CODEBOOK,
+    "simvq": _LOOKUP,
+    "rvq": ("code_dim", "rotation_trick", *_CODEBOOK, "num_levels", "quantizer_dropout"),
+    "fsq": ("fsq_levels",),
+    "lfq": ("entropy_weight",),
+}
+
+
+def build_quantizer(config: QuantizerConfig, codebook_size: int, dim: int) -> nn.Module:
+    """The quantizer ``config.kind`` for ``codebook_size`` codes of width ``dim``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown kind; :class:`~mmvq.config_io.ConfigError` (a ValueError) for a setting
+        the kind does not use, or a codebook size it cannot have (FSQ: prod(fsq_levels); LFQ: a
+        power of two).
+    """
+    if config.kind not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer.kind {config.kind!r}; known: {sorted(QUANTIZERS)}")
+    _check_applicable(config)
+    c = config
+    if c.kind == "fsq":
+        fsq = FSQ(dim, c.fsq_levels)
+        if fsq.codebook_size != codebook_size:
+            raise ConfigError(f"quantizer.fsq_levels {c.fsq_levels} give {fsq.codebook_size} "
+                              f"codes, but the modality's codebook_size is {codebook_size}")
+        return fsq
+    if c.kind == "lfq":
+        if codebook_size & (codebook_size - 1) or codebook_size < 2:
+            raise ConfigError(f"quantizer.kind 'lfq' needs a power-of-two codebook_size, got "
+                              f"{codebook_size}")
+        return LFQ(codebook_size, dim, entropy_weight=c.entropy_weight)
+    lookup = {"code_dim": c.code_dim, "rotation_trick": c.rotation_trick}
+    if c.kind == "simvq":
+        return SimVQ(codebook_size, dim, c.l2_normalize, **lookup)
+    codebook = {name: getattr(c, name) for name in _CODEBOOK}
+    if c.kind == "vq":
+        return VectorQuantizer(codebook_size, dim, c.l2_normalize, **lookup, **codebook)
+    return ResidualVQ(codebook_size, dim, num_levels=c.num_levels,
+                      quantizer_dropout=c.quantizer_dropout, **lookup, **codebook)
+
+
+def _check_applicable(config: QuantizerConfig) -> None:
+    defaults = QuantizerConfig()
+    used = set(APPLICABLE_FIELDS[config.kind]) | {"kind", "l2_normalize"}
+    for f in dataclasses.fields(config):
+        if f.name not in used and getattr(config, f.name) != getattr(defaults, f.name):
+            raise ConfigError(f"quantizer.{f.name} does not apply to kind {config.kind!r}; "
+                              f"it uses {sorted(APPLICABLE_FIELDS[config.kind])}")
+
+
+__all__ = [
+    "APPLICABLE_FIELDS",
+    "FSQ",
+    "LFQ",
+    "QUANTIZERS",
+    "QuantizerOutput",
+    "ResidualVQ",
+    "SimVQ",
+    "VectorQuantizer",
+    "build_quantizer",
+    "nearest_code",
+]

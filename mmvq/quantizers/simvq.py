@@ -6,6 +6,9 @@ far from the encoder outputs never move and die. Here every code is ``W c_k`` wi
 ``c_k`` and a shared learned ``W``: each update of ``W`` moves the whole codebook with the data.
 The paper reports near-full codebook usage where plain VQ collapses; on the demo data it raised
 usage modestly (image codes in use after the 150-step learning test: 11% -> 17%, one seed).
+
+EMA updates, k-means init and restarts write individual codes, which this parameterisation has
+not got, so SimVQ takes only the lookup options (cosine, factorised, rotation trick).
 """
 
 from __future__ import annotations
@@ -13,17 +16,43 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmvq.quantizers.distance import DEFAULT_BLOCK_ELEMENTS
 from mmvq.quantizers.vq import VectorQuantizer
 
 
 class SimVQ(VectorQuantizer):
-    """Vector quantizer whose codes are ``basis @ W^T``; same API as the base class."""
+    """Vector quantizer whose codes are ``basis @ W^T``; same API as the base class.
+
+    Parameters
+    ----------
+    codebook_size, dim, l2_normalize, code_dim, rotation_trick, max_block_elements
+        As for :class:`VectorQuantizer`.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        l2_normalize: bool = True,
+        *,
+        code_dim: int | None = None,
+        rotation_trick: bool = False,
+        max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    ) -> None:
+        super().__init__(
+            codebook_size,
+            dim,
+            l2_normalize,
+            code_dim=code_dim,
+            rotation_trick=rotation_trick,
+            max_block_elements=max_block_elements,
+        )
 
     def build_codebook(self) -> None:
         # A buffer, not a parameter: saved with the weights, broadcast by DDP, never optimised.
-        basis = torch.randn(self.codebook_size, self.dim) * self.dim**-0.5
+        basis = torch.randn(self.codebook_size, self.code_dim) * self.code_dim**-0.5
         self.register_buffer("basis", basis)
-        self.proj = nn.Linear(self.dim, self.dim, bias=False)
+        self.proj = nn.Linear(self.code_dim, self.code_dim, bias=False)
 
     def raw_codes(self) -> torch.Tensor:
-        return self.proj(self.basis)  # (K, D)
+        return self.proj(self.basis)  # (K, d)

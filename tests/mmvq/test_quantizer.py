@@ -1,78 +1,154 @@
+"""Nearest-code quantizers (vq, simvq) over their lookup and gradient options: invariants."""
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mmvq.quantizers import QUANTIZERS, QuantizerOutput, VectorQuantizer, nearest_code
+from mmvq.quantizers import QUANTIZERS, QuantizerOutput, SimVQ, VectorQuantizer, nearest_code
+from mmvq.quantizers.distance import block_shape
 
-KINDS = sorted(QUANTIZERS)
-
-
-def make(kind: str, l2_normalize: bool, k: int = 64, d: int = 8) -> VectorQuantizer:
-    return QUANTIZERS[kind](k, d, l2_normalize=l2_normalize)
-
-
-def test_registry_has_plain_vq():
-    assert QUANTIZERS["vq"] is VectorQuantizer
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("l2_normalize", [True, False])
-def test_lookup_of_indices_is_the_quantized_value(kind, l2_normalize):
-    q = make(kind, l2_normalize)
-    z = torch.randn(3, 5, 7, 8, requires_grad=True)
-    out = q(z)
-    assert isinstance(out, QuantizerOutput)
-    assert out.quantized.shape == (3, 5, 7, 8)
-    assert out.indices.shape == (3, 5, 7) and out.indices.dtype == torch.long
-    # Bit-exact: decode(encode(x)) must equal the forward pass.
-    assert torch.equal(q.lookup(out.indices), out.quantized.detach())
+# name -> (class, options); every distance mode (L2, cosine, factorised) and gradient path.
+VARIANTS = {
+    "l2": (VectorQuantizer, {"l2_normalize": False}),
+    "cosine": (VectorQuantizer, {"l2_normalize": True}),
+    "factorised-cosine": (VectorQuantizer, {"l2_normalize": True, "code_dim": 4}),
+    "factorised-l2": (VectorQuantizer, {"l2_normalize": False, "code_dim": 4}),
+    "rotation": (VectorQuantizer, {"l2_normalize": False, "rotation_trick": True}),
+    "rotation-cosine": (VectorQuantizer, {"l2_normalize": True, "rotation_trick": True}),
+    "ema": (VectorQuantizer, {"l2_normalize": False, "ema": True}),
+    "ema-cosine": (VectorQuantizer, {"l2_normalize": True, "ema": True}),
+    "simvq": (SimVQ, {"l2_normalize": True}),
+    "simvq-l2-factorised": (SimVQ, {"l2_normalize": False, "code_dim": 4}),
+}
+LEARNED = [name for name, (_, opts) in VARIANTS.items() if not opts.get("ema")]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("l2_normalize", [True, False])
-def test_indices_are_the_brute_force_nearest_codes(kind, l2_normalize):
-    q = make(kind, l2_normalize)
+def make(name: str, k: int = 64, d: int = 8) -> VectorQuantizer:
+    cls, options = VARIANTS[name]
+    return cls(k, d, **options)
+
+
+def brute_force_indices(q: VectorQuantizer, z: torch.Tensor) -> torch.Tensor:
+    """Nearest code by the full float64 distance matrix, in the quantizer's code space."""
+    with torch.no_grad():
+        x = q.project_in(z)
+        if q.l2_normalize:
+            x = F.normalize(x, dim=-1)
+        return torch.cdist(x.double(), q.codes().double()).argmin(dim=1)
+
+
+def test_registry_names_every_family():
+    assert QUANTIZERS["vq"] is VectorQuantizer and QUANTIZERS["simvq"] is SimVQ
+    assert sorted(QUANTIZERS) == ["fsq", "lfq", "rvq", "simvq", "vq"]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_indices_are_the_brute_force_nearest_codes(name):
+    q = make(name).eval()
     z = torch.randn(500, 8)
-    out = q(z)
-    codes = q.lookup(torch.arange(q.codebook_size))  # (K, D)
-    target = torch.nn.functional.normalize(z, dim=-1) if l2_normalize else z
-    brute = torch.cdist(target, codes).argmin(dim=1)
-    assert torch.equal(out.indices, brute)
+    assert torch.equal(q(z).indices, brute_force_indices(q, z))
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 100, 8192])
-def test_chunked_nearest_code_matches_full_argmin(chunk_size):
+@pytest.mark.parametrize("name", ["l2", "cosine", "factorised-cosine"])
+def test_block_path_with_a_large_codebook_matches_brute_force(name):
+    q = make(name, k=65536).eval()
+    q.max_block_elements = 4096  # 50 rows -> blocks of 81 codes: the column-block path
+    z = torch.randn(50, 8)
+    assert torch.equal(q(z).indices, brute_force_indices(q, z))
+
+
+@pytest.mark.parametrize("max_elements", [64, 1000, 2**22])
+def test_blocked_nearest_code_matches_full_argmin(max_elements):
     z, codebook = torch.randn(1000, 16), torch.randn(300, 16)
     full = ((z[:, None, :] - codebook[None]) ** 2).sum(-1).argmin(dim=1)
-    assert torch.equal(nearest_code(z, codebook, chunk_size), full)
+    assert torch.equal(nearest_code(z, codebook, max_elements), full)
+
+
+def test_nearest_code_never_builds_a_block_over_its_budget(monkeypatch):
+    sizes = []
+    mm = torch.mm
+
+    def spy(*args, **kwargs):
+        out = mm(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "mm", spy)
+    nearest_code(torch.randn(3000, 4), torch.randn(65536, 4), max_elements=2**16)
+    assert sizes and max(sizes) <= 2**16  # the full matrix would be 3000 x 65536
+
+
+@pytest.mark.parametrize("rows, codes, budget", [(1, 10**6, 7), (10**5, 3, 100), (300, 300, 2**22)])
+def test_block_shape_stays_within_budget(rows, codes, budget):
+    r, c = block_shape(rows, codes, budget)
+    assert 1 <= c <= codes and r * c <= max(budget, 1)
 
 
 def test_nearest_code_of_empty_input_is_empty():
     assert nearest_code(torch.zeros(0, 4), torch.randn(5, 4)).shape == (0,)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_straight_through_gradient_reaches_the_input_unchanged(kind):
-    q = make(kind, l2_normalize=False)
-    z = torch.randn(10, 8, requires_grad=True)
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_lookup_of_indices_is_the_quantized_value(name, training):
+    q = make(name).train(training)
+    z = torch.randn(3, 5, 7, 8, requires_grad=True)
     out = q(z)
-    out.quantized.sum().backward()
-    assert torch.equal(z.grad, torch.ones_like(z))  # identity Jacobian through STE
+    assert isinstance(out, QuantizerOutput)
+    assert out.quantized.shape == (3, 5, 7, 8)
+    assert out.indices.shape == (3, 5, 7) and out.indices.dtype == torch.long
+    if training and q.ema:  # the EMA step has moved the codes since; the next forward sees them
+        q.eval()
+        out = q(z)
+    assert torch.equal(q.lookup(out.indices), out.quantized.detach())  # bit-exact
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_codebook_learns_from_codebook_loss_only(kind):
-    q = make(kind, l2_normalize=True)
+@pytest.mark.parametrize("name", ["l2", "ema", "simvq-l2-factorised"])
+def test_gradient_reaches_the_encoder_input(name):
+    q = make(name)
     z = torch.randn(10, 8, requires_grad=True)
     out = q(z)
-    out.quantized.sum().backward()
-    assert all(p.grad is None for p in q.parameters())  # the decoder path does not touch codes
+    (out.quantized.sum() + out.commit_loss).backward()
+    assert torch.isfinite(z.grad).all() and (z.grad.abs().sum(dim=1) > 0).all()
+    if not hasattr(q.project_in, "weight"):  # no projection: the decoder gradient is copied
+        z.grad = None
+        q(z).quantized.sum().backward()
+        assert torch.equal(z.grad, torch.ones_like(z))
+
+
+def test_rotation_trick_rotates_the_gradient_back_onto_the_input():
+    q = make("rotation")
+    z = (torch.randn(20, 8) * 3).requires_grad_()
+    out = q(z)
+    code = out.quantized.detach()
+    # Upstream gradient along each code's direction: R^T q_hat = z_hat, scaled by |q| / |z|.
+    out.quantized.backward(F.normalize(code, dim=-1))
+    scale = code.norm(dim=-1, keepdim=True) / z.detach().norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(z.grad, scale * F.normalize(z.detach(), dim=-1))
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_codebook_learns_from_codebook_loss_only(name):
+    q = make(name)
+    codebook_params = [p for n, p in q.named_parameters() if not n.startswith("project_")]
+    z = torch.randn(10, 8, requires_grad=True)
+    out = q(z)
+    out.quantized.sum().backward(retain_graph=True)
+    assert all(p.grad is None for p in codebook_params)  # the decoder path does not touch codes
     out.codebook_loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in q.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in codebook_params)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_losses_ignore_masked_vectors(kind):
-    q = make(kind, l2_normalize=True)
+def test_ema_codebook_has_no_gradient_loss_and_no_parameters():
+    q = make("ema")
+    out = q(torch.randn(10, 8, requires_grad=True))
+    assert out.codebook_loss.item() == 0.0 and not out.codebook_loss.requires_grad
+    assert list(q.parameters()) == []
+
+
+@pytest.mark.parametrize("name", ["l2", "cosine", "factorised-cosine", "simvq"])
+def test_losses_ignore_masked_vectors(name):
+    q = make(name)
     z = torch.randn(2, 6, 8)
     mask = torch.tensor([[True] * 6, [False] * 6])
     a = q(z, mask)
@@ -86,11 +162,12 @@ def test_losses_ignore_masked_vectors(kind):
     assert q(z2).commit_loss != a.commit_loss  # unmasked, the changed vectors do count
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_quantization_runs_in_fp32_under_autocast(kind):
-    q = make(kind, l2_normalize=True)
+@pytest.mark.parametrize("name", ["cosine", "factorised-cosine", "ema", "simvq"])
+def test_quantization_runs_in_fp32_under_autocast(name):
+    q = make(name).eval()
     z = torch.randn(4, 8).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = q(z)
+        looked_up = q.lookup(out.indices)
     assert out.quantized.dtype == torch.float32
-    assert torch.equal(q.lookup(out.indices), out.quantized)
+    assert torch.equal(looked_up, out.quantized)

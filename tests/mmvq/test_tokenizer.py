@@ -167,8 +167,8 @@ def test_load_refuses_another_format_version(model, tmp_path):
 
 
 def test_unknown_quantizer_kind_is_rejected():
-    with pytest.raises(ValueError, match="'rvq'"):
-        MultimodalTokenizer(TokenizerConfig(quantizer=QuantizerConfig(kind="rvq")))
+    with pytest.raises(ValueError, match="'pq'"):
+        MultimodalTokenizer(TokenizerConfig(quantizer=QuantizerConfig(kind="pq")))
 
 
 def test_to_model_inputs_normalises_on_the_device(make_batch):

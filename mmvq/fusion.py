@@ -1,0 +1,139 @@
+"""Fusion: joint tokens over the modalities, and the alignment that makes them mean something.
+
+Each modality tokenizes on its own; fusion reads the modalities' *quantized* latents (so joint
+tokens are a function of the modality tokens and a caller with only an image still gets image
+tokens). A small transformer runs over learned query tokens followed by every present
+modality's latents, each tagged with a modality embedding; the queries come out as the joint
+latents and are quantized into ``num_queries`` joint tokens per sample (Q-Former-style learned
+queries, Li et al. 2023). A pooled embedding per modality feeds a symmetric InfoNCE loss
+(van den Oord et al. 2018; CLIP, Radford et al. 2021) that pulls the modalities of one sample
+together, raising the mutual information between their tokens. Modality dropout hides whole
+modalities during training so fusion works with whatever a sample has.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from mmvq.config import QuantizerConfig
+from mmvq.losses import info_nce_loss
+from mmvq.quantizers import build_quantizer
+
+MODALITIES = ("image", "audio", "text")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    enabled: bool = False  # off by default: the demo trains per-modality tokenizers only
+    dim: int = 128  # transformer width
+    num_layers: int = 2  # transformer depth over queries + all modality latents
+    num_heads: int = 4
+    num_queries: int = 8  # joint tokens per sample
+    codebook_size: int = 256  # joint-token vocabulary
+    embed_dim: int = 64  # per-modality embedding size for the contrastive loss and retrieval
+    temperature: float = 0.07  # InfoNCE temperature (CLIP's initial value)
+    # Probability that a present modality is hidden from fusion for a training sample; at least
+    # one modality always stays, so every sample still gets joint tokens.
+    modality_dropout: float = 0.2
+
+
+@dataclass
+class FusionOutput:
+    indices: torch.Tensor  # (B, num_queries) joint token ids
+    quantized: torch.Tensor  # (B, num_queries, dim)
+    embeddings: dict[str, torch.Tensor]  # modality -> (B, embed_dim), unit norm
+    losses: dict[str, torch.Tensor]  # fusion/commit, fusion/codebook, align/infonce
+
+
+class Fusion(nn.Module):
+    """Learned queries attend over the modalities' latents and become quantized joint tokens.
+
+    Parameters
+    ----------
+    config : FusionConfig
+    latent_dims : dimension of each modality's quantized latent vectors
+    """
+
+    def __init__(self, config: FusionConfig, latent_dims: Mapping[str, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.modalities = tuple(m for m in MODALITIES if m in latent_dims)
+        self.project = nn.ModuleDict({m: nn.Linear(latent_dims[m], config.dim)
+                                      for m in self.modalities})
+        self.modality_embedding = nn.ParameterDict(
+            {m: nn.Parameter(torch.randn(config.dim) * 0.02) for m in self.modalities})
+        self.queries = nn.Parameter(torch.randn(config.num_queries, config.dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(config.dim, config.num_heads, 2 * config.dim,
+                                           dropout=0.0, batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, config.num_layers,
+                                                 enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.dim)
+        self.quantizer = build_quantizer(QuantizerConfig(), config.codebook_size, config.dim)
+        self.embed = nn.ModuleDict({m: nn.Linear(config.dim, config.embed_dim)
+                                    for m in self.modalities})
+
+    def forward(self, latents: Mapping[str, torch.Tensor],
+                present: Mapping[str, torch.Tensor]) -> FusionOutput:
+        """Joint tokens and modality embeddings for a batch.
+
+        Parameters
+        ----------
+        latents : modality -> (B, N_m, D_m) quantized latents (image grids flattened)
+        present : modality -> (B,) bool, whether the sample has that modality
+        """
+        visible = self._drop_modalities(present) if self.training else dict(present)
+        tokens, masks, pooled = [], [], {}
+        for m in self.modalities:
+            x = self.project[m](latents[m].float()) + self.modality_embedding[m]  # (B, N_m, dim)
+            tokens.append(x)
+            masks.append(~visible[m][:, None].expand(-1, x.shape[1]))  # True = hidden
+            pooled[m] = x.mean(dim=1)  # (B, dim), for the contrastive embedding
+        batch = tokens[0].shape[0]
+        queries = self.queries.expand(batch, -1, -1)  # (B, Q, dim)
+        sequence = torch.cat([queries, *tokens], dim=1)  # (B, Q + sum N_m, dim)
+        query_mask = torch.zeros(batch, self.config.num_queries, dtype=torch.bool,
+                                 device=sequence.device)
+        mask = torch.cat([query_mask, *masks], dim=1)  # (B, Q + sum N_m)
+        joint = self.norm(self.transformer(sequence, src_key_padding_mask=mask))
+        joint = joint[:, : self.config.num_queries]  # (B, Q, dim)
+        q = self.quantizer(rearrange(joint, "b q d -> (b q) d"))
+        embeddings = {m: nn.functional.normalize(self.embed[m](pooled[m]), dim=-1)
+                      for m in self.modalities}
+        losses = {"fusion/commit": q.commit_loss, "fusion/codebook": q.codebook_loss,
+                  "align/infonce": self.alignment_loss(embeddings, present)}
+        return FusionOutput(
+            indices=rearrange(q.indices, "(b q) -> b q", b=batch),
+            quantized=rearrange(q.quantized, "(b q) d -> b q d", b=batch),
+            embeddings=embeddings, losses=losses)
+
+    def alignment_loss(self, embeddings: Mapping[str, torch.Tensor],
+                       present: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean symmetric InfoNCE over modality pairs, on the samples that have both."""
+        terms = []
+        for a, b in itertools.combinations(self.modalities, 2):
+            both = present[a] & present[b]
+            if int(both.sum()) >= 2:  # a contrastive loss needs at least one negative
+                terms.append(info_nce_loss(embeddings[a][both], embeddings[b][both],
+                                           self.config.temperature))
+        if not terms:
+            return self.queries.sum() * 0.0  # keeps the graph connected for DDP
+        return torch.stack(terms).mean()
+
+    def _drop_modalities(self, present: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hide each present modality with probability ``modality_dropout``, keeping >= 1."""
+        visible = {m: present[m] & (torch.rand_like(present[m], dtype=torch.float)
+                                    >= self.config.modality_dropout) for m in self.modalities}
+        stacked = torch.stack([visible[m] for m in self.modalities], dim=1)  # (B, M)
+        empty = ~stacked.any(dim=1)
+        if empty.any():  # give each emptied sample back its first present modality
+            have = torch.stack([present[m] for m in self.modalities], dim=1)  # (B, M)
+            first = have.float().argmax(dim=1)
+            for i, m in enumerate(self.modalities):
+                visible[m] = visible[m] | (empty & (first == i) & present[m])
+        return visible
