@@ -240,6 +240,23 @@ class QuantizerConfig:
 
 # Loss names with their default weight in ``total``. The tokenizer computes the first six; the
 # GAN generator step (mmvq.train_step.gan_generator_step) adds the last three.
+@dataclass(frozen=True)
+class FusionConfig:
+    """Joint tokens over the modalities (see mmvq.fusion)."""
+
+    enabled: bool = False  # off by default: the demo trains per-modality tokenizers only
+    dim: int = 128  # transformer width
+    num_layers: int = 2  # transformer depth over queries + all modality latents
+    num_heads: int = 4
+    num_queries: int = 8  # joint tokens per sample
+    codebook_size: int = 256  # joint-token vocabulary
+    embed_dim: int = 64  # per-modality embedding size for the contrastive loss and retrieval
+    temperature: float = 0.07  # InfoNCE temperature (CLIP's initial value)
+    # Probability that a present modality is hidden from fusion for a training sample; at least
+    # one modality always stays, so every sample still gets joint tokens.
+    modality_dropout: float = 0.2
+
+
 DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
     {
         "image/l1": 1.0,  # pixel L1 on [-1, 1] images
@@ -253,6 +270,11 @@ DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
         # disc_weight; 0.8 in its ImageNet f16 config).
         "adv/image": 0.8,
         "adv/audio": 1.0,
+        # Fusion (only when FusionConfig.enabled): its own joint-token quantizer, and the
+        # symmetric InfoNCE that aligns the modalities' pooled embeddings.
+        "fusion/commit": 0.25,
+        "fusion/codebook": 1.0,
+        "align/infonce": 0.1,
     }
 )
 
@@ -272,6 +294,7 @@ class TokenizerConfig:
     # Weight of each loss in ``total``; keys as in DEFAULT_LOSS_WEIGHTS, missing keys keep the
     # default, unknown keys are an error.
     loss_weights: Mapping[str, float] = field(default_factory=_default_loss_weights)
+    fusion: FusionConfig = field(default_factory=FusionConfig)  # joint tokens; off by default
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
@@ -285,7 +308,8 @@ class TokenizerConfig:
 
     def __reduce__(self):
         # A mappingproxy cannot be pickled, and Ray pickles configs to ship them to workers.
-        fields = (self.image, self.audio, self.text, self.quantizer, dict(self.loss_weights))
+        fields = (self.image, self.audio, self.text, self.quantizer, dict(self.loss_weights),
+                  self.fusion)
         return (type(self), fields)
 
 

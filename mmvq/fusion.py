@@ -21,26 +21,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mmvq.config import QuantizerConfig
+from mmvq.config import FusionConfig, QuantizerConfig
 from mmvq.losses import info_nce_loss
 from mmvq.quantizers import build_quantizer
 
 MODALITIES = ("image", "audio", "text")
-
-
-@dataclass(frozen=True)
-class FusionConfig:
-    enabled: bool = False  # off by default: the demo trains per-modality tokenizers only
-    dim: int = 128  # transformer width
-    num_layers: int = 2  # transformer depth over queries + all modality latents
-    num_heads: int = 4
-    num_queries: int = 8  # joint tokens per sample
-    codebook_size: int = 256  # joint-token vocabulary
-    embed_dim: int = 64  # per-modality embedding size for the contrastive loss and retrieval
-    temperature: float = 0.07  # InfoNCE temperature (CLIP's initial value)
-    # Probability that a present modality is hidden from fusion for a training sample; at least
-    # one modality always stays, so every sample still gets joint tokens.
-    modality_dropout: float = 0.2
 
 
 @dataclass

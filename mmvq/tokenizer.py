@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors
@@ -21,6 +21,7 @@ from torch import nn
 from mmvq import losses as L
 from mmvq.batch import ModelInputs
 from mmvq.config import TokenizerConfig, config_to_dict, tokenizer_config_from_dict
+from mmvq.fusion import Fusion, FusionOutput
 from mmvq.modalities import (
     AudioDecoder,
     AudioEncoder,
@@ -43,14 +44,18 @@ class TokenizerOutput:
     """What ``MultimodalTokenizer.forward`` returns.
 
     reconstructions : ``image`` (B, 3, H, W), ``audio`` (B, T), ``text_logits`` (B, L, V)
-    indices : ``image`` (B, h, w), ``audio`` (B, frames), ``text`` (B, L), long
+    indices : ``image`` (B, h, w), ``audio`` (B, frames), ``text`` (B, L), long; plus
+        ``joint`` (B, num_queries) when fusion is enabled
     losses : scalar tensors keyed ``image/l1``, ``audio/l1``, ``audio/mel``, ``text/ce``,
-        ``vq/commit``, ``vq/codebook`` and ``total`` (the weighted sum)
+        ``vq/commit``, ``vq/codebook`` (and ``fusion/*``, ``align/infonce`` with fusion) and
+        ``total`` (the weighted sum)
+    embeddings : modality -> (B, embed_dim) unit vectors for retrieval (fusion only, else {})
     """
 
     reconstructions: dict[str, torch.Tensor]
     indices: dict[str, torch.Tensor]
     losses: dict[str, torch.Tensor]
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MultimodalTokenizer(nn.Module):
@@ -83,20 +88,32 @@ class MultimodalTokenizer(nn.Module):
                 )
             }
         )
+        # Joint tokens read the quantized latents, so they follow from the modality tokens.
+        self.fusion = (Fusion(config.fusion, {"image": config.image.latent_dim,
+                                              "audio": config.audio.latent_dim,
+                                              "text": config.text.latent_dim})
+                       if config.fusion.enabled else None)
 
     # -- shapes --------------------------------------------------------------------------------
 
     def codebook_sizes(self) -> dict[str, int]:
-        """Number of codes per modality."""
-        return {name: q.codebook_size for name, q in self.quantizers.items()}
+        """Number of codes per modality (and ``joint`` when fusion is enabled)."""
+        sizes = {name: q.codebook_size for name, q in self.quantizers.items()}
+        if self.fusion is not None:
+            sizes["joint"] = self.config.fusion.codebook_size
+        return sizes
 
     def token_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Token array shape per sample: image (h, w), audio (frames,), text (max_len,)."""
-        return {
+        """Token array shape per sample: image (h, w), audio (frames,), text (max_len,) and,
+        with fusion, joint (num_queries,)."""
+        shapes = {
             "image": self.config.image.grid,
             "audio": (self.config.audio.num_frames,),
             "text": (self.config.text.max_len,),
         }
+        if self.fusion is not None:
+            shapes["joint"] = (self.config.fusion.num_queries,)
+        return shapes
 
     def _check_inputs(self, inputs: ModelInputs) -> None:
         cfg = self.config
@@ -181,12 +198,26 @@ class MultimodalTokenizer(nn.Module):
             "vq/commit": sum(out.commit_loss for out in vq.values()),
             "vq/codebook": sum(out.codebook_loss for out in vq.values()),
         }
+        indices = {name: out.indices for name, out in vq.items()}
+        embeddings: dict[str, torch.Tensor] = {}
+        if self.fusion is not None:
+            fused = self._fuse(vq, inputs)
+            losses.update(fused.losses)
+            indices["joint"] = fused.indices
+            embeddings = fused.embeddings
         losses["total"] = sum(cfg.loss_weights[name] * value for name, value in losses.items())
         return TokenizerOutput(
             reconstructions={"image": image, "audio": audio, "text_logits": text_logits},
-            indices={name: out.indices for name, out in vq.items()},
-            losses=losses,
+            indices=indices, losses=losses, embeddings=embeddings,
         )
+
+    def _fuse(self, vq: dict[str, QuantizerOutput], inputs: ModelInputs) -> FusionOutput:
+        latents = {"image": rearrange(vq["image"].quantized, "b h w d -> b (h w) d"),
+                   "audio": vq["audio"].quantized,  # (B, frames, D)
+                   "text": vq["text"].quantized}  # (B, L, D)
+        present = {"image": inputs.has_image, "audio": inputs.has_audio,
+                   "text": inputs.has_text}
+        return self.fusion(latents, present)
 
     # -- inference API -------------------------------------------------------------------------
 
@@ -197,11 +228,25 @@ class MultimodalTokenizer(nn.Module):
         Every sample gets codes for every modality; ``has_*`` says which ones are meaningful.
         """
         self._check_inputs(inputs)
-        return {
-            "image": self._quantize_image(inputs).indices,
-            "audio": self._quantize_audio(inputs).indices,
-            "text": self._quantize_text(inputs).indices,
+        vq = {
+            "image": self._quantize_image(inputs),
+            "audio": self._quantize_audio(inputs),
+            "text": self._quantize_text(inputs),
         }
+        tokens = {name: out.indices for name, out in vq.items()}
+        if self.fusion is not None:
+            tokens["joint"] = self._fuse(vq, inputs).indices
+        return tokens
+
+    @torch.no_grad()
+    def embed(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
+        """Per-modality unit embeddings (B, embed_dim) for cross-modal retrieval (fusion only)."""
+        if self.fusion is None:
+            raise ValueError("embed() needs fusion.enabled: true in the tokenizer config")
+        self._check_inputs(inputs)
+        vq = {"image": self._quantize_image(inputs), "audio": self._quantize_audio(inputs),
+              "text": self._quantize_text(inputs)}
+        return self._fuse(vq, inputs).embeddings
 
     @torch.no_grad()
     def decode(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -212,7 +257,8 @@ class MultimodalTokenizer(nn.Module):
         dict with ``image`` (B, 3, H, W) clamped to [-1, 1], ``audio`` (B, T) and ``text_ids``
         (B, L) argmax byte ids, for the modalities present in ``tokens``.
         """
-        unknown = sorted(set(tokens) - set(MODALITIES))
+        # Joint tokens summarise the modalities; they are not decoded back into any of them.
+        unknown = sorted(set(tokens) - set(MODALITIES) - {"joint"})
         if unknown:
             raise ValueError(f"unknown modalities {unknown}; expected a subset of {MODALITIES}")
         out = {}

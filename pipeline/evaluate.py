@@ -25,6 +25,7 @@ from pipeline.tokenize import TOKENS_DIR
 from pipeline.train import TOKENIZER_DIR
 
 MODALITY_CODES = {"image": "image_tokens", "audio": "audio_tokens", "text": "text_tokens"}
+CODE_COLUMNS = {**MODALITY_CODES, "joint": "joint_tokens"}  # joint: fusion models only
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,10 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
             outputs = {"trained": trained.decode(codes),
                        "untrained": untrained.decode(untrained.encode(inputs))}
             codes_by_model = {"trained": codes, "untrained": untrained.encode(inputs)}
+        models = {"trained": trained, "untrained": untrained}
         for name, out in outputs.items():
-            scores[name].add(inputs, out, codes_by_model[name])
+            embeddings = models[name].embed(inputs) if models[name].fusion is not None else {}
+            scores[name].add(inputs, out, codes_by_model[name], embeddings)
         if not examples:
             examples = {"inputs": inputs, **outputs}
 
@@ -82,7 +85,7 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
 
 def _read_tokens(directory: Path) -> dict[str, dict[str, np.ndarray]]:
     table = pq.ParquetDataset(str(directory)).read(
-        columns=["key", "image_tokens", "image_grid", "audio_tokens", "text_tokens"])
+        columns=["key", *CODE_COLUMNS.values()])
     columns = table.to_pydict()
     return {key: {name: np.asarray(columns[name][i]) for name in columns if name != "key"}
             for i, key in enumerate(columns["key"])}
@@ -96,7 +99,9 @@ def _codes_for(keys: np.ndarray, tokens: dict[str, dict[str, np.ndarray]],
         raise KeyError(f"token dataset lacks {len(missing)} val keys, e.g. {missing[:3]}")
     shapes = model.token_shapes()
     out = {}
-    for modality, column in MODALITY_CODES.items():
+    for modality, column in CODE_COLUMNS.items():
+        if modality not in shapes:  # joint tokens exist only with fusion
+            continue
         stacked = np.stack([tokens[str(k)][column].reshape(shapes[modality]) for k in keys])
         out[modality] = torch.from_numpy(stacked.astype(np.int64))
     return out
@@ -110,10 +115,11 @@ class _Scores:
         self.sample_rate = model.config.audio.sample_rate
         self.values: dict[str, list[float]] = {}
         self.codes: dict[str, list[np.ndarray]] = {m: [] for m in self.sizes}
-        self.paired: dict[str, list[np.ndarray]] = {m: [] for m in self.sizes}
+        self.paired: dict[str, list[np.ndarray]] = {m: [] for m in MODALITY_CODES}
+        self.embeddings: dict[str, list[torch.Tensor]] = {}  # fusion models only
 
-    def add(self, inputs: Any, out: dict[str, torch.Tensor],
-            codes: dict[str, torch.Tensor]) -> None:
+    def add(self, inputs: Any, out: dict[str, torch.Tensor], codes: dict[str, torch.Tensor],
+            embeddings: dict[str, torch.Tensor]) -> None:
         img, aud, txt = inputs.has_image, inputs.has_audio, inputs.has_text
         self._extend("image/psnr", M.psnr(inputs.image[img], out["image"][img]))
         self._extend("image/ssim", M.ssim(inputs.image[img], out["image"][img]))
@@ -125,11 +131,16 @@ class _Scores:
             inputs.text_ids[txt], out["text_ids"][txt], inputs.text_len[txt]))
         self._extend("text/exact_match", M.exact_match(
             inputs.text_ids[txt], out["text_ids"][txt], inputs.text_len[txt]))
-        for modality, present in (("image", img), ("audio", aud), ("text", txt)):
-            self.codes[modality].append(codes[modality][present].reshape(-1).numpy())
+        everyone = torch.ones_like(img)
+        for modality, present in (("image", img), ("audio", aud), ("text", txt),
+                                  ("joint", everyone)):
+            if modality in codes:
+                self.codes[modality].append(codes[modality][present].reshape(-1).numpy())
         complete = img & aud & txt  # cross-modal scores need every modality of a sample
         for modality in self.paired:
             self.paired[modality].append(codes[modality][complete].flatten(1).numpy())
+        for modality, emb in embeddings.items():
+            self.embeddings.setdefault(modality, []).append(emb[complete])
 
     def _extend(self, key: str, values: torch.Tensor | float) -> None:
         array = np.atleast_1d(np.asarray(torch.as_tensor(values).detach().cpu(), np.float64))
@@ -146,6 +157,11 @@ class _Scores:
         for a, b in (("image", "audio"), ("image", "text"), ("audio", "text")):
             if a in paired and b in paired and len(paired[a]) > 1:
                 result[f"cross/nmi_{a}_{b}"] = M.cross_modal_nmi(paired[a], paired[b])
+            if a in self.embeddings and b in self.embeddings:
+                recall = M.retrieval_recall(torch.cat(self.embeddings[a]),
+                                            torch.cat(self.embeddings[b]), ks=(1, 5))
+                for k, value in recall.items():
+                    result[f"cross/retrieval_{a}_to_{b}_r{k}"] = value
         result["samples"] = float(len(self.values.get("image/psnr", [])))
         return result
 

@@ -3,7 +3,7 @@
 A pool of Ray Data actors each loads the tokenizer once and encodes batches of preprocessed
 rows. The output has one directory per split (``tokens/train``, ``tokens/val``) with the
 DESIGN.md token schema, and ``manifest.json`` describing the unified vocabulary that
-``joint_tokens`` uses, so a downstream language model can read the dataset without mmvq.
+``interleaved_tokens`` uses, so a downstream language model can read the dataset without mmvq.
 """
 
 from __future__ import annotations
@@ -24,14 +24,18 @@ from pipeline.train import TOKENIZER_DIR
 
 TOKENS_DIR = "tokens"
 MANIFEST = "manifest.json"
-# Markers around each modality's run in joint_tokens, placed after all codebooks.
-SPECIAL_TOKENS = ("<boi>", "<eoi>", "<boa>", "<eoa>", "<bot>", "<eot>")
+# Markers around each modality's run in interleaved_tokens, placed after all codebooks.
+SPECIAL_TOKENS = ("<boi>", "<eoi>", "<boa>", "<eoa>", "<bot>", "<eot>", "<boj>", "<eoj>")
+# Order of the codebooks in the unified vocabulary and of the runs in interleaved_tokens.
+STREAM = (("image", "<boi>", "<eoi>"), ("audio", "<boa>", "<eoa>"), ("text", "<bot>", "<eot>"),
+          ("joint", "<boj>", "<eoj>"))
 # Explicit types: Ray would otherwise infer object columns from Python lists.
 _CODES = pa.list_(pa.int32())
 TOKEN_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("image_tokens", _CODES),
     ("image_grid", _CODES), ("audio_tokens", _CODES), ("audio_frames", pa.int32()),
-    ("text_tokens", _CODES), ("joint_tokens", _CODES), ("tokenizer", pa.string()),
+    ("text_tokens", _CODES), ("joint_tokens", _CODES), ("interleaved_tokens", _CODES),
+    ("tokenizer", pa.string()),
     ("source_shard", pa.string())])
 
 
@@ -43,36 +47,53 @@ class TokenizeConfig:
 
 
 def vocabulary_layout(codebook_sizes: dict[str, int]) -> dict[str, Any]:
-    """Offsets of each modality's codes in the unified vocabulary, then the special tokens.
+    """Offsets of each codebook in the unified vocabulary, then the special tokens.
 
     ``image`` codes occupy ``[0, K_image)``, ``audio`` the next ``K_audio`` ids, ``text`` the
-    next ``K_text``; the special tokens follow. Fixed order, so two runs with the same
-    codebook sizes share a layout.
+    next ``K_text``, ``joint`` (with fusion) the next ``K_joint``; the special tokens follow.
+    Fixed order, so two runs with the same codebook sizes share a layout.
     """
     offsets, total = {}, 0
-    for name in ("image", "audio", "text"):
-        offsets[name] = total
-        total += codebook_sizes[name]
+    for name, _, _ in STREAM:
+        if name in codebook_sizes:
+            offsets[name] = total
+            total += codebook_sizes[name]
     specials = {token: total + i for i, token in enumerate(SPECIAL_TOKENS)}
     return {"offsets": offsets, "codebook_sizes": dict(codebook_sizes),
             "special_tokens": specials, "vocab_size": total + len(SPECIAL_TOKENS)}
 
 
-def joint_sequence(image: np.ndarray | None, audio: np.ndarray | None, text: np.ndarray | None,
-                   layout: dict[str, Any]) -> np.ndarray:
-    """One sample's modality codes as a single unified-vocabulary stream.
+def interleave(codes: dict[str, np.ndarray | None], layout: dict[str, Any]) -> np.ndarray:
+    """One sample's codes as a single unified-vocabulary stream for a language model.
 
-    ``<boi> image <eoi> <boa> audio <eoa> <bot> text <eot>``; absent modalities are left out.
+    ``<boi> image <eoi> <boa> audio <eoa> <bot> text <eot> <boj> joint <eoj>``; absent
+    modalities (None or missing) are left out.
     """
     special, offsets = layout["special_tokens"], layout["offsets"]
     parts = []
-    for name, codes, (begin, end) in (("image", image, ("<boi>", "<eoi>")),
-                                      ("audio", audio, ("<boa>", "<eoa>")),
-                                      ("text", text, ("<bot>", "<eot>"))):
-        if codes is None:
+    for name, begin, end in STREAM:
+        if codes.get(name) is None:
             continue
-        parts += [[special[begin]], np.asarray(codes, np.int64) + offsets[name], [special[end]]]
+        parts += [[special[begin]], np.asarray(codes[name], np.int64) + offsets[name],
+                  [special[end]]]
     return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+def split_interleaved(stream: np.ndarray, layout: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`interleave`: the per-modality codes (offsets removed) of one stream."""
+    special, offsets = layout["special_tokens"], layout["offsets"]
+    stream = np.asarray(stream, np.int64)
+    out = {}
+    for name, begin, end in STREAM:
+        starts = np.flatnonzero(stream == special[begin])
+        if len(starts) == 0:
+            continue
+        stop = np.flatnonzero(stream == special[end])
+        stop = stop[stop > starts[0]]
+        if len(stop) == 0:
+            raise ValueError(f"interleaved stream has {begin} without {end}")
+        out[name] = (stream[starts[0] + 1: stop[0]] - offsets[name]).astype(np.int32)
+    return out
 
 
 class TokenizeActor:
@@ -98,14 +119,16 @@ class TokenizeActor:
         audio_frames = [math.ceil(int(a) / self.hop) for a in batch["audio_len"]]
         rows: dict[str, list] = {c: [] for c in (
             "key", "split", "image_tokens", "image_grid", "audio_tokens", "audio_frames",
-            "text_tokens", "joint_tokens", "tokenizer", "source_shard")}
+            "text_tokens", "joint_tokens", "interleaved_tokens", "tokenizer", "source_shard")}
         for i in range(n):
             image = codes["image"][i].reshape(-1) if batch["has_image"][i] else None
             audio = codes["audio"][i] if batch["has_audio"][i] else None
             text = codes["text"][i] if batch["has_text"][i] else None
-            joint = joint_sequence(
-                image, None if audio is None else audio[:audio_frames[i]],
-                None if text is None else text[:int(batch["text_len"][i])], self.layout)
+            joint = codes["joint"][i] if "joint" in codes else None
+            stream = interleave({
+                "image": image, "audio": None if audio is None else audio[:audio_frames[i]],
+                "text": None if text is None else text[:int(batch["text_len"][i])],
+                "joint": joint}, self.layout)
             rows["key"].append(str(batch["key"][i]))
             rows["split"].append(str(batch["split"][i]))
             rows["image_tokens"].append(_as_list(image))
@@ -113,7 +136,8 @@ class TokenizeActor:
             rows["audio_tokens"].append(_as_list(audio))
             rows["audio_frames"].append(audio_frames[i] if audio is not None else 0)
             rows["text_tokens"].append(_as_list(text))
-            rows["joint_tokens"].append(joint.tolist())
+            rows["joint_tokens"].append(_as_list(joint))
+            rows["interleaved_tokens"].append(stream.tolist())
             rows["tokenizer"].append(self.tokenizer_id)
             rows["source_shard"].append(str(batch["source_shard"][i]))
         return pa.table(rows, schema=TOKEN_SCHEMA)
@@ -162,8 +186,11 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
                     "audio_tokens": "all frames of the fixed window; the first audio_frames "
                                     "cover the real audio",
                     "text_tokens": "one code per text position, padding included",
-                    "joint_tokens": "unified vocabulary: <boi> image <eoi> <boa> audio "
-                                    "<eoa> <bot> text <eot>"},
+                    "joint_tokens": "fusion tokens over all modalities (empty without fusion)",
+                    "interleaved_tokens": "unified vocabulary: <boi> image <eoi> <boa> audio "
+                                          "(real frames) <eoa> <bot> text (real length) <eot> "
+                                          "<boj> joint <eoj>; pipeline.tokenize."
+                                          "split_interleaved reads it back"},
     }
     (ctx.output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if ctx.logger:

@@ -3,7 +3,8 @@
 import torch
 
 from mmvq import metrics as M
-from mmvq.fusion import Fusion, FusionConfig
+from mmvq.config import FusionConfig
+from mmvq.fusion import Fusion
 
 DIMS = {"image": 16, "audio": 12, "text": 8}
 CONFIG = FusionConfig(
@@ -84,3 +85,32 @@ def test_contrastive_alignment_learns_retrieval():
     end = M.retrieval_recall(out.embeddings["image"], out.embeddings["text"], ks=(1, 5))
     # 16 classes of 4 near-duplicates: R@5 can reach 1, R@1 about 1/4 at best by class alone.
     assert end[5] > 0.9 and end[5] > start + 0.3
+
+
+def test_tokenizer_with_fusion_gives_joint_tokens_that_survive_save_load(make_batch, tmp_path):
+    import dataclasses
+
+    from mmvq import MultimodalTokenizer, TokenizerConfig, to_model_inputs
+    from mmvq.train_step import build_optimizer, generator_step
+
+    config = dataclasses.replace(TokenizerConfig(), fusion=FusionConfig(
+        enabled=True, dim=32, num_layers=1, num_heads=4, num_queries=4, codebook_size=32))
+    model = MultimodalTokenizer(config)
+    batch = make_batch(4, seed=0)
+    batch["has_audio"][1] = False  # a sample without audio still gets joint tokens
+    inputs = to_model_inputs(batch)
+    out = model(inputs)
+    assert out.indices["joint"].shape == (4, 4)
+    assert {"fusion/commit", "fusion/codebook", "align/infonce"} <= set(out.losses)
+    assert model.codebook_sizes()["joint"] == 32 and model.token_shapes()["joint"] == (4,)
+    stats = generator_step(model, inputs, build_optimizer(model))
+    assert stats["align/infonce"] > 0
+    model.eval()
+    tokens = model.encode(inputs)
+    model.save(tmp_path / "tok")
+    loaded = MultimodalTokenizer.load(tmp_path / "tok")
+    again = loaded.encode(inputs)
+    assert all(torch.equal(tokens[k], again[k]) for k in ("image", "audio", "text", "joint"))
+    decoded = loaded.decode(tokens)  # joint tokens are accepted and not decoded
+    assert set(decoded) == {"image", "audio", "text_ids"}
+    assert loaded.embed(inputs)["image"].shape == (4, 64)

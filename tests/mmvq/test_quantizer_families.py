@@ -170,7 +170,7 @@ def test_lfq_entropy_loss_spreads_a_collapsed_batch_over_the_codes():
     q = LFQ(16, 4, entropy_weight=1.0, temperature=0.5)
     x = (torch.randn(256, 4) * 0.1 + 1.0).requires_grad_()  # every vector in code 15
     optimizer = torch.optim.Adam([x], lr=0.05)
-    for _ in range(100):
+    for _ in range(40):
         optimizer.zero_grad()
         q(x).codebook_loss.backward()
         optimizer.step()

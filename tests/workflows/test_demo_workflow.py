@@ -37,11 +37,13 @@ def test_token_dataset_rows_and_ranges(demo_run):
     vocab = manifest["vocab_size"]
     columns = table.to_pydict()
     assert len(set(columns["key"])) == total
-    for column, size in (("image_tokens", 256), ("audio_tokens", 256), ("text_tokens", 256)):
+    for column, size in (("image_tokens", 256), ("audio_tokens", 256), ("text_tokens", 256),
+                         ("joint_tokens", 256)):
         flat = np.concatenate([np.asarray(v) for v in columns[column]])
         assert flat.min() >= 0 and flat.max() < size, column
-    joint = np.concatenate([np.asarray(v) for v in columns["joint_tokens"]])
-    assert joint.min() >= 0 and joint.max() < vocab
+    assert all(len(v) == 8 for v in columns["joint_tokens"])  # demo.yaml: 8 fusion queries
+    stream = np.concatenate([np.asarray(v) for v in columns["interleaved_tokens"]])
+    assert stream.min() >= 0 and stream.max() < vocab
     assert all(g == [8, 8] for g in columns["image_grid"])
 
 
@@ -64,6 +66,7 @@ def test_mlflow_parent_and_stage_runs(demo_run):
     evaluate = stages["evaluate"].data.metrics
     for key in ("image/psnr", "image/ssim", "audio/si_snr", "text/token_accuracy",
                 "image/codebook_usage", "cross/nmi_image_text",
+                "cross/retrieval_image_to_text_r1", "joint/codebook_usage",
                 "text/codebook_perplexity"):
         assert f"trained/{key}" in evaluate and f"untrained/{key}" in evaluate
     artifacts = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id)}
