@@ -55,26 +55,33 @@ def build_quantizer(config: QuantizerConfig, codebook_size: int, dim: int) -> nn
     if config.kind not in QUANTIZERS:
         raise ValueError(f"unknown quantizer.kind {config.kind!r}; known: {sorted(QUANTIZERS)}")
     _check_applicable(config)
-    c = config
-    if c.kind == "fsq":
-        fsq = FSQ(dim, c.fsq_levels)
-        if fsq.codebook_size != codebook_size:
-            raise ConfigError(f"quantizer.fsq_levels {c.fsq_levels} give {fsq.codebook_size} "
-                              f"codes, but the modality's codebook_size is {codebook_size}")
-        return fsq
-    if c.kind == "lfq":
-        if codebook_size & (codebook_size - 1) or codebook_size < 2:
-            raise ConfigError(f"quantizer.kind 'lfq' needs a power-of-two codebook_size, got "
-                              f"{codebook_size}")
-        return LFQ(codebook_size, dim, entropy_weight=c.entropy_weight)
-    lookup = {"code_dim": c.code_dim, "rotation_trick": c.rotation_trick}
-    if c.kind == "simvq":
-        return SimVQ(codebook_size, dim, c.l2_normalize, **lookup)
-    codebook = {name: getattr(c, name) for name in _CODEBOOK}
-    if c.kind == "vq":
-        return VectorQuantizer(codebook_size, dim, c.l2_normalize, **lookup, **codebook)
-    return ResidualVQ(codebook_size, dim, num_levels=c.num_levels,
-                      quantizer_dropout=c.quantizer_dropout, **lookup, **codebook)
+    if config.kind == "fsq":
+        return _build_fsq(config, codebook_size, dim)
+    if config.kind == "lfq":
+        return _build_lfq(config, codebook_size, dim)
+    options = {"code_dim": config.code_dim, "rotation_trick": config.rotation_trick}
+    if config.kind == "simvq":
+        return SimVQ(codebook_size, dim, config.l2_normalize, **options)
+    options.update({name: getattr(config, name) for name in _CODEBOOK})
+    if config.kind == "vq":
+        return VectorQuantizer(codebook_size, dim, config.l2_normalize, **options)
+    return ResidualVQ(codebook_size, dim, num_levels=config.num_levels,
+                      quantizer_dropout=config.quantizer_dropout, **options)
+
+
+def _build_fsq(config: QuantizerConfig, codebook_size: int, dim: int) -> FSQ:
+    fsq = FSQ(dim, config.fsq_levels)
+    if fsq.codebook_size != codebook_size:
+        raise ConfigError(f"quantizer.fsq_levels {config.fsq_levels} give {fsq.codebook_size} "
+                          f"codes, but the modality's codebook_size is {codebook_size}")
+    return fsq
+
+
+def _build_lfq(config: QuantizerConfig, codebook_size: int, dim: int) -> LFQ:
+    if codebook_size < 2 or codebook_size & (codebook_size - 1):
+        raise ConfigError(f"quantizer.kind 'lfq' needs a power-of-two codebook_size, got "
+                          f"{codebook_size}")
+    return LFQ(codebook_size, dim, entropy_weight=config.entropy_weight)
 
 
 def _check_applicable(config: QuantizerConfig) -> None:

@@ -22,7 +22,7 @@ def usage(q: VectorQuantizer, z: torch.Tensor) -> float:
 
 
 def test_ema_update_follows_the_laplace_smoothed_formula():
-    k, d, decay, eps = 8, 4, 0.9, 1e-5
+    k, d, decay, eps = 8, 4, 0.9, 0.1  # a large eps, so that the smoothing is visible
     q = VectorQuantizer(k, d, l2_normalize=False, ema=True, decay=decay, eps=eps)
     codes0 = q.embed.clone()
     z = torch.randn(50, d)

@@ -12,7 +12,10 @@ from workflows.runner import load_workflow, run_workflow
 
 TINY = ["synth.num_samples=40", "synth.samples_per_shard=16", "synth.val_fraction=0.25",
         "train.steps=4", "train.batch_size=4", "train.log_every=2",
-        "tokenize.batch_size=16", "evaluate.batch_size=16"]
+        "tokenize.batch_size=16", "evaluate.batch_size=16",
+        # Fusion on, so joint tokens and retrieval go through the whole pipeline too.
+        "train.model.fusion.enabled=true", "train.model.fusion.dim=32",
+        "train.model.fusion.num_layers=1"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def test_token_dataset_rows_and_ranges(demo_run):
                          ("joint_tokens", 256)):
         flat = np.concatenate([np.asarray(v) for v in columns[column]])
         assert flat.min() >= 0 and flat.max() < size, column
-    assert all(len(v) == 8 for v in columns["joint_tokens"])  # demo.yaml: 8 fusion queries
+    assert all(len(v) == 8 for v in columns["joint_tokens"])  # 8 fusion queries by default
     stream = np.concatenate([np.asarray(v) for v in columns["interleaved_tokens"]])
     assert stream.min() >= 0 and stream.max() < vocab
     assert all(g == [8, 8] for g in columns["image_grid"])
