@@ -28,8 +28,9 @@ demo: $(STAMP)  ## set up, then run the demo workflow end to end (in-process Ray
 test: $(STAMP)  ## set up, then run the test suite (no benchmarks)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)  ## the heavier checks and benchmarks behind the `benchmark` marker
+bench: $(STAMP)  ## the benchmark-marked checks, then the quantizer benchmark (table + JSON)
 	$(BIN)/python -m pytest -q -m benchmark
+	$(BIN)/python -m pipeline.bench.quantizers --out runs/bench/quantizers.json
 
 lint: $(STAMP)  ## ruff over the code
 	$(BIN)/ruff check mmvq pipeline workflows tests

@@ -23,6 +23,8 @@ In training mode EMA statistics, k-means and restarts are synchronised over
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -48,25 +50,38 @@ def rotate_to(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     ``x`` is mapped onto ``q`` by ``s R x`` with ``R`` the rotation taking x's direction to q's
     and ``s = |q| / |x|``, both treated as constants. The gradient reaching ``x`` is the
     decoder's gradient rotated back and scaled, so it carries where in its Voronoi cell ``x``
-    sits, which the identity (straight-through) gradient discards.
+    sits, which the identity (straight-through) gradient discards. ``q`` gets no gradient.
 
     Parameters
     ----------
     x, q : (N, d) float tensors; encoder outputs and their codes.
     """
-    x_norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (N, 1)
-    q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (N, 1)
-    u = (x / x_norm).detach()  # (N, d) unit x
-    v = (q / q_norm).detach()  # (N, d) unit q
-    w = F.normalize(u + v, dim=-1).detach()  # (N, d) the bisector
-    # R = I - 2 w w^T + 2 v u^T (paper eq. 4): a Householder reflection plus a rank-1 term.
-    rotated = (
-        x
-        - 2.0 * (x * w).sum(dim=-1, keepdim=True) * w
-        + 2.0 * (x * u).sum(dim=-1, keepdim=True) * v
-    )  # (N, d)
-    rotated = rotated * (q_norm / x_norm).detach()
-    return straight_through(rotated, q)  # exact value q, so lookup(indices) == quantized
+    return _RotationTrick.apply(x, q.detach())
+
+
+class _RotationTrick(torch.autograd.Function):
+    """Forward: ``q``. Backward: ``s R^T g``, computed only then (one pass over N x d each)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, q)
+        return q.clone()  # exact value q, so lookup(indices) == quantized
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, q = ctx.saved_tensors
+        x_norm = x.norm(dim=-1, keepdim=True)  # (N, 1)
+        q_norm = q.norm(dim=-1, keepdim=True)  # (N, 1)
+        u = x / x_norm.clamp_min(1e-12)  # (N, d) unit x
+        v = q / q_norm.clamp_min(1e-12)  # (N, d) unit q
+        w = F.normalize(u + v, dim=-1)  # (N, d) the bisector
+        # R = I - 2 w w^T + 2 v u^T (paper eq. 4), so R^T g = g - 2 (g.w) w + 2 (g.v) u.
+        rotated = (grad - 2.0 * (grad * w).sum(-1, keepdim=True) * w
+                   + 2.0 * (grad * v).sum(-1, keepdim=True) * u)
+        scaled = rotated * (q_norm / x_norm.clamp_min(1e-12))
+        # A zero vector has no direction to rotate: the straight-through gradient instead.
+        defined = (x_norm > 1e-6) & (q_norm > 1e-6)  # (N, 1)
+        return torch.where(defined, scaled, grad), None
 
 
 class VectorQuantizer(nn.Module):
@@ -277,7 +292,10 @@ class VectorQuantizer(nn.Module):
         if not hasattr(self, "cluster_size"):
             return
         w = x.new_ones(x.shape[0]) if weights is None else weights  # (N,)
-        rows = torch.cat([w[:, None], x * w[:, None]], dim=1) if self.ema else w[:, None]
+        if self.ema:  # (N, 1 + d): the count and the vector, masked vectors zeroed
+            rows = torch.cat([w[:, None], x if weights is None else x * w[:, None]], dim=1)
+        else:
+            rows = w[:, None]  # (N, 1)
         # One collective for counts and sums: (K, 1 + d), or (K, 1) without EMA codes.
         stats = x.new_zeros(self.codebook_size, rows.shape[1]).index_add_(0, indices, rows)
         stats = all_reduce_sum_(stats)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from mmvq.quantizers import QUANTIZERS, QuantizerOutput, SimVQ, VectorQuantizer, nearest_code
 from mmvq.quantizers.distance import block_shape
+from mmvq.quantizers.vq import rotate_to
 
 # name -> (class, options); every distance mode (L2, cosine, factorised) and gradient path.
 VARIANTS = {
@@ -125,6 +126,30 @@ def test_rotation_trick_rotates_the_gradient_back_onto_the_input():
     out.quantized.backward(F.normalize(code, dim=-1))
     scale = code.norm(dim=-1, keepdim=True) / z.detach().norm(dim=-1, keepdim=True)
     torch.testing.assert_close(z.grad, scale * F.normalize(z.detach(), dim=-1))
+
+
+def paper_rotation(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Fifty et al. 2024's forward form: s R x with R and s detached, differentiated by autograd."""
+    u = F.normalize(x, dim=-1).detach()
+    v = F.normalize(q, dim=-1).detach()
+    w = F.normalize(u + v, dim=-1).detach()
+    rotated = x - 2 * (x * w).sum(-1, keepdim=True) * w + 2 * (x * u).sum(-1, keepdim=True) * v
+    return rotated * (q.norm(dim=-1, keepdim=True) / x.norm(dim=-1, keepdim=True)).detach()
+
+
+def test_rotation_trick_gradient_equals_autograd_through_the_papers_formula():
+    x = torch.randn(50, 6, requires_grad=True)
+    q, upstream = torch.randn(50, 6), torch.randn(50, 6)
+    reference = torch.autograd.grad((paper_rotation(x, q) * upstream).sum(), x)[0]
+    ours = torch.autograd.grad((rotate_to(x, q) * upstream).sum(), x)[0]
+    torch.testing.assert_close(ours, reference)
+    assert torch.equal(rotate_to(x, q), q)  # the value is the code, bit for bit
+
+
+def test_rotation_trick_falls_back_to_straight_through_at_a_zero_input():
+    x = torch.zeros(1, 4, requires_grad=True)
+    rotate_to(x, torch.randn(1, 4)).sum().backward()
+    assert torch.equal(x.grad, torch.ones(1, 4))
 
 
 @pytest.mark.parametrize("name", LEARNED)
