@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -30,6 +31,7 @@ from mmvq.modalities import (
     build_image_codec,
 )
 from mmvq.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
+from mmvq.vocabulary import vocabulary_layout
 
 # Bumped whenever the meaning of saved weights or config.json changes; load() refuses others.
 # 2: weights in safetensors (1 was a torch pickle, model.pt).
@@ -102,6 +104,10 @@ class MultimodalTokenizer(nn.Module):
         if self.fusion is not None:
             sizes["joint"] = self.config.fusion.codebook_size
         return sizes
+
+    def vocabulary(self) -> dict[str, Any]:
+        """The unified vocabulary layout (offsets, special tokens, size) of this tokenizer."""
+        return vocabulary_layout(self.codebook_sizes())
 
     def token_shapes(self) -> dict[str, tuple[int, ...]]:
         """Token array shape per sample: image (h, w), audio (frames,), text (max_len,) and,

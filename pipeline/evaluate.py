@@ -41,7 +41,7 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
     """Score trained (from the token dataset) and untrained reconstructions on ``split``."""
     import ray.data
 
-    from mmvq import MultimodalTokenizer
+    from mmvq import MultimodalTokenizer, to_model_inputs
 
     trained = MultimodalTokenizer.load(Path(ctx.inputs["model"]) / TOKENIZER_DIR).eval()
     torch.manual_seed(config.seed)
@@ -51,19 +51,16 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
 
     scores = {"trained": _Scores(trained), "untrained": _Scores(untrained)}
     examples: dict[str, dict[str, Any]] = {}
+    models = {"trained": trained, "untrained": untrained}
     for batch in rows.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
-        from mmvq import to_model_inputs
-
         inputs = to_model_inputs(batch, "cpu")
-        codes = _codes_for(batch["key"], tokens, trained)
-        with torch.no_grad():
-            outputs = {"trained": trained.decode(codes),
-                       "untrained": untrained.decode(untrained.encode(inputs))}
-            codes_by_model = {"trained": codes, "untrained": untrained.encode(inputs)}
-        models = {"trained": trained, "untrained": untrained}
-        for name, out in outputs.items():
-            embeddings = models[name].embed(inputs) if models[name].fusion is not None else {}
-            scores[name].add(inputs, out, codes_by_model[name], embeddings)
+        # Trained: the token dataset's codes, as a language model will see them.
+        codes = {"trained": _codes_for(batch["key"], tokens, trained),
+                 "untrained": untrained.encode(inputs)}
+        outputs = {name: models[name].decode(codes[name]) for name in models}
+        for name, model in models.items():
+            embeddings = model.embed(inputs) if model.fusion is not None else {}
+            scores[name].add(inputs, outputs[name], codes[name], embeddings)
         if not examples:
             examples = {"inputs": inputs, **outputs}
 

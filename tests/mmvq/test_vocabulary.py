@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.tokenize import interleave, split_interleaved, vocabulary_layout
+from mmvq.vocabulary import interleave, split_interleaved, vocabulary_layout
 
 
 def test_layout_offsets_and_specials_follow_the_codebooks():
@@ -28,3 +28,11 @@ def test_interleave_round_trips_and_skips_absent_modalities():
     assert back["image"].tolist() == [0, 15, 3] and back["text"].tolist() == [7, 7]
     with pytest.raises(ValueError, match="<boi> without <eoi>"):
         split_interleaved(stream[:3], layout)
+
+
+def test_tokenizer_reports_its_layout():
+    from mmvq import MultimodalTokenizer, TokenizerConfig
+
+    layout = MultimodalTokenizer(TokenizerConfig()).vocabulary()
+    assert layout["offsets"] == {"image": 0, "audio": 256, "text": 512}
+    assert layout["vocab_size"] == 768 + 8
