@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -229,8 +230,6 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
 
 def _discard(path: Path) -> None:
     """Move a committed output aside before a forced rerun (rename first: atomic for readers)."""
-    import shutil
-
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -254,10 +253,15 @@ def _init_ray(config: RayConfig, progress: bool) -> None:
     context.print_on_execution_start = False
 
 
+def _evaluation(results: Sequence[StageResult]) -> dict[str, Any] | None:
+    """The evaluate stage's summary (trained and untrained metrics), if the workflow has one."""
+    return next((r.summary for r in results
+                 if isinstance(r.summary, dict) and "trained" in r.summary), None)
+
+
 def _headline(results: Mapping[str, StageResult]) -> dict[str, float]:
-    """Evaluate's trained and untrained metrics, for the parent run and the closing table."""
-    evaluation = next((r.summary for r in results.values()
-                       if isinstance(r.summary, dict) and "trained" in r.summary), None)
+    """Evaluate's trained and untrained metrics, logged on the parent run."""
+    evaluation = _evaluation(list(results.values()))
     if not evaluation:
         return {}
     return {f"{model}/{k}": float(v) for model in ("trained", "untrained")
@@ -270,7 +274,7 @@ def format_report(results: Sequence[StageResult], tracking_uri: str) -> str:
     for r in results:
         lines.append(f"{r.name:<12} {r.seconds:>6.1f}s  {'reused' if r.reused else 'ran':<8} "
                      f"{r.output}")
-    evaluation = next((r.summary for r in results if "trained" in r.summary), None)
+    evaluation = _evaluation(results)
     if evaluation:
         lines += ["", f"{'metric (val)':<28} {'trained':>10} {'untrained':>10}"]
         for key in sorted(evaluation["trained"]):
