@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mmvq-installed
 DEMO_ROOT ?= runs/demo
 UI_PORT ?= 5000
 
-.PHONY: demo test bench lint ui clean help
+.PHONY: demo test bench bench-gpu services-up services-down status lint ui clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,6 +31,23 @@ test: $(STAMP)  ## set up, then run the test suite (no benchmarks)
 bench: $(STAMP)  ## the benchmark-marked checks, then the quantizer benchmark (table + JSON)
 	$(BIN)/python -m pytest -q -m benchmark
 	$(BIN)/python -m pipeline.bench.quantizers --out runs/bench/quantizers.json
+
+# e.g. make bench-gpu GPU_BENCH_ARGS="--device cpu --small" for the seconds-long CPU version.
+GPU_BENCH_ARGS ?= --device cuda
+bench-gpu: $(STAMP)  ## GPU speed: train step, encode, quantizer; fp32 eager vs fast (table + JSON)
+	$(BIN)/python -m pipeline.bench.gpu $(GPU_BENCH_ARGS) --out runs/bench/gpu.json
+
+services-up: $(STAMP)  ## local Ray head (jobs on 127.0.0.1:8265) + MLflow server (127.0.0.1:5000)
+	infra/local/mlflow-server.sh start runs/mlflow $(UI_PORT)
+	infra/local/ray-head.sh start
+	@echo "then: MLFLOW_TRACKING_URI=http://127.0.0.1:$(UI_PORT) $(BIN)/mmvq submit workflows/demo.yaml --address http://127.0.0.1:8265 --data-root $(abspath $(DEMO_ROOT))"
+
+services-down:  ## stop what services-up started (only those processes)
+	infra/local/ray-head.sh stop
+	infra/local/mlflow-server.sh stop runs/mlflow
+
+status: $(STAMP)  ## done / stale / missing per stage of the demo workflow
+	$(BIN)/mmvq status workflows/demo.yaml --data-root $(DEMO_ROOT)
 
 lint: $(STAMP)  ## ruff over the code
 	$(BIN)/ruff check mmvq pipeline workflows tests

@@ -154,16 +154,29 @@ class AudioCodecConfig:
         return -(-self.num_samples // self.hop)
 
 
+BYTE_VOCAB_SIZE = 257  # mmvq.text_vocab.VOCAB_SIZE: 256 byte values + PAD
+
+
 @dataclass(frozen=True)
 class TextCodecConfig:
-    """Byte-level transformer encoder/decoder with one code per byte position."""
+    """Transformer encoder/decoder over text ids (bytes or BPE), one code per id position."""
 
-    max_len: int = 64  # bytes per caption; longer text is truncated by preprocess
+    max_len: int = 64  # ids per caption; longer text is truncated by preprocess
     dim: int = 128  # transformer width
     num_layers: int = 2  # transformer layers in the encoder and in the decoder
     num_heads: int = 4  # attention heads; dim must be divisible by it
     latent_dim: int = 32  # code vector width
-    codebook_size: int = 256  # number of text codes K (one code per byte position)
+    codebook_size: int = 256  # number of text codes K (one code per id position)
+    # Text ids (mmvq.text_vocab): "bytes", UTF-8 bytes, needs no file; "bpe", a byte-level BPE
+    # trained on captions (several times fewer ids per caption), saved as text_vocab.json in the
+    # checkpoint. The pipeline's preprocess stage chooses it; train copies it from the data.
+    vocab: Literal["bytes", "bpe"] = "bytes"
+    # Number of text ids, PAD included: the embedding and logit size. 257 for bytes; for bpe the
+    # trained vocabulary's size.
+    vocab_size: int = BYTE_VOCAB_SIZE
+    # bpe only: sha256 of the vocabulary file's content, so weights never meet another
+    # vocabulary (MultimodalTokenizer.load checks the file against it).
+    vocab_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -172,6 +185,27 @@ class TextCodecConfig:
             )
         if self.max_len < 1:
             raise ConfigError(f"text.max_len must be positive, got {self.max_len}")
+        self._check_vocab()
+
+    def _check_vocab(self) -> None:
+        if self.vocab not in ("bytes", "bpe"):
+            raise ConfigError(f"text.vocab must be 'bytes' or 'bpe', got {self.vocab!r}")
+        if self.vocab == "bytes":
+            if self.vocab_size != BYTE_VOCAB_SIZE or self.vocab_sha256 is not None:
+                raise ConfigError(
+                    f"text.vocab 'bytes' has vocab_size {BYTE_VOCAB_SIZE} and no vocab_sha256; "
+                    f"got vocab_size={self.vocab_size}, vocab_sha256={self.vocab_sha256!r}"
+                )
+            return
+        if self.vocab_size <= BYTE_VOCAB_SIZE:
+            raise ConfigError(
+                f"text.vocab_size must exceed {BYTE_VOCAB_SIZE} for 'bpe', got {self.vocab_size}"
+            )
+        sha = self.vocab_sha256
+        if sha is None or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ConfigError(
+                f"text.vocab_sha256 must be the 64-hex sha256 of the BPE vocabulary, got {sha!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -255,6 +289,15 @@ class FusionConfig:
     # Probability that a present modality is hidden from fusion for a training sample; at least
     # one modality always stays, so every sample still gets joint tokens.
     modality_dropout: float = 0.2
+    # Quantizer of the joint tokens (one code per query, so any kind but "rvq"). With the
+    # fusion/recon target the default keeps several codes alive; "vq" with ema, kmeans_init and
+    # restart_threshold adds dead-code restarts.
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantizer.kind == "rvq":
+            raise ConfigError("fusion.quantizer.kind 'rvq' is not supported: joint tokens have "
+                              "one code per query")
 
 
 DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
@@ -262,7 +305,7 @@ DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
         "image/l1": 1.0,  # pixel L1 on [-1, 1] images
         "audio/l1": 1.0,  # waveform L1; anchors phase, which the mel loss ignores
         "audio/mel": 1.0,  # multi-resolution log-mel L1 (perceptual proxy)
-        "text/ce": 1.0,  # byte cross-entropy over the real (unpadded) positions
+        "text/ce": 1.0,  # text-id cross-entropy over the real (unpadded) positions
         "vq/commit": 0.25,  # beta of VQ-VAE (van den Oord et al. 2017, eq. 3)
         "vq/codebook": 1.0,  # moves codes towards the encoder outputs
         "image/perceptual": 1.0,  # LPIPS (Zhang et al. 2018); taming's perceptual_weight
@@ -274,6 +317,9 @@ DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
         # symmetric InfoNCE that aligns the modalities' pooled embeddings.
         "fusion/commit": 0.25,
         "fusion/codebook": 1.0,
+        # Predict each modality's pooled latent from the joint tokens (mmvq.fusion): the target
+        # that makes the joint tokens carry information; at 0 their codebook collapses.
+        "fusion/recon": 1.0,
         "align/infonce": 0.1,
     }
 )
@@ -295,8 +341,17 @@ class TokenizerConfig:
     # default, unknown keys are an error.
     loss_weights: Mapping[str, float] = field(default_factory=_default_loss_weights)
     fusion: FusionConfig = field(default_factory=FusionConfig)  # joint tokens; off by default
+    # The audio quantizer, when it differs from ``quantizer`` (None: the same). Residual VQ here
+    # ({kind: rvq, num_levels: 8, quantizer_dropout: 0.5}) gives EnCodec/DAC-style audio tokens,
+    # ``num_levels`` codes per frame, decodable from any leading number of levels (the bitrate).
+    audio_quantizer: QuantizerConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.quantizer.kind == "rvq":
+            # Image and text tokens are one code per position; only audio has levels wired
+            # through token shapes, the vocabulary and the token dataset.
+            raise ConfigError("quantizer.kind 'rvq' applies to audio only: set "
+                              "audio_quantizer.kind: rvq and keep quantizer for image and text")
         unknown = sorted(set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
         if unknown:
             raise ConfigError(
@@ -309,8 +364,14 @@ class TokenizerConfig:
     def __reduce__(self):
         # A mappingproxy cannot be pickled, and Ray pickles configs to ship them to workers.
         fields = (self.image, self.audio, self.text, self.quantizer, dict(self.loss_weights),
-                  self.fusion)
+                  self.fusion, self.audio_quantizer)
         return (type(self), fields)
+
+    def quantizer_for(self, modality: str) -> QuantizerConfig:
+        """The quantizer config of ``modality`` (``image``, ``audio`` or ``text``)."""
+        if modality == "audio" and self.audio_quantizer is not None:
+            return self.audio_quantizer
+        return self.quantizer
 
 
 GAN_MODALITIES = ("image", "audio")  # modalities a discriminator exists for

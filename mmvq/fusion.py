@@ -9,6 +9,16 @@ queries, Li et al. 2023). A pooled embedding per modality feeds a symmetric Info
 (van den Oord et al. 2018; CLIP, Radford et al. 2021) that pulls the modalities of one sample
 together, raising the mutual information between their tokens. Modality dropout hides whole
 modalities during training so fusion works with whatever a sample has.
+
+The joint tokens get their own training target, without which nothing depends on their value
+and the joint codebook collapses to one code: a small head reads the quantized joint tokens
+(all queries, in order) and predicts each present modality's pooled quantized latent
+(``fusion/recon``). The targets are detached, so the modality encoders cannot make the task
+easy by collapsing their own latents, and standardised per feature over the batch (data2vec,
+Baevski et al. 2022, also normalises its regression targets): the part every sample shares is
+removed, so only what tells samples apart is worth predicting, and the loss is 1 - R^2, 1 for
+the best constant guess whatever the latents' scale. A modality hidden by modality dropout is
+still a target, so the joint tokens also learn to predict a missing modality from the others.
 """
 
 from __future__ import annotations
@@ -21,8 +31,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mmvq.config import FusionConfig, QuantizerConfig
-from mmvq.losses import info_nce_loss
+from mmvq.config import FusionConfig
+from mmvq.losses import info_nce_loss, masked_mean
 from mmvq.quantizers import build_quantizer
 
 MODALITIES = ("image", "audio", "text")
@@ -33,7 +43,7 @@ class FusionOutput:
     indices: torch.Tensor  # (B, num_queries) joint token ids
     quantized: torch.Tensor  # (B, num_queries, dim)
     embeddings: dict[str, torch.Tensor]  # modality -> (B, embed_dim), unit norm
-    losses: dict[str, torch.Tensor]  # fusion/commit, fusion/codebook, align/infonce
+    losses: dict[str, torch.Tensor]  # fusion/commit, fusion/codebook, fusion/recon, align/infonce
 
 
 class Fusion(nn.Module):
@@ -59,9 +69,15 @@ class Fusion(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, config.num_layers,
                                                  enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.dim)
-        self.quantizer = build_quantizer(QuantizerConfig(), config.codebook_size, config.dim)
+        self.quantizer = build_quantizer(config.quantizer, config.codebook_size, config.dim)
         self.embed = nn.ModuleDict({m: nn.Linear(config.dim, config.embed_dim)
                                     for m in self.modalities})
+        # The joint tokens' target: all quantized queries -> each modality's pooled latent.
+        joint_width = config.num_queries * config.dim
+        self.predict = nn.ModuleDict({
+            m: nn.Sequential(nn.Linear(joint_width, config.dim), nn.GELU(),
+                             nn.Linear(config.dim, latent_dims[m]))
+            for m in self.modalities})
 
     def forward(self, latents: Mapping[str, torch.Tensor],
                 present: Mapping[str, torch.Tensor]) -> FusionOutput:
@@ -88,14 +104,27 @@ class Fusion(nn.Module):
         joint = self.norm(self.transformer(sequence, src_key_padding_mask=mask))
         joint = joint[:, : self.config.num_queries]  # (B, Q, dim)
         q = self.quantizer(rearrange(joint, "b q d -> (b q) d"))
+        quantized = rearrange(q.quantized, "(b q) d -> b q d", b=batch)
         embeddings = {m: nn.functional.normalize(self.embed[m](pooled[m]), dim=-1)
                       for m in self.modalities}
         losses = {"fusion/commit": q.commit_loss, "fusion/codebook": q.codebook_loss,
+                  "fusion/recon": self.prediction_loss(quantized, latents, present),
                   "align/infonce": self.alignment_loss(embeddings, present)}
-        return FusionOutput(
-            indices=rearrange(q.indices, "(b q) -> b q", b=batch),
-            quantized=rearrange(q.quantized, "(b q) d -> b q d", b=batch),
-            embeddings=embeddings, losses=losses)
+        return FusionOutput(indices=rearrange(q.indices, "(b q) -> b q", b=batch),
+                            quantized=quantized, embeddings=embeddings, losses=losses)
+
+    def prediction_loss(self, quantized: torch.Tensor, latents: Mapping[str, torch.Tensor],
+                        present: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over modalities of the MSE predicting its standardised pooled latent (B, D_m)
+        from the quantized joint tokens (B, Q, dim), on the samples that have the modality."""
+        joint = rearrange(quantized, "b q d -> b (q d)")  # query order is part of the code
+        terms = []
+        for m in self.modalities:
+            pooled = latents[m].detach().float().mean(dim=1)  # (B, D_m)
+            target = _standardize(pooled, present[m])
+            error = (self.predict[m](joint) - target).pow(2).mean(dim=-1)  # (B,)
+            terms.append(masked_mean(error, present[m]))
+        return torch.stack(terms).mean()
 
     def alignment_loss(self, embeddings: Mapping[str, torch.Tensor],
                        present: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -122,3 +151,13 @@ class Fusion(nn.Module):
             for i, m in enumerate(self.modalities):
                 visible[m] = visible[m] | (empty & (first == i) & present[m])
         return visible
+
+
+def _standardize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Zero mean, unit variance per feature over the rows of ``x`` (B, D) where ``mask`` (B,)
+    is true; a feature with no spread becomes 0 (nothing to predict)."""
+    weights = mask.to(x.dtype)[:, None]  # (B, 1)
+    count = weights.sum().clamp_min(1.0)
+    mean = (x * weights).sum(dim=0) / count  # (D,)
+    var = ((x - mean).pow(2) * weights).sum(dim=0) / count  # (D,)
+    return (x - mean) * torch.rsqrt(var + eps)

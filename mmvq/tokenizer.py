@@ -30,12 +30,20 @@ from mmvq.modalities import (
     TextEncoder,
     build_image_codec,
 )
-from mmvq.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
+from mmvq.quantizers import QUANTIZERS, QuantizerOutput, ResidualVQ, build_quantizer
+from mmvq.text_vocab import (
+    TextVocab,
+    read_checkpoint_vocab,
+    vocab_for_config,
+    write_checkpoint_vocab,
+)
 from mmvq.vocabulary import vocabulary_layout
 
 # Bumped whenever the meaning of saved weights or config.json changes; load() refuses others.
 # 2: weights in safetensors (1 was a torch pickle, model.pt).
-FORMAT_VERSION = 2
+# 3: audio_quantizer in the config (residual audio codes); fusion has a latent-prediction head
+#    (fusion.predict.*) and a configurable joint quantizer.
+FORMAT_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODALITIES = ("image", "audio", "text")
@@ -46,10 +54,12 @@ class TokenizerOutput:
     """What ``MultimodalTokenizer.forward`` returns.
 
     reconstructions : ``image`` (B, 3, H, W), ``audio`` (B, T), ``text_logits`` (B, L, V)
-    indices : ``image`` (B, h, w), ``audio`` (B, frames), ``text`` (B, L), long; plus
-        ``joint`` (B, num_queries) when fusion is enabled
+    indices : ``image`` (B, h, w), ``audio`` (B, frames) or, with a residual audio quantizer,
+        (B, frames, levels), ``text`` (B, L), long; plus ``joint`` (B, num_queries) when fusion
+        is enabled
     losses : scalar tensors keyed ``image/l1``, ``audio/l1``, ``audio/mel``, ``text/ce``,
-        ``vq/commit``, ``vq/codebook`` (and ``fusion/*``, ``align/infonce`` with fusion) and
+        ``vq/commit``, ``vq/codebook`` (and ``fusion/commit``, ``fusion/codebook``,
+        ``fusion/recon``, ``align/infonce`` with fusion) and
         ``total`` (the weighted sum)
     embeddings : modality -> (B, embed_dim) unit vectors for retrieval (fusion only, else {})
     """
@@ -66,14 +76,19 @@ class MultimodalTokenizer(nn.Module):
     Parameters
     ----------
     config : TokenizerConfig
+    text_vocab : TextVocab, optional
+        The text vocabulary (mmvq.text_vocab); needed when ``config.text.vocab`` is ``bpe``
+        and checked against it; bytes otherwise. Kept as ``self.text_vocab`` to turn text ids
+        into strings.
     """
 
-    def __init__(self, config: TokenizerConfig) -> None:
+    def __init__(self, config: TokenizerConfig, text_vocab: TextVocab | None = None) -> None:
         super().__init__()
-        if config.quantizer.kind not in QUANTIZERS:
-            raise ValueError(
-                f"unknown quantizer.kind {config.quantizer.kind!r}; known: {sorted(QUANTIZERS)}"
-            )
+        self.text_vocab = vocab_for_config(config.text, text_vocab)
+        for key, sub in (("quantizer", config.quantizer),
+                         ("audio_quantizer", config.audio_quantizer)):
+            if sub is not None and sub.kind not in QUANTIZERS:
+                raise ValueError(f"unknown {key}.kind {sub.kind!r}; known: {sorted(QUANTIZERS)}")
         self.config = config
         self.image_encoder, self.image_decoder = build_image_codec(config.image)
         self.audio_encoder = AudioEncoder(config.audio)
@@ -82,7 +97,8 @@ class MultimodalTokenizer(nn.Module):
         self.text_decoder = TextDecoder(config.text)
         self.quantizers = nn.ModuleDict(
             {
-                name: build_quantizer(config.quantizer, sub.codebook_size, sub.latent_dim)
+                name: build_quantizer(config.quantizer_for(name), sub.codebook_size,
+                                      sub.latent_dim)
                 for name, sub in (
                     ("image", config.image),
                     ("audio", config.audio),
@@ -99,22 +115,40 @@ class MultimodalTokenizer(nn.Module):
     # -- shapes --------------------------------------------------------------------------------
 
     def codebook_sizes(self) -> dict[str, int]:
-        """Number of codes per modality (and ``joint`` when fusion is enabled)."""
+        """Codes per codebook of each modality (and ``joint`` when fusion is enabled).
+
+        A residual modality has :meth:`codebook_levels` codebooks of this size, one per level.
+        """
         sizes = {name: q.codebook_size for name, q in self.quantizers.items()}
         if self.fusion is not None:
             sizes["joint"] = self.config.fusion.codebook_size
         return sizes
 
+    def codebook_levels(self) -> dict[str, int]:
+        """Residual levels per modality: ``num_levels`` for a residual (RVQ) audio quantizer, 1
+        for every other modality (keys as in :meth:`codebook_sizes`)."""
+        levels = dict.fromkeys(self.codebook_sizes(), 1)
+        if isinstance(self.quantizers["audio"], ResidualVQ):
+            levels["audio"] = self.quantizers["audio"].num_levels
+        return levels
+
+    @property
+    def audio_levels(self) -> int:
+        """Residual levels of the audio codes (1 unless the audio quantizer is RVQ)."""
+        return self.codebook_levels()["audio"]
+
     def vocabulary(self) -> dict[str, Any]:
-        """The unified vocabulary layout (offsets, special tokens, size) of this tokenizer."""
-        return vocabulary_layout(self.codebook_sizes())
+        """The unified vocabulary layout (offsets, levels, special tokens, size); each level of
+        a residual modality gets its own range of ids."""
+        return vocabulary_layout(self.codebook_sizes(), self.codebook_levels())
 
     def token_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Token array shape per sample: image (h, w), audio (frames,), text (max_len,) and,
-        with fusion, joint (num_queries,)."""
+        """Token array shape per sample: image (h, w), audio (frames,) or (frames, levels) for
+        residual audio codes, text (max_len,) and, with fusion, joint (num_queries,)."""
+        levels = self.audio_levels
         shapes = {
             "image": self.config.image.grid,
-            "audio": (self.config.audio.num_frames,),
+            "audio": (self.config.audio.num_frames,) + ((levels,) if levels > 1 else ()),
             "text": (self.config.text.max_len,),
         }
         if self.fusion is not None:
@@ -228,12 +262,23 @@ class MultimodalTokenizer(nn.Module):
     # -- inference API -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
+    def encode(self, inputs: ModelInputs, audio_levels: int | None = None,
+               ) -> dict[str, torch.Tensor]:
         """Codes per modality: ``image`` (B, h, w), ``audio`` (B, frames), ``text`` (B, L), long.
 
-        Every sample gets codes for every modality; ``has_*`` says which ones are meaningful.
+        With a residual audio quantizer ``audio`` is (B, frames, n): the first ``n`` levels,
+        ``n = audio_levels`` (default: all). Fewer levels is a lower bitrate (n x log2 K bits
+        per frame); ``decode`` takes any such prefix. Every sample gets codes for every
+        modality; ``has_*`` says which ones are meaningful. Joint tokens (fusion) always read
+        the full-rate audio latents, so they do not depend on ``audio_levels``.
+
+        Raises
+        ------
+        ValueError
+            If ``audio_levels`` is not in 1..levels (or not 1 for a single-level quantizer).
         """
         self._check_inputs(inputs)
+        levels = self._check_audio_levels(audio_levels)
         vq = {
             "image": self._quantize_image(inputs),
             "audio": self._quantize_audio(inputs),
@@ -242,7 +287,26 @@ class MultimodalTokenizer(nn.Module):
         tokens = {name: out.indices for name, out in vq.items()}
         if self.fusion is not None:
             tokens["joint"] = self._fuse(vq, inputs).indices
+        if levels is not None:
+            # Level i's code depends only on levels < i, so the prefix of the full-rate codes is
+            # exactly what quantising with n levels gives.
+            tokens["audio"] = tokens["audio"][..., :levels]  # (B, frames, n)
         return tokens
+
+    def _check_audio_levels(self, audio_levels: int | None) -> int | None:
+        """``audio_levels`` validated; None when the audio codes have no level axis."""
+        levels = self.audio_levels
+        if audio_levels is None:
+            return levels if levels > 1 else None
+        if levels == 1:
+            if audio_levels != 1:
+                raise ValueError(f"audio_levels={audio_levels}: the audio quantizer "
+                                 f"({self.config.quantizer_for('audio').kind}) has one level; "
+                                 "set audio_quantizer.kind: rvq for a selectable bitrate")
+            return None
+        if not 1 <= audio_levels <= levels:
+            raise ValueError(f"audio_levels must be in 1..{levels}, got {audio_levels}")
+        return audio_levels
 
     @torch.no_grad()
     def embed(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
@@ -261,7 +325,7 @@ class MultimodalTokenizer(nn.Module):
         Returns
         -------
         dict with ``image`` (B, 3, H, W) clamped to [-1, 1], ``audio`` (B, T) and ``text_ids``
-        (B, L) argmax byte ids, for the modalities present in ``tokens``.
+        (B, L) argmax text ids (``self.text_vocab.decode`` turns them into strings), for the modalities present in ``tokens``.
         """
         # Joint tokens summarise the modalities; they are not decoded back into any of them.
         unknown = sorted(set(tokens) - set(MODALITIES) - {"joint"})
@@ -272,6 +336,8 @@ class MultimodalTokenizer(nn.Module):
             q = self.quantizers["image"].lookup(tokens["image"].long())  # (B, h, w, D)
             out["image"] = self._decode_image(q).clamp(-1.0, 1.0)
         if "audio" in tokens:
+            self._check_audio_tokens(tokens["audio"])
+            # Residual codes: the sum of the given levels' codes (fewer levels, coarser audio).
             q = self.quantizers["audio"].lookup(tokens["audio"].long())  # (B, frames, D)
             out["audio"] = self._decode_audio(q)
         if "text" in tokens:
@@ -279,10 +345,18 @@ class MultimodalTokenizer(nn.Module):
             out["text_ids"] = self._decode_text(q).argmax(dim=-1)
         return out
 
+    def _check_audio_tokens(self, codes: torch.Tensor) -> None:
+        levels = self.audio_levels
+        expected = "(B, frames)" if levels == 1 else f"(B, frames, n) with 1 <= n <= {levels}"
+        ok = codes.ndim == 2 if levels == 1 else codes.ndim == 3 and 1 <= codes.shape[-1] <= levels
+        if not ok:
+            raise ValueError(f"audio tokens must be {expected}, got shape {tuple(codes.shape)}")
+
     # -- persistence ---------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
-        """Write ``config.json`` (with ``format_version``) and ``model.safetensors``.
+        """Write ``config.json`` (with ``format_version``) and ``model.safetensors``, plus
+        ``text_vocab.json`` when the text vocabulary is a trained BPE (its sha256 is in the config).
 
         safetensors holds only tensors, so loading a checkpoint can never run pickled code.
         """
@@ -290,6 +364,7 @@ class MultimodalTokenizer(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(self.config)}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_checkpoint_vocab(self.text_vocab, directory)  # text_vocab.json, bpe only
         safetensors.torch.save_model(self, str(directory / WEIGHTS_FILE))
 
     @classmethod
@@ -319,8 +394,13 @@ class MultimodalTokenizer(nn.Module):
                 f"{FORMAT_VERSION}"
             )
         try:
-            model = cls(tokenizer_config_from_dict(meta["config"]))
+            config = tokenizer_config_from_dict(meta["config"])
         except (KeyError, ValueError) as err:
+            raise ValueError(f"{directory / CONFIG_FILE}: invalid config ({err})") from err
+        text_vocab = read_checkpoint_vocab(config.text, directory)  # errors name the file
+        try:
+            model = cls(config, text_vocab=text_vocab)
+        except ValueError as err:
             raise ValueError(f"{directory / CONFIG_FILE}: invalid config ({err})") from err
         try:
             safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), strict=True,

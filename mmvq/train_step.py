@@ -10,17 +10,25 @@ A GAN loop per batch::
 
     stats, recon = gan_generator_step(model, inputs, opt, discs, gan, step, perceptual)
     stats |= discriminator_step(recon, inputs, discs, d_opt, gan, step)
+
+Every step takes one batch or a list of micro-batches (gradient accumulation: one optimizer
+step over their mean loss, DDP's all-reduce only after the last one) and an optional autocast
+dtype (bf16 on GPU; the quantizers compute in fp32 inside it). The rest of a training run lives
+here too, as plain torch: the learning-rate schedule (:func:`warmup_cosine`) and the EMA of the
+generator (:func:`update_ema`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from mmvq import losses as L
+from mmvq import metrics as M
 from mmvq.batch import ModelInputs
 from mmvq.config import GanConfig
 from mmvq.tokenizer import TokenizerOutput
@@ -62,11 +70,15 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
+Batches = ModelInputs | Sequence[ModelInputs]  # one batch, or micro-batches of one step
+
+
 def generator_step(
     model: nn.Module,
-    inputs: ModelInputs,
+    inputs: Batches,
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One optimisation step on the reconstruction + VQ losses.
 
@@ -74,23 +86,89 @@ def generator_step(
     ----------
     model : MultimodalTokenizer or a DistributedDataParallel wrapper of one (it is called as
         ``model(inputs)`` so that DDP's gradient hooks run)
-    inputs : the batch
+    inputs : the batch, or a list of micro-batches whose mean loss makes one step
     optimizer : e.g. from :func:`build_optimizer`
     grad_clip : max global gradient norm, or None for no clipping
+    amp_dtype : autocast dtype for the forward pass (``torch.bfloat16`` on GPU), None for fp32
 
     Returns
     -------
-    The losses as floats (keys as in ``TokenizerOutput.losses``) plus ``grad_norm``, the global
-    gradient norm before clipping.
+    The losses as floats (keys as in ``TokenizerOutput.losses``), ``codes/<modality>_usage``
+    and ``codes/<modality>_perplexity`` of the batch, all averaged over micro-batches, plus
+    ``grad_norm``, the global gradient norm before clipping.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    out = model(inputs)
-    out.losses["total"].backward()
-    grad_norm = _clip_and_step(model, optimizer, grad_clip)
-    stats = {name: float(value.detach()) for name, value in out.losses.items()}
-    stats["grad_norm"] = grad_norm
+    micro = _as_list(inputs)
+    stats: dict[str, float] = {}
+    for mb, last in _with_last(micro):
+        with _no_sync(model, last):
+            with _autocast(mb, amp_dtype):
+                out = model(mb)
+            (out.losses["total"] / len(micro)).backward()
+        _accumulate(stats, _loss_stats(out) | code_stats(model, out, mb), len(micro))
+    stats["grad_norm"] = _clip_and_step(model, optimizer, grad_clip)
     return stats
+
+
+def code_stats(model: nn.Module, out: TokenizerOutput, inputs: ModelInputs) -> dict[str, float]:
+    """Codebook usage (fraction of codes used) and perplexity per modality over one batch.
+
+    Only samples that carry the modality count; a collapsing codebook shows here long before it
+    shows in the reconstruction losses.
+    """
+    sizes = _unwrap(model).codebook_sizes()
+    present = {"image": inputs.has_image, "audio": inputs.has_audio, "text": inputs.has_text}
+    stats = {}
+    for modality, mask in present.items():
+        codes = out.indices[modality][mask]
+        stats[f"codes/{modality}_usage"] = M.codebook_usage(codes, sizes[modality])
+        stats[f"codes/{modality}_perplexity"] = M.codebook_perplexity(codes, sizes[modality])
+    return stats
+
+
+def _as_list(inputs: Batches) -> list[ModelInputs]:
+    micro = [inputs] if isinstance(inputs, ModelInputs) else list(inputs)
+    if not micro:
+        raise ValueError("a train step needs at least one batch")
+    return micro
+
+
+def _with_last(items: Sequence) -> Iterator[tuple]:
+    """(item, is_last) pairs."""
+    return ((item, i == len(items) - 1) for i, item in enumerate(items))
+
+
+def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` on every wrapped module under ``module`` unless ``last``.
+
+    Gradient accumulation: the micro-batches before the last only add up local gradients, and
+    the last backward all-reduces the sum once (a DDP all-reduce per micro-batch would cost
+    ``n`` times the communication for the same result).
+    """
+    stack = contextlib.ExitStack()
+    if not last:
+        wrapped = [module] if hasattr(module, "no_sync") else [
+            m for m in module.children() if hasattr(m, "no_sync")]
+        for m in wrapped:
+            stack.enter_context(m.no_sync())
+    return stack
+
+
+def _autocast(inputs: ModelInputs, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(inputs.image.device.type, dtype=dtype)
+
+
+def _loss_stats(out: TokenizerOutput) -> dict[str, float]:
+    return {name: float(value.detach()) for name, value in out.losses.items()}
+
+
+def _accumulate(stats: dict[str, float], new: Mapping[str, float], n: int) -> None:
+    """Add ``new / n`` into ``stats``: the mean over ``n`` micro-batches, built in place."""
+    for key, value in new.items():
+        stats[key] = stats.get(key, 0.0) + float(value) / n
 
 
 # -- adversarial training (VQGAN, Esser et al. 2021; EnCodec, Défossez et al. 2022) --------------
@@ -138,16 +216,20 @@ def _mean_logit(logits: list[torch.Tensor]) -> float:
     return float(sum(x.detach().mean() for x in logits) / len(logits))
 
 
+Reconstructions = dict[str, torch.Tensor]
+
+
 def gan_generator_step(
     model: nn.Module,
-    inputs: ModelInputs,
+    inputs: Batches,
     optimizer: torch.optim.Optimizer,
     discriminators: nn.ModuleDict,
     gan: GanConfig,
     step: int,
     perceptual: nn.Module | None = None,
     grad_clip: float | None = None,
-) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, float], Reconstructions | list[Reconstructions]]:
     """One generator step: the tokenizer's losses plus perceptual and adversarial terms.
 
     The perceptual net and the discriminators see a detached copy of each reconstruction; the
@@ -160,7 +242,8 @@ def gan_generator_step(
     ----------
     model : MultimodalTokenizer or a DDP wrapper of one; loss weights (``adv/image``,
         ``adv/audio``, ``image/perceptual``) come from its config
-    inputs : the batch
+    inputs : the batch, or a list of micro-batches (one step over their mean loss; the
+        adaptive weight is computed per micro-batch)
     optimizer : the tokenizer's optimizer
     discriminators : from :func:`mmvq.discriminators.build_discriminators`, keyed by modality;
         not updated here
@@ -168,41 +251,73 @@ def gan_generator_step(
     step : global training step (for ``disc_start``)
     perceptual : e.g. from :func:`mmvq.perceptual.build_perceptual`; None: no perceptual loss
     grad_clip : max global gradient norm of the tokenizer, or None
+    amp_dtype : autocast dtype of the forward passes, None for fp32
 
     Returns
     -------
     stats : the tokenizer's losses, ``image/perceptual``, ``adv/<modality>`` (generator loss) and
-        ``adv/<modality>_weight`` (its effective weight) where computed, ``total`` and
-        ``grad_norm``, as floats
-    reconstructions : detached ``image`` and ``audio`` for :func:`discriminator_step`
+        ``adv/<modality>_weight`` (its effective weight) where computed, ``total``, the
+        ``codes/*`` statistics and ``grad_norm``, as floats (means over micro-batches)
+    reconstructions : detached ``image`` and ``audio`` for :func:`discriminator_step`; a list
+        of them, one per micro-batch, when ``inputs`` was a list
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    out = model(inputs)
+    micro = _as_list(inputs)
+    stats: dict[str, float] = {}
+    recons = []
+    for mb, last in _with_last(micro):
+        with _no_sync(model, last):
+            mb_stats, recon = _gan_generator_backward(model, mb, discriminators, gan, step,
+                                                      perceptual, len(micro), amp_dtype)
+        _accumulate(stats, mb_stats, len(micro))
+        recons.append(recon)
+    stats["grad_norm"] = _clip_and_step(model, optimizer, grad_clip)
+    return stats, recons[0] if isinstance(inputs, ModelInputs) else recons
+
+
+def _gan_generator_backward(
+    model: nn.Module,
+    inputs: ModelInputs,
+    discriminators: nn.ModuleDict,
+    gan: GanConfig,
+    step: int,
+    perceptual: nn.Module | None,
+    num_micro: int,
+    amp_dtype: torch.dtype | None,
+) -> tuple[dict[str, float], Reconstructions]:
+    """Forward and backward of one (micro-)batch; gradients scaled by ``1 / num_micro``."""
+    with _autocast(inputs, amp_dtype):
+        out = model(inputs)
     weights = _unwrap(model).config.loss_weights
     extra: dict[str, torch.Tensor] = {}  # new loss terms, weighted, for the reported total
     stats: dict[str, float] = {}
     seeds: dict[str, torch.Tensor] = {}  # modality -> gradient pushed into its reconstruction
     if perceptual is not None:
-        leaf = out.reconstructions["image"].detach().requires_grad_()
-        loss = L.masked_mean(perceptual(leaf, inputs.image), inputs.has_image)
+        leaf = out.reconstructions["image"].detach().float().requires_grad_()
+        with _autocast(inputs, amp_dtype):
+            loss = L.masked_mean(perceptual(leaf, inputs.image), inputs.has_image)
         extra["image/perceptual"] = weights["image/perceptual"] * loss
         stats["image/perceptual"] = float(loss.detach())
         seeds["image"] = _grad_at(extra["image/perceptual"], leaf)
     if L.adopt_weight(1.0, step, gan.disc_start) > 0:
         for modality, disc in discriminators.items():
-            loss, weight, grad = _adversarial_term(model, out, inputs, modality, disc, gan, seeds)
+            with _autocast(inputs, amp_dtype):
+                loss, weight, grad = _adversarial_term(model, out, inputs, modality, disc, gan,
+                                                       seeds)
             extra[f"adv/{modality}"] = weight * loss
             stats[f"adv/{modality}"] = float(loss.detach())
             stats[f"adv/{modality}_weight"] = float(weight)
             seeds[modality] = seeds.get(modality, 0) + weight * grad
     roots = [out.losses["total"], *(out.reconstructions[m] for m in seeds)]
-    torch.autograd.backward(roots, [None, *seeds.values()])
-    grad_norm = _clip_and_step(model, optimizer, grad_clip)
-    stats.update({name: float(value.detach()) for name, value in out.losses.items()})
+    scale = 1.0 / num_micro
+    root_grads = [torch.full_like(out.losses["total"], scale),
+                  *((g * scale).to(out.reconstructions[m].dtype) for m, g in seeds.items())]
+    torch.autograd.backward(roots, root_grads)
+    stats.update(_loss_stats(out))
     stats["total"] += sum(float(v.detach()) for v in extra.values())
-    stats["grad_norm"] = grad_norm
-    reconstructions = {m: out.reconstructions[m].detach() for m in RECONSTRUCTION_TERMS}
+    stats.update(code_stats(model, out, inputs))
+    reconstructions = {m: out.reconstructions[m].detach().float() for m in RECONSTRUCTION_TERMS}
     return stats, reconstructions
 
 
@@ -249,25 +364,30 @@ def _clip_and_step(
 
 
 def discriminator_step(
-    reconstructions: Mapping[str, torch.Tensor],
-    inputs: ModelInputs,
+    reconstructions: Reconstructions | Sequence[Reconstructions],
+    inputs: Batches,
     discriminators: nn.ModuleDict,
     optimizer: torch.optim.Optimizer,
     gan: GanConfig,
     step: int,
     grad_clip: float | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One discriminator step on real inputs vs (detached) reconstructions.
 
     Parameters
     ----------
     reconstructions : ``image`` (B, 3, H, W) and/or ``audio`` (B, T), e.g. as returned by
-        :func:`gan_generator_step`; detached here in any case
-    inputs : the batch the reconstructions came from (real samples and presence masks)
+        :func:`gan_generator_step`; detached here in any case. A list (one per micro-batch)
+        when ``inputs`` is a list.
+    inputs : the batch (or micro-batches) the reconstructions came from (real samples and
+        presence masks)
     discriminators : keyed by modality; each returns a list of logit maps
     optimizer : over the discriminators' parameters (taming: Adam, betas (0.5, 0.9))
     gan : ``loss`` picks hinge or vanilla; ``disc_start`` gates the step
     step : global training step
+    grad_clip : max global gradient norm of the discriminators, or None
+    amp_dtype : autocast dtype of the forward passes, None for fp32
 
     Returns
     -------
@@ -278,6 +398,23 @@ def discriminator_step(
         return {}
     discriminators.train()
     optimizer.zero_grad(set_to_none=True)
+    micro = _as_list(inputs)
+    recons = [reconstructions] if isinstance(inputs, ModelInputs) else list(reconstructions)
+    stats: dict[str, float] = {}
+    for (mb, last), recon in zip(_with_last(micro), recons, strict=True):
+        with _no_sync(discriminators, last):
+            with _autocast(mb, amp_dtype):
+                mb_stats, total = _discriminator_losses(recon, mb, discriminators, gan)
+            (total / len(micro)).backward()
+        _accumulate(stats, mb_stats, len(micro))
+    stats["disc/grad_norm"] = _clip_and_step(discriminators, optimizer, grad_clip)
+    return stats
+
+
+def _discriminator_losses(
+    reconstructions: Reconstructions, inputs: ModelInputs, discriminators: nn.ModuleDict,
+    gan: GanConfig,
+) -> tuple[dict[str, float], torch.Tensor]:
     d_loss_fn = L.GAN_LOSSES[gan.loss][0]
     stats, total = {}, 0.0
     for modality, disc in discriminators.items():
@@ -289,6 +426,46 @@ def discriminator_step(
         stats[f"disc/{modality}"] = float(loss.detach())
         stats[f"disc/{modality}_real"] = _mean_logit(logits_real)
         stats[f"disc/{modality}_fake"] = _mean_logit(logits_fake)
-    total.backward()
-    stats["disc/grad_norm"] = _clip_and_step(discriminators, optimizer, grad_clip)
-    return stats
+    return stats, total
+
+
+# -- schedule and weight averaging ---------------------------------------------------------------
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to ``min_ratio`` at
+    ``total_steps`` (SGDR, Loshchilov & Hutter 2017, without restarts); flat after it.
+
+    Parameters
+    ----------
+    step : optimizer steps taken so far (0 for the first step)
+    warmup_steps : steps of linear warmup from ``1 / warmup_steps`` to 1; 0: none
+    total_steps : where the cosine reaches ``min_ratio``
+    min_ratio : final multiplier
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for parameters; buffers are copied.
+
+    The averaged generator reconstructs better than the last iterate (Polyak averaging; used
+    for VQGAN/GAN generators since Karras et al. 2018). Buffers (codebook usage counts, k-means
+    flags) are state, not weights: averaging them would mean nothing.
+
+    Parameters
+    ----------
+    ema : a copy of the unwrapped model, never trained directly
+    model : the trained model or its DDP wrapper
+    decay : per-step decay, e.g. 0.999
+    """
+    source = _unwrap(model)
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in source.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), source.buffers(), strict=True):
+        ema_buffer.copy_(buffer)

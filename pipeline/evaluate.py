@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 from mmvq import metrics as M
+from mmvq.text_vocab import TextVocab, decode_ids
+from pipeline import report
 from pipeline.stage import StageContext
 from pipeline.tokenize import TOKENS_DIR
 from pipeline.train import TOKENIZER_DIR
@@ -35,6 +37,12 @@ class EvaluateConfig:
     seed: int = 0  # init seed of the untrained baseline; the train stage's seed makes it match
     grid_samples: int = 8  # columns of the original / trained / untrained image grid
     audio_samples: int = 3  # clips written as WAV per model
+    # Local LPIPS weights file (mmvq/perceptual.py says how to make one); never downloaded.
+    # Unset or missing: image/lpips is left out and a log line says why.
+    lpips_weights: str | None = None
+    # Registered model whose newest version the report compares with (its eval/* tags);
+    # None: no comparison. The register stage registers under the same name.
+    compare_with: str | None = "mmvq-tokenizer"
 
 
 def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
@@ -45,22 +53,28 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
 
     trained = MultimodalTokenizer.load(Path(ctx.inputs["model"]) / TOKENIZER_DIR).eval()
     torch.manual_seed(config.seed)
-    untrained = MultimodalTokenizer(trained.config).eval()
+    untrained = MultimodalTokenizer(trained.config, text_vocab=trained.text_vocab).eval()
     tokens = _read_tokens(Path(ctx.inputs["tokens"]) / TOKENS_DIR / config.split)
     rows = ray.data.read_parquet(str(Path(ctx.inputs["data"]) / config.split))
 
-    scores = {"trained": _Scores(trained), "untrained": _Scores(untrained)}
+    lpips = _load_lpips(config.lpips_weights)
+    scores = {"trained": _Scores(trained, lpips), "untrained": _Scores(untrained, lpips)}
     examples: dict[str, dict[str, Any]] = {}
     models = {"trained": trained, "untrained": untrained}
     for batch in rows.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
         inputs = to_model_inputs(batch, "cpu")
         # Trained: the token dataset's codes, as a language model will see them.
-        codes = {"trained": _codes_for(batch["key"], tokens, trained),
-                 "untrained": untrained.encode(inputs)}
+        trained_codes = _codes_for(batch["key"], tokens, trained)
+        # Residual audio: the baseline gets as many levels as the token dataset holds.
+        levels = trained_codes["audio"].shape[2] if trained_codes["audio"].ndim == 3 else None
+        codes = {"trained": trained_codes,
+                 "untrained": untrained.encode(inputs, audio_levels=levels)}
         outputs = {name: models[name].decode(codes[name]) for name in models}
         for name, model in models.items():
             embeddings = model.embed(inputs) if model.fusion is not None else {}
             scores[name].add(inputs, outputs[name], codes[name], embeddings)
+            if levels is not None:
+                scores[name].add_bitrates(inputs, model, codes[name]["audio"])
         if not examples:
             examples = {"inputs": inputs, **outputs}
 
@@ -70,19 +84,60 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
     _write_image_grid(examples, config.grid_samples, out_dir / "reconstructions.png")
     _write_audio(examples, config.audio_samples, trained.config.audio.sample_rate,
                  out_dir / "audio")
-    _write_text(examples, out_dir / "captions.json")
+    _write_text(examples, out_dir / "captions.json", trained.text_vocab)
+    _write_report(config, ctx, trained, scores["trained"], results)
     if ctx.logger:
         flat = {f"{name}/{k}": v for name, r in results.items() for k, v in r.items()}
         ctx.logger.metrics(flat, step=0)
-        for artifact in ("metrics.json", "reconstructions.png", "captions.json"):
-            ctx.logger.artifact(out_dir / artifact)
+        for artifact in ("metrics.json", "reconstructions.png", "captions.json",
+                         report.USAGE_PNG, report.SPECTROGRAM_PNG, report.REPORT):
+            if (out_dir / artifact).is_file():
+                ctx.logger.artifact(out_dir / artifact)
         ctx.logger.artifacts(out_dir / "audio", "audio")
     return results
 
 
+def _load_lpips(path: str | None) -> torch.nn.Module | None:
+    from mmvq.perceptual import load_lpips
+
+    if path is None or not Path(path).is_file():
+        # A line in the run's output, like the runner's own: the metric is missing on purpose.
+        print("[evaluate] image/lpips skipped: " + ("evaluate.lpips_weights is not set"
+              if path is None else f"no LPIPS weights file at {path}"), flush=True)
+        return None
+    return load_lpips(path)
+
+
+def _write_report(config: EvaluateConfig, ctx: StageContext, model: Any, scores: _Scores,
+                  results: dict[str, Any]) -> None:
+    """Usage histograms, the comparison with the last registered version, report.html."""
+    from pipeline.register import previous_version
+
+    counts = {}  # codebook -> how often each code occurs in the split
+    for modality, size in scores.sizes.items():
+        chunks = scores.codes[modality]
+        seen = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+        counts[modality] = np.bincount(seen, minlength=size)
+    report.plot_usage(counts, ctx.output_dir / report.USAGE_PNG)
+    previous = (previous_version(ctx.tracking_uri, config.compare_with)
+                if config.compare_with and ctx.tracking_uri else None)
+    if previous:
+        (ctx.output_dir / "previous.json").write_text(json.dumps(previous, indent=2))
+    cfg = model.config
+    protocol = {
+        "split": f"{config.split} ({int(results['trained']['samples'])} samples)",
+        "image": f"{cfg.image.image_size}x{cfg.image.image_size} center crop (preprocess)",
+        "audio": f"{cfg.audio.num_samples / cfg.audio.sample_rate:.2f} s at "
+                 f"{cfg.audio.sample_rate} Hz, cropped or zero-padded (preprocess)",
+        "trained": "decoded from the token dataset", "untrained": f"same architecture, "
+                                                                   f"seed {config.seed}",
+        "image/lpips": "on" if scores.lpips is not None else "off (no local LPIPS weights)"}
+    report.write_report(ctx.output_dir, results, previous, protocol)
+
+
 def _read_tokens(directory: Path) -> dict[str, dict[str, np.ndarray]]:
     table = pq.ParquetDataset(str(directory)).read(
-        columns=["key", *CODE_COLUMNS.values()])
+        columns=["key", *CODE_COLUMNS.values(), "audio_levels"])
     columns = table.to_pydict()
     return {key: {name: np.asarray(columns[name][i]) for name in columns if name != "key"}
             for i, key in enumerate(columns["key"])}
@@ -99,7 +154,11 @@ def _codes_for(keys: np.ndarray, tokens: dict[str, dict[str, np.ndarray]],
     for modality, column in CODE_COLUMNS.items():
         if modality not in shapes:  # joint tokens exist only with fusion
             continue
-        stacked = np.stack([tokens[str(k)][column].reshape(shapes[modality]) for k in keys])
+        shape = shapes[modality]
+        if modality == "audio" and len(shape) == 2:
+            # Residual audio: frame-major (frames, n), n = the levels tokenize kept.
+            shape = (shape[0], int(tokens[str(keys[0])]["audio_levels"]))
+        stacked = np.stack([tokens[str(k)][column].reshape(shape) for k in keys])
         out[modality] = torch.from_numpy(stacked.astype(np.int64))
     return out
 
@@ -107,19 +166,24 @@ def _codes_for(keys: np.ndarray, tokens: dict[str, dict[str, np.ndarray]],
 class _Scores:
     """Accumulates per-sample metrics and the codes seen, for one model."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, lpips: torch.nn.Module | None = None) -> None:
+        self.lpips = lpips  # image/lpips only with local weights
         self.sizes = model.codebook_sizes()
         self.sample_rate = model.config.audio.sample_rate
         self.values: dict[str, list[float]] = {}
         self.codes: dict[str, list[np.ndarray]] = {m: [] for m in self.sizes}
         self.paired: dict[str, list[np.ndarray]] = {m: [] for m in MODALITY_CODES}
         self.embeddings: dict[str, list[torch.Tensor]] = {}  # fusion models only
+        self.level_codes: dict[int, list[np.ndarray]] = {}  # residual audio: level -> codes
 
     def add(self, inputs: Any, out: dict[str, torch.Tensor], codes: dict[str, torch.Tensor],
             embeddings: dict[str, torch.Tensor]) -> None:
         img, aud, txt = inputs.has_image, inputs.has_audio, inputs.has_text
         self._extend("image/psnr", M.psnr(inputs.image[img], out["image"][img]))
         self._extend("image/ssim", M.ssim(inputs.image[img], out["image"][img]))
+        if self.lpips is not None:
+            with torch.no_grad():
+                self._extend("image/lpips", self.lpips(out["image"][img], inputs.image[img]))
         self._extend("audio/si_snr", M.si_snr(inputs.audio[aud], out["audio"][aud],
                                               inputs.audio_len[aud]))
         self._extend("audio/mel_distance", M.mel_distance(
@@ -132,12 +196,27 @@ class _Scores:
         for modality, present in (("image", img), ("audio", aud), ("text", txt),
                                   ("joint", everyone)):
             if modality in codes:
-                self.codes[modality].append(codes[modality][present].reshape(-1).numpy())
+                chosen = codes[modality][present]
+                if modality == "audio" and chosen.ndim == 3:  # residual: (N, frames, levels)
+                    for level in range(chosen.shape[2]):
+                        self.level_codes.setdefault(level, []).append(
+                            chosen[..., level].reshape(-1).numpy())
+                self.codes[modality].append(_first_level(chosen, modality).reshape(-1).numpy())
         complete = img & aud & txt  # cross-modal scores need every modality of a sample
         for modality in self.paired:
-            self.paired[modality].append(codes[modality][complete].flatten(1).numpy())
+            self.paired[modality].append(
+                _first_level(codes[modality][complete], modality).flatten(1).numpy())
         for modality, emb in embeddings.items():
             self.embeddings.setdefault(modality, []).append(emb[complete])
+
+    def add_bitrates(self, inputs: Any, model: Any, audio_codes: torch.Tensor) -> None:
+        """Residual audio (B, frames, n): SI-SNR decoded from the first 1..n levels, i.e. the
+        quality at each bitrate (``audio/si_snr_levels{k}``)."""
+        aud = inputs.has_audio
+        for n in range(1, audio_codes.shape[2] + 1):
+            audio = model.decode({"audio": audio_codes[..., :n]})["audio"]
+            self._extend(f"audio/si_snr_levels{n}", M.si_snr(
+                inputs.audio[aud], audio[aud], inputs.audio_len[aud]))
 
     def _extend(self, key: str, values: torch.Tensor | float) -> None:
         array = np.atleast_1d(np.asarray(torch.as_tensor(values).detach().cpu(), np.float64))
@@ -150,6 +229,12 @@ class _Scores:
             size = self.sizes[modality]
             result[f"{modality}/codebook_usage"] = float(M.codebook_usage(codes, size))
             result[f"{modality}/codebook_perplexity"] = float(M.codebook_perplexity(codes, size))
+        for level, chunks in sorted(self.level_codes.items()):  # each residual audio codebook
+            codes = torch.from_numpy(np.concatenate(chunks))
+            size = self.sizes["audio"]
+            result[f"audio/codebook_usage_level{level}"] = float(M.codebook_usage(codes, size))
+            result[f"audio/codebook_perplexity_level{level}"] = float(
+                M.codebook_perplexity(codes, size))
         paired = {m: np.concatenate(chunks) for m, chunks in self.paired.items() if chunks}
         for a, b in (("image", "audio"), ("image", "text"), ("audio", "text")):
             if a in paired and b in paired and len(paired[a]) > 1:
@@ -161,6 +246,12 @@ class _Scores:
                     result[f"cross/retrieval_{a}_to_{b}_r{k}"] = value
         result["samples"] = float(len(self.values.get("image/psnr", [])))
         return result
+
+
+def _first_level(codes: torch.Tensor, modality: str) -> torch.Tensor:
+    """Residual audio codes (..., frames, levels) -> level 0 (..., frames): the codebook every
+    bitrate shares, so audio usage and cross-modal NMI mean the same as for one-level codes."""
+    return codes[..., 0] if modality == "audio" and codes.ndim == 3 else codes
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -192,14 +283,13 @@ def _write_audio(examples: dict[str, Any], n: int, rate: int, directory: Path) -
             soundfile.write(directory / f"sample{i}_{name}.wav", clip, rate)
 
 
-def _write_text(examples: dict[str, Any], path: Path) -> None:
-    from mmvq.text_vocab import decode_ids
-
+def _write_text(examples: dict[str, Any], path: Path, vocab: TextVocab) -> None:
+    """Original and decoded captions as strings, through the checkpoint's text vocabulary."""
     inputs = examples["inputs"]
     captions = []
     for i in range(len(inputs.text_ids)):
         n = int(inputs.text_len[i])
-        captions.append({name: decode_ids(ids[i].numpy(), n) for name, ids in (
+        captions.append({name: decode_ids(ids[i].numpy(), n, vocab) for name, ids in (
             ("original", inputs.text_ids), ("trained", examples["trained"]["text_ids"]),
             ("untrained", examples["untrained"]["text_ids"]))})
     path.write_text(json.dumps(captions, indent=2))

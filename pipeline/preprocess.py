@@ -3,18 +3,27 @@
 Pure functions turn one raw sample (member bytes by extension) into the preprocessed columns of
 DESIGN.md, or raise :class:`BadSample` with a reason. :class:`Preprocessor` is the thin Ray Data
 actor around them: it builds its resamplers once and maps whole batches. The stage reads the
-shards with ``ray.data.read_webdataset`` (raw bytes, decoded here so a broken file is quarantined
-instead of killing the reader), writes one parquet dataset per split and the quarantine table,
-and checks ``in = out + quarantined``.
+shards with :class:`ShardDatasource` (a Ray Data file datasource over
+:func:`pipeline.ingest.read_shard`), not ``ray.data.read_webdataset``: that reader groups
+*consecutive* members only, so out-of-order members silently become two samples with one key, a
+truncated tar ends the shard early without a word, and a duplicate member kills the read task.
+Ours marks all of those, and a key seen twice anywhere in the input is quarantined in every
+occurrence. Shards may sit on local disk or an object store (:mod:`pipeline.storage`). The stage
+writes one parquet dataset per split and the quarantine table, and checks
+``in = out + quarantined``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import re
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -23,14 +32,24 @@ import soundfile
 import torch
 import torchaudio
 from PIL import Image, ImageOps
+from ray.data.datasource import FileBasedDatasource
 
-from mmvq.text_vocab import encode_text
+from mmvq.config_io import ConfigError
+from mmvq.text_vocab import BYTES, VOCAB_SIZE, TextVocab, encode_text
+from pipeline.ingest import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    TEXT_EXTENSIONS,
+    RawSample,
+    read_shard,
+)
 from pipeline.stage import StageContext
+from pipeline.storage import resolve
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
-TEXT_EXTENSIONS = ("txt",)
 MODALITIES = ("image", "audio", "text")
+# The member columns the shard reader produces (anything else in a sample is not used here).
+MEMBER_COLUMNS = (*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, *TEXT_EXTENSIONS, "json")
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a split becomes a directory name
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
@@ -45,39 +64,61 @@ class PreprocessConfig:
     image_size: int = 64  # square side in pixels after resize + center crop
     sample_rate: int = 8000  # the audio model's rate; every clip is resampled to it
     audio_samples: int = 20000  # fixed clip length at sample_rate: crop or zero-pad, keep true len
-    text_max_len: int = 64  # byte-level ids per caption; longer text is truncated
+    text_max_len: int = 64  # text ids per caption; longer text is truncated
+    # Text ids: "bytes" (UTF-8, no file) or "bpe", a byte-level BPE trained on the train split's
+    # captions first and written as text_vocab.json in the output (pipeline.text_vocab).
+    text_vocab: Literal["bytes", "bpe"] = "bytes"
+    bpe_vocab_size: int = 1024  # bpe only: target ids incl. 256 bytes + PAD; may end up fewer
     # A sample missing one of these is quarantined; other modalities may be absent.
     required: tuple[str, ...] = ("image", "audio", "text")
     default_split: str = "train"  # for samples whose json names no split
     batch_size: int = 32  # rows per map_batches call
     num_actors: int = 2  # preprocessing actor pool size
     strict: bool = False  # fail on the first bad sample instead of quarantining it
+    # Images with more pixels are refused before decoding (a 100 kB PNG can claim 10 Gpx).
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.bpe_vocab_size <= VOCAB_SIZE:
+            raise ConfigError(f"preprocess.bpe_vocab_size must exceed the {VOCAB_SIZE} byte "
+                              f"ids, got {self.bpe_vocab_size}")
 
 
 # ----------------------------------------------------------------------------- pure functions
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Image bytes -> uint8 (size, size, 3): EXIF-upright RGB, shorter side resized, center crop."""
+def decode_image(data: bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Image bytes -> uint8 (size, size, 3): EXIF-upright RGB, shorter side resized, center crop.
+
+    The format comes from the content, not the member's extension. Modes L, LA, RGBA, P, CMYK
+    and 16-bit become RGB (alpha over white); more than ``max_pixels`` pixels is refused from
+    the header, before any pixel is decoded.
+    """
     if not data:
         raise BadSample("image: empty file")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise BadSample(f"image: {img.width}x{img.height} exceeds {MAX_IMAGE_PIXELS} px")
+            if img.width * img.height > max_pixels:
+                raise BadSample(f"image: {img.width}x{img.height} exceeds the {max_pixels} "
+                                "pixel limit (decompression bomb?)")
+            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft never goes below the size.
+            img.draft("RGB", (size, size))
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
             img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
             return np.asarray(img, dtype=np.uint8)
     except BadSample:
         raise
+    except Image.DecompressionBombError as err:  # Pillow's own limit fires in open() already
+        raise BadSample(f"image: exceeds the pixel limit, decompression bomb ({err})") from err
     except Exception as err:  # PIL raises many types for broken files
         raise BadSample(f"image: cannot decode ({type(err).__name__}: {err})") from err
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits first
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: 0..65535 -> 0..255
+        # A fixed scale, not per-image min/max: a dark 16-bit photo must stay dark.
         array = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")  # alpha over white, not black: keeps logos readable
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -85,12 +126,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Audio bytes -> (float32 mono waveform, sample rate), channels averaged."""
+def decode_audio(data: bytes, keep_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Audio bytes -> (float32 mono waveform, sample rate), channels averaged.
+
+    libsndfile (soundfile) decodes WAV, FLAC, OGG/Vorbis/Opus and MP3, detected from the content.
+    With ``keep_seconds`` only that much (plus a little for the resampler) is decoded, so an
+    hours-long file costs what a clip costs and never fills memory.
+    """
     if not data:
         raise BadSample("audio: empty file")
     try:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as sound:
+            frames = -1
+            if keep_seconds is not None:  # 10 ms extra keeps the resampler's edge off the clip
+                frames = math.ceil((keep_seconds + 0.01) * sound.samplerate)
+            wave = sound.read(frames, dtype="float32", always_2d=True)  # (frames, channels)
+            rate = sound.samplerate
     except Exception as err:
         raise BadSample(f"audio: cannot decode ({type(err).__name__}: {err})") from err
     if wave.shape[0] == 0:
@@ -110,10 +161,13 @@ def fit_length(wave: np.ndarray, num_samples: int) -> tuple[np.ndarray, int]:
 
 
 def decode_text(data: bytes) -> str:
+    """UTF-8 bytes -> normalised text: NFC (one code point sequence per character, so equal
+    captions give equal ids) and runs of whitespace collapsed to one space."""
     try:
-        text = data.decode("utf-8").strip()
+        text = unicodedata.normalize("NFC", data.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise BadSample(f"text: not UTF-8 ({err})") from err
+    text = " ".join(text.split())
     if not text:
         raise BadSample("text: empty")
     return text
@@ -125,11 +179,11 @@ def member(sample: dict[str, Any], extensions: tuple[str, ...]) -> bytes | None:
     Ray Data fills a member that other samples of the block have but this one lacks with None
     or NaN, so anything that is not bytes counts as absent.
     """
-    for ext in extensions:
-        value = sample.get(ext)
-        if isinstance(value, bytes | bytearray | memoryview):
-            return bytes(value)
-    return None
+    found = [(ext, sample.get(ext)) for ext in extensions]
+    found = [(ext, v) for ext, v in found if isinstance(v, bytes | bytearray | memoryview)]
+    if len(found) > 1:  # which one is the sample's? Guessing could pair the wrong files.
+        raise BadSample(f"several members for one modality: {', '.join(e for e, _ in found)}")
+    return bytes(found[0][1]) if found else None
 
 
 class Resamplers:
@@ -153,7 +207,7 @@ class Resamplers:
 
 
 def preprocess_sample(sample: dict[str, Any], config: PreprocessConfig,
-                      resample: Resamplers) -> dict[str, Any]:
+                      resample: Resamplers, vocab: TextVocab = BYTES) -> dict[str, Any]:
     """One raw sample (member bytes keyed by extension) -> the preprocessed columns.
 
     Raises
@@ -161,6 +215,8 @@ def preprocess_sample(sample: dict[str, Any], config: PreprocessConfig,
     BadSample
         With the reason, for anything that must not reach training.
     """
+    if error := sample.get("__error__"):
+        raise BadSample(str(error))
     raw = {"image": member(sample, IMAGE_EXTENSIONS), "audio": member(sample, AUDIO_EXTENSIONS),
            "text": member(sample, TEXT_EXTENSIONS)}
     for name in config.required:
@@ -173,18 +229,20 @@ def preprocess_sample(sample: dict[str, Any], config: PreprocessConfig,
             split = json.loads(metadata).get("split", split)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             raise BadSample(f"json: does not parse ({err})") from err
+        if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+            raise BadSample(f"json: split {split!r} is not a plain name ([A-Za-z0-9_-]+)")
 
     size, n = config.image_size, config.audio_samples
     image = np.zeros((size, size, 3), np.uint8)
     audio, audio_len = np.zeros(n, np.float32), 0
     text_ids, text_len = np.full(config.text_max_len, 0, np.int32), 0
     if raw["image"] is not None:
-        image = decode_image(raw["image"], size)
+        image = decode_image(raw["image"], size, config.max_image_pixels)
     if raw["audio"] is not None:
-        wave, rate = decode_audio(raw["audio"])
+        wave, rate = decode_audio(raw["audio"], keep_seconds=n / config.sample_rate)
         audio, audio_len = fit_length(resample(wave, rate), n)
     if raw["text"] is not None:
-        text_ids, text_len = encode_text(decode_text(raw["text"]), config.text_max_len)
+        text_ids, text_len = encode_text(decode_text(raw["text"]), config.text_max_len, vocab)
     return {"image": image, "audio": audio, "audio_len": audio_len, "text_ids": text_ids,
             "text_len": text_len, "has_image": raw["image"] is not None,
             "has_audio": raw["audio"] is not None, "has_text": raw["text"] is not None,
@@ -198,9 +256,10 @@ class Preprocessor:
     ``status`` and zero-filled tensors (they are split off into the quarantine table).
     """
 
-    def __init__(self, config: PreprocessConfig) -> None:
+    def __init__(self, config: PreprocessConfig, vocab: TextVocab = BYTES) -> None:
         self.config = config
         self.resample = Resamplers(config.sample_rate)
+        self.vocab = vocab
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = batch["__key__"]
@@ -209,7 +268,7 @@ class Preprocessor:
             sample = {name: column[i] for name, column in batch.items()}
             shard = str(sample.get("__url__", ""))
             try:
-                row = preprocess_sample(sample, self.config, self.resample)
+                row = preprocess_sample(sample, self.config, self.resample, self.vocab)
                 row["status"] = "ok"
             except BadSample as err:
                 if self.config.strict:
@@ -230,14 +289,70 @@ class Preprocessor:
                 "split": c.default_split}
 
 
-# ----------------------------------------------------------------------------- the stage
+# ----------------------------------------------------------------------------- reading shards
 
-def shard_paths(directory: Path) -> list[str]:
-    """All ``.tar`` shards under ``directory``, sorted, as strings for Ray Data."""
-    paths = sorted(str(p) for p in Path(directory).rglob("*.tar"))
+_ROW_SCHEMA = pa.schema([("__key__", pa.string()), ("__url__", pa.string()),
+                         ("__error__", pa.string()),
+                         *((name, pa.binary()) for name in MEMBER_COLUMNS)])
+
+
+def samples_to_table(samples: list[RawSample]) -> pa.Table:
+    """Raw samples -> one Arrow block with a fixed schema (absent members are null)."""
+    columns: dict[str, list[Any]] = {
+        "__key__": [s.key for s in samples], "__url__": [s.shard for s in samples],
+        "__error__": [s.error for s in samples]}
+    for name in MEMBER_COLUMNS:
+        columns[name] = [s.members.get(name) for s in samples]
+    return pa.table(columns, schema=_ROW_SCHEMA)
+
+
+class ShardDatasource(FileBasedDatasource):
+    """Ray Data source of webdataset shards, read with the checks of :func:`read_shard`.
+
+    One read task streams whole tars (a shard is never split), so the contiguity check sees
+    every member of a shard in order. Blocks are cut every ``rows_per_block`` samples.
+    """
+
+    _FILE_EXTENSIONS: ClassVar[list[str]] = ["tar"]  # what the base class lists in a folder
+
+    def __init__(self, paths: list[str], rows_per_block: int = 32, **kwargs: Any) -> None:
+        super().__init__(paths, **kwargs)
+        self.rows_per_block = rows_per_block
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        batch: list[RawSample] = []
+        for sample in read_shard(f, path):
+            batch.append(sample)
+            if len(batch) == self.rows_per_block:
+                yield samples_to_table(batch)
+                batch = []
+        if batch:
+            yield samples_to_table(batch)
+
+
+def shard_paths(location: str | Path) -> tuple[list[str], Any]:
+    """All ``.tar`` shards under a directory path or URI, sorted: (paths, pyarrow filesystem)."""
+    source = resolve(str(location))
+    paths = [info.path for info in source.files((".tar",))] if source.is_dir() else []
     if not paths:
-        raise FileNotFoundError(f"no .tar shards under {directory}")
-    return paths
+        raise FileNotFoundError(f"no .tar shards under {location}")
+    return paths, source.fs
+
+
+def repeated_keys(keys: Any) -> dict[str, int]:
+    """Keys that occur more than once (out-of-order members, or one key in two shards)."""
+    counts = keys[keys != ""].value_counts()
+    return {str(k): int(n) for k, n in counts[counts > 1].items()}
+
+
+def repeated_reason(key: str, times: int, status: str) -> str:
+    """Quarantine reason of one occurrence of a repeated key (its own problem, if any, kept)."""
+    reason = (f"key {key!r} occurs {times} times in the input (out-of-order members or a "
+              "duplicate key)")
+    return reason if status == "ok" else f"{reason}; this occurrence: {status}"
+
+
+# ----------------------------------------------------------------------------- the stage
 
 
 def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
@@ -245,14 +360,29 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
     import ray
     from ray.data.expressions import col
 
-    paths = shard_paths(ctx.inputs["shards"])
-    raw = ray.data.read_webdataset(paths, decoder=None)
+    paths, filesystem = shard_paths(ctx.inputs["shards"])
+    # Text vocabulary first (a BPE trains on the train captions, text_vocab.json in the output).
+    from pipeline.text_vocab import describe, fit_text_vocab
+    vocab = fit_text_vocab(paths, config.text_vocab, config.bpe_vocab_size,
+                           config.default_split, ctx.output_dir)
+    raw = ray.data.read_datasource(ShardDatasource(paths, filesystem=filesystem))
     processed = raw.map_batches(
-        Preprocessor, fn_constructor_args=(config,), batch_size=config.batch_size,
+        Preprocessor, fn_constructor_args=(config, vocab), batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.num_actors), batch_format="numpy",
     ).materialize()
     statuses = processed.select_columns(["key", "split", "status", "source_shard"]).to_pandas()
+    # A key read more than once is never passed on: its members were scattered (some readers
+    # would pair the wrong files) or two samples share it; every occurrence is quarantined.
+    repeated = repeated_keys(statuses["key"])
+    again = statuses["key"].isin(list(repeated))
+    statuses.loc[again, "status"] = [
+        repeated_reason(k, repeated[k], status)
+        for k, status in zip(statuses.loc[again, "key"], statuses.loc[again, "status"],
+                             strict=True)]
     ok = statuses["status"] == "ok"
+    if config.strict and not ok.all():
+        first = statuses.loc[~ok].iloc[0]
+        raise BadSample(f"shard {first['source_shard']}, key {first['key']}: {first['status']}")
     quarantine = statuses.loc[~ok, ["key", "source_shard", "status"]].rename(
         columns={"source_shard": "shard", "status": "reason"}).assign(stage="preprocess")
     pq.write_table(pa.Table.from_pandas(quarantine, preserve_index=False),
@@ -260,14 +390,20 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
 
     counts: dict[str, Any] = {"in": len(statuses), "quarantined": int((~ok).sum())}
     for split in sorted(statuses.loc[ok, "split"].unique()):
-        part = processed.filter(expr=(col("status") == "ok") & (col("split") == split))
+        keep = (col("status") == "ok") & (col("split") == split)
+        if repeated:
+            keep = keep & col("key").not_in(list(repeated))
+        part = processed.filter(expr=keep)
         part.drop_columns(["status"]).write_parquet(str(ctx.output_dir / split))
         counts[f"out/{split}"] = int((ok & (statuses["split"] == split)).sum())
     counts["out"] = int(ok.sum())
     if counts["in"] != counts["out"] + counts["quarantined"]:
         raise RuntimeError(f"preprocess lost samples: {counts}")
+    print(f"preprocess: in {counts['in']} = out {counts['out']} + quarantined "
+          f"{counts['quarantined']}")
     if ctx.logger:
         ctx.logger.metrics({f"samples/{k}": v for k, v in counts.items()}, step=0)
         if len(quarantine):
             ctx.logger.artifact(ctx.output_dir / "quarantine.parquet")
-    return {"counts": counts, "splits": sorted(k[4:] for k in counts if k.startswith("out/"))}
+    return {"counts": counts, "splits": sorted(k[4:] for k in counts if k.startswith("out/")),
+            "text_vocab": describe(vocab)}

@@ -7,19 +7,26 @@ its MLflow run. It returns a small summary (counts, metrics) that is stored besi
 Outputs live under ``{data_root}/{stage}/{fingerprint}/``. A stage writes into a temporary
 sibling directory and the runner renames it into place when the stage returns, so a directory
 under its fingerprint name is always complete: a killed stage leaves only a ``.tmp-`` directory
-that nothing reads. The fingerprint covers the stage name, its config, its inputs' fingerprints
-and the code version, so an unchanged stage is reused and a changed one reruns alone.
+that nothing reads, and the next run of that fingerprint deletes it. The fingerprint covers the
+stage name, its config, its inputs' fingerprints and the code version, so an unchanged stage is
+reused and a changed one reruns alone.
+
+Two runs that reach the same output at once serialise on ``{data_root}/{stage}/{fp}.lock``
+(``flock``, released by the kernel when its holder dies, even by SIGKILL): the second waits,
+then finds the first one's committed output and reuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,9 @@ from pipeline.tracking import RunLogger
 
 # Written last into every committed output; its presence is what "complete" means to readers.
 STAGE_RECORD = "stage.json"
+# Prefixes of the siblings of committed outputs that are never outputs themselves.
+TMP_PREFIX = ".tmp-"  # a stage being written (or killed while it was)
+TRASH_PREFIX = ".trash-"  # a replaced output on its way out
 
 
 @dataclass(frozen=True)
@@ -95,17 +105,93 @@ def read_record(output_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def committed_outputs(data_root: Path, stage: str) -> list[Path]:
+    """Every committed output of ``stage`` under ``data_root``, oldest commit first."""
+    parent = Path(data_root) / stage
+    if not parent.is_dir():
+        return []
+    outputs = [p for p in parent.iterdir()
+               if p.is_dir() and not p.name.startswith(".") and (p / STAGE_RECORD).is_file()]
+    return sorted(outputs, key=lambda p: (p / STAGE_RECORD).stat().st_mtime)
+
+
+def lock_path(data_root: Path, stage: str, fp: str) -> Path:
+    return Path(data_root) / stage / f"{fp}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(data_root: Path, stage: str, fp: str,
+                on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the exclusive lock of one stage output; ``on_wait`` is called if another holds it.
+
+    ``flock`` rather than a lock file that exists or not: the kernel drops it when the holder
+    exits however it exits, so a killed run never leaves a lock that needs clearing by hand.
+    The file is opened close-on-exec, so processes the holder starts (Ray) do not inherit it.
+    """
+    path = lock_path(data_root, stage, fp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_locked(data_root: Path, stage: str, fp: str) -> bool:
+    """Whether a process holds the lock of this output now (a run is writing it)."""
+    path = lock_path(data_root, stage, fp)
+    if not path.is_file():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def leftovers(data_root: Path, stage: str, fp: str | None = None) -> list[Path]:
+    """Temporary and trash directories of ``stage`` (of one fingerprint if given).
+
+    Only a lock holder writes ``.tmp-{fp}-*``, so under the lock every such directory is the
+    remains of a run that died.
+    """
+    parent = Path(data_root) / stage
+    if not parent.is_dir():
+        return []
+    prefixes = ((f"{TMP_PREFIX}{fp}-", f"{TRASH_PREFIX}{fp}-") if fp
+                else (TMP_PREFIX, TRASH_PREFIX))
+    return sorted(p for p in parent.iterdir() if p.name.startswith(prefixes))
+
+
 def run_committed(spec: StageSpec, config: Any, data_root: Path, fp: str,
                   inputs: Mapping[str, Path], record: Mapping[str, Any],
                   logger: RunLogger | None = None, tracking_uri: str | None = None,
-                  progress: bool = True) -> tuple[Path, dict[str, Any]]:
+                  progress: bool = True, name: str | None = None,
+                  replace: bool = False) -> tuple[Path, dict[str, Any]]:
     """Run ``spec`` into a temporary directory, then commit it atomically under ``fp``.
 
+    Call it holding :func:`output_lock` for the same output when other runs may write it.
+
+    Parameters
+    ----------
+    name : directory under ``data_root`` (the workflow entry's name); default ``spec.name``.
+    replace : swap out an existing committed output (a forced rerun). The old one stays
+        readable until the new one is complete, so a forced rerun that fails or is killed
+        keeps it.
+
     Returns the committed directory and the stage's summary. If another process committed the
-    same fingerprint meanwhile, its output is kept and ours discarded (same inputs, same result).
+    same fingerprint meanwhile (without the lock), its output is kept and ours discarded.
     """
-    final = committed_dir(data_root, spec.name, fp)
-    tmp = final.parent / f".tmp-{fp}-{uuid.uuid4().hex[:8]}"
+    final = committed_dir(data_root, name or spec.name, fp)
+    tmp = final.parent / f"{TMP_PREFIX}{fp}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         ctx = StageContext(output_dir=tmp, inputs=dict(inputs), logger=logger,
@@ -113,6 +199,8 @@ def run_committed(spec: StageSpec, config: Any, data_root: Path, fp: str,
         summary = spec.run(config, ctx)
         full_record = {**record, "summary": summary}
         (tmp / STAGE_RECORD).write_text(json.dumps(full_record, indent=2, default=str))
+        if replace and final.exists():
+            _discard(final)
         try:
             os.rename(tmp, final)  # atomic on one filesystem: readers see all or nothing
         except OSError:
@@ -123,3 +211,43 @@ def run_committed(spec: StageSpec, config: Any, data_root: Path, fp: str,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_stage(spec: StageSpec, config: Any, data_root: Path, fp: str,
+                 inputs: Mapping[str, Path], record: Mapping[str, Any], *,
+                 name: str | None = None, force: bool = False,
+                 logger: RunLogger | None = None, tracking_uri: str | None = None,
+                 progress: bool = True, on_wait: Callable[[], None] | None = None,
+                 on_run: Callable[[], None] | None = None,
+                 ) -> tuple[Path, dict[str, Any], bool]:
+    """Reuse the committed output of ``fp`` or run the stage into it, under the output's lock.
+
+    The record is read again once the lock is held: a concurrent run that committed the same
+    output while this one waited is reused, not repeated. Leftovers of killed runs of ``fp``
+    are deleted first.
+
+    Returns
+    -------
+    (output directory, the committed record, reused)
+    """
+    name = name or spec.name
+    final = committed_dir(data_root, name, fp)
+    with output_lock(data_root, name, fp, on_wait=on_wait):
+        for stale in leftovers(data_root, name, fp):
+            shutil.rmtree(stale, ignore_errors=True)
+        existing = read_record(final)
+        if existing is not None and not force:
+            return final, existing, True
+        if on_run is not None:
+            on_run()
+        output, summary = run_committed(spec, config, data_root, fp, inputs, record,
+                                        logger=logger, tracking_uri=tracking_uri,
+                                        progress=progress, name=name, replace=force)
+        return output, {**record, "summary": summary}, False
+
+
+def _discard(path: Path) -> None:
+    """Move a committed output aside, then delete it (the rename is what readers see)."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

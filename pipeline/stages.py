@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import evaluate, preprocess, tokenize, train
+from pipeline import evaluate, ingest, preprocess, register, tokenize, train
 from pipeline.stage import StageContext, StageSpec
 from pipeline.synth import SynthConfig
 from pipeline.synth import run as synth_run
@@ -25,12 +25,20 @@ def _synth(config: SynthConfig, ctx: StageContext) -> dict[str, Any]:
 
 STAGES: dict[str, StageSpec] = {
     "synth": StageSpec("synth", SynthConfig, _synth, code=("pipeline.synth",)),
+    "ingest": StageSpec("ingest", ingest.IngestConfig, ingest.run,
+                        code=("pipeline.ingest", "pipeline.storage")),
     "preprocess": StageSpec("preprocess", preprocess.PreprocessConfig, preprocess.run,
-                            inputs=("shards",), code=("pipeline.preprocess", "mmvq.text_vocab")),
+                            inputs=("shards",),
+                            code=("pipeline.preprocess", "pipeline.ingest", "pipeline.storage",
+                                  "pipeline.text_vocab", "mmvq.text_vocab")),
     "train": StageSpec("train", train.TrainConfig, train.run, inputs=("data",),
-                       code=("pipeline.train", "mmvq")),
+                       code=(*train.TRAIN_CODE, "pipeline.text_vocab")),
     "tokenize": StageSpec("tokenize", tokenize.TokenizeConfig, tokenize.run,
                           inputs=("data", "model"), code=("pipeline.tokenize", "mmvq")),
     "evaluate": StageSpec("evaluate", evaluate.EvaluateConfig, evaluate.run,
-                          inputs=("data", "model", "tokens"), code=("pipeline.evaluate", "mmvq")),
+                          inputs=("data", "model", "tokens"),
+                          code=("pipeline.evaluate", "pipeline.report", "mmvq")),
+    "register": StageSpec("register", register.RegisterConfig, register.run,
+                          inputs=("model", "evaluation"),
+                          code=("pipeline.register", "pipeline.codec", "pipeline.tokenize")),
 }

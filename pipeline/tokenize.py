@@ -25,11 +25,13 @@ from pipeline.train import TOKENIZER_DIR
 
 TOKENS_DIR = "tokens"
 MANIFEST = "manifest.json"
+WEBDATASET_DIR = "tokens-wds"
 # Explicit types: Ray would otherwise infer object columns from Python lists.
 _CODES = pa.list_(pa.int32())
 TOKEN_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("image_tokens", _CODES),
     ("image_grid", _CODES), ("audio_tokens", _CODES), ("audio_frames", pa.int32()),
+    ("audio_levels", pa.int32()),
     ("text_tokens", _CODES), ("joint_tokens", _CODES), ("interleaved_tokens", _CODES),
     ("tokenizer", pa.string()),
     ("source_shard", pa.string())])
@@ -40,13 +42,20 @@ class TokenizeConfig:
     batch_size: int = 64  # rows per encode call
     num_actors: int = 2  # actors holding a model copy each
     use_gpu: bool = False  # one GPU per actor when true
+    # Residual (rvq) audio only: levels kept per frame, i.e. the audio bitrate
+    # (levels x log2 K bits per frame); None keeps all. Must be 1 or None for one-level audio.
+    audio_levels: int | None = None
+    # Also write webdataset shards (tokens-wds/SPLIT/shard-NNNNNN.tar, one KEY.json per row) for
+    # loaders that stream tar files; parquet is always written.
+    webdataset: bool = False
+    samples_per_shard: int = 1000  # rows per webdataset shard
 
 
 class TokenizeActor:
     """Ray Data actor: holds one tokenizer, encodes batches of preprocessed rows."""
 
     def __init__(self, model_dir: str, layout: dict[str, Any], tokenizer_id: str,
-                 use_gpu: bool) -> None:
+                 use_gpu: bool, audio_levels: int | None = None) -> None:
         from mmvq import MultimodalTokenizer
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -54,17 +63,22 @@ class TokenizeActor:
         self.layout = layout
         self.tokenizer_id = tokenizer_id
         self.hop = self.model.config.audio.hop  # waveform samples per audio token
+        self.audio_levels = audio_levels  # residual audio levels to keep (None: all)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from mmvq import to_model_inputs
 
         inputs = to_model_inputs(batch, self.device)
         with torch.no_grad():
-            codes = {k: v.cpu().numpy() for k, v in self.model.encode(inputs).items()}
+            codes = {k: v.cpu().numpy() for k, v in
+                 self.model.encode(inputs, audio_levels=self.audio_levels).items()}
+        # Residual audio codes are (B, frames, levels); one-level codes (B, frames).
+        levels = codes["audio"].shape[2] if codes["audio"].ndim == 3 else 1
         n = len(batch["key"])
         audio_frames = [math.ceil(int(a) / self.hop) for a in batch["audio_len"]]
         rows: dict[str, list] = {c: [] for c in (
             "key", "split", "image_tokens", "image_grid", "audio_tokens", "audio_frames",
+            "audio_levels",
             "text_tokens", "joint_tokens", "interleaved_tokens", "tokenizer", "source_shard")}
         for i in range(n):
             image = codes["image"][i].reshape(-1) if batch["has_image"][i] else None
@@ -81,12 +95,53 @@ class TokenizeActor:
             rows["image_grid"].append(list(codes["image"].shape[1:]) if image is not None else [])
             rows["audio_tokens"].append(_as_list(audio))
             rows["audio_frames"].append(audio_frames[i] if audio is not None else 0)
+            rows["audio_levels"].append(levels)
             rows["text_tokens"].append(_as_list(text))
             rows["joint_tokens"].append(_as_list(joint))
             rows["interleaved_tokens"].append(stream.tolist())
             rows["tokenizer"].append(self.tokenizer_id)
             rows["source_shard"].append(str(batch["source_shard"][i]))
         return pa.table(rows, schema=TOKEN_SCHEMA)
+
+
+def _write_webdataset(parquet_dir: Path, out_dir: Path, samples_per_shard: int) -> None:
+    """The rows of one split as webdataset shards: ``KEY.json`` holds the whole row."""
+    import webdataset
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with webdataset.ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=samples_per_shard,
+                                verbose=0) as sink:
+        for batch in pq.ParquetDataset(str(parquet_dir)).read().to_batches():
+            for row in batch.to_pylist():
+                sink.write({"__key__": row["key"], "json": row})
+
+
+def _log_lineage(ctx: StageContext, data_dir: Path, splits: list[str], tokenizer_id: str,
+                 weights_hash: str) -> None:
+    """The preprocessed data read and the token dataset written, as MLflow dataset inputs."""
+    from pipeline.tokens import mlflow_dataset
+
+    tags = {"tokenizer": tokenizer_id, "weights_sha256": weights_hash}
+    committed = _committed_location(ctx.output_dir)
+    for split in splits:
+        ctx.logger.dataset_input(mlflow_dataset(data_dir / split, f"preprocessed-{split}"),
+                                 context=f"source/{split}")
+        # The token dataset is this run's output; MLflow records datasets as run inputs, so
+        # the context names it (tokens/SPLIT) and the tags name the weights that wrote it.
+        ctx.logger.dataset_input(mlflow_dataset(ctx.output_dir / TOKENS_DIR / split,
+                                                f"tokens-{split}",
+                                                committed / TOKENS_DIR / split),
+                                 context=f"tokens/{split}", tags=tags)
+    ctx.logger.tags({"tokenizer": tokenizer_id, "weights_sha256": weights_hash})
+
+
+def _committed_location(output_dir: Path) -> Path:
+    """Where the runner moves ``output_dir`` when the stage returns (``.tmp-FP-XXXXXXXX`` ->
+    ``FP``, pipeline.stage.run_committed): lineage must name the place the data will stay."""
+    name = output_dir.name
+    if name.startswith(".tmp-"):
+        return output_dir.with_name(name[len(".tmp-"):].rsplit("-", 1)[0])
+    return output_dir
 
 
 def _as_list(codes: np.ndarray | None) -> list[int]:
@@ -102,6 +157,10 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     model_dir = Path(ctx.inputs["model"]) / TOKENIZER_DIR
     model = MultimodalTokenizer.load(model_dir)
     layout = model.vocabulary()
+    audio_levels = model.audio_levels if config.audio_levels is None else config.audio_levels
+    if not 1 <= audio_levels <= model.audio_levels:  # fail here, not inside every actor
+        raise ValueError(f"tokenize.audio_levels={config.audio_levels}: the tokenizer's audio "
+                         f"codes have {model.audio_levels} level(s)")
     weights_hash = model.weights_hash()
     tokenizer_id = f"local:{weights_hash[:16]}"
     data_dir = Path(ctx.inputs["data"])
@@ -110,37 +169,59 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     for split in splits:
         tokens = ray.data.read_parquet(str(data_dir / split)).map_batches(
             TokenizeActor, fn_constructor_args=(str(model_dir), layout, tokenizer_id,
-                                                config.use_gpu),
+                                                config.use_gpu, config.audio_levels),
             batch_size=config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=config.num_actors),
             num_gpus=1 if config.use_gpu else 0, batch_format="numpy")
         out = ctx.output_dir / TOKENS_DIR / split
         tokens.write_parquet(str(out))
         counts[split] = pq.ParquetDataset(str(out)).read(columns=["key"]).num_rows
-    source_shards = sorted({s for split in splits for s in pq.ParquetDataset(
-        str(ctx.output_dir / TOKENS_DIR / split)).read(columns=["source_shard"])
-        .column("source_shard").to_pylist()})
+    shard_counts: dict[str, int] = {}  # source shard -> rows it contributed
+    for split in splits:
+        for shard in pq.ParquetDataset(str(ctx.output_dir / TOKENS_DIR / split)).read(
+                columns=["source_shard"]).column("source_shard").to_pylist():
+            shard_counts[shard] = shard_counts.get(shard, 0) + 1
+    source_shards = sorted(shard_counts)
+    if config.webdataset:
+        for split in splits:
+            _write_webdataset(ctx.output_dir / TOKENS_DIR / split,
+                              ctx.output_dir / WEBDATASET_DIR / split, config.samples_per_shard)
     manifest = {
         "counts": counts, "total": sum(counts.values()), "splits": splits,
         "vocabulary": layout, "token_shapes": {k: list(v) for k, v in
                                                model.token_shapes().items()},
         "audio_hop_samples": model.config.audio.hop,
+        "audio_levels": audio_levels,  # per frame in audio_tokens (<= token_shapes' levels)
+        # Tokenize runs before the register stage, so the registered model version is not
+        # known here: rows name the weights (local:<sha256 prefix>) and each registered
+        # version carries that id as its tokenizer_id tag (pipeline.register).
         "tokenizer": {"id": tokenizer_id, "weights_sha256": weights_hash,
-                      "source": str(model_dir)},
+                      "source": str(model_dir), "model_version": None},
         "codebook_hash": weights_hash, "source_shards": source_shards,
+        "source_shard_counts": shard_counts, "source_data": str(data_dir),
+        "files": {"parquet": f"{TOKENS_DIR}/SPLIT/*.parquet",
+                  "webdataset": f"{WEBDATASET_DIR}/SPLIT/shard-*.tar (KEY.json per row)"
+                  if config.webdataset else None},
         "columns": {"image_tokens": "row-major image code grid (image_grid = [h, w])",
-                    "audio_tokens": "all frames of the fixed window; the first audio_frames "
+                    "audio_tokens": "all frames of the fixed window, frame-major "
+                                    "(frames x audio_levels); the first audio_frames frames "
                                     "cover the real audio",
+                    "audio_levels": "residual levels per audio frame (1 unless the audio "
+                                    "quantizer is rvq); vocabulary.level_offsets gives each "
+                                    "level's id range",
                     "text_tokens": "one code per text position, padding included",
                     "joint_tokens": "fusion tokens over all modalities (empty without fusion)",
                     "interleaved_tokens": "unified vocabulary: <boi> image <eoi> <boa> audio "
                                           "(real frames) <eoa> <bot> text (real length) <eot> "
                                           "<boj> joint <eoj>; mmvq.vocabulary."
-                                          "split_interleaved reads it back"},
+                                          "split_interleaved reads one stream back, "
+                                          "pipeline.tokens.split_interleaved_column the "
+                                          "column"},
     }
     (ctx.output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if ctx.logger:
         ctx.logger.metrics({f"tokens/rows/{k}": v for k, v in counts.items()}, step=0)
         ctx.logger.artifact(ctx.output_dir / MANIFEST)
+        _log_lineage(ctx, data_dir, splits, tokenizer_id, weights_hash)
     # Paths in a summary are relative to the committed output (the stage runs in a temp dir).
     return {"counts": counts, "vocab_size": layout["vocab_size"], "tokens": TOKENS_DIR}

@@ -96,6 +96,38 @@ class RunLogger:
         for key, value in values.items():
             self._retry("set tag", lambda k=key, v=value: self.client.set_tag(self.run_id, k, v))
 
+    def status(self, value: str) -> None:
+        """Set the run's status (``RUNNING``, ``FINISHED``, ...), e.g. when a resumed training
+        continues a run an earlier, killed invocation left behind."""
+        self._retry("set status", lambda: self.client.update_run(self.run_id, status=value))
+
+    def last_step(self, key: str) -> int:
+        """Highest step logged for metric ``key``, -1 if none (or the server cannot say).
+
+        A resumed training skips steps up to it, so the history holds each step once.
+        """
+        found: list[int] = []
+        self._retry("read metric history", lambda: found.extend(
+            m.step for m in self.client.get_metric_history(self.run_id, key)))
+        return max(found, default=-1)
+
+    def dataset_input(self, dataset: Any, context: str,
+                      tags: Mapping[str, Any] | None = None) -> None:
+        """Record an ``mlflow.data`` dataset as an input of the run (lineage in the UI).
+
+        ``context`` says how the run used it (``source``, ``tokens/val``); ``tags`` are extra
+        input tags, e.g. the tokenizer that wrote a token dataset.
+        """
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        d = dataset.to_dict()
+        entity = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"],
+                         source=d["source"], schema=d.get("schema"), profile=d.get("profile"))
+        input_tags = [InputTag("mlflow.data.context", context),
+                      *(InputTag(k, str(v)) for k, v in (tags or {}).items())]
+        self._retry("log input", lambda: self.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(entity, input_tags)]))
+
     def _retry(self, what: str, call) -> None:
         for attempt in range(self.retries + 1):
             try:

@@ -1,30 +1,41 @@
-"""Train stage: Ray Train DDP over the preprocessed train split.
+"""Train stage: Ray Train DDP over the preprocessed train split, checkpointed and resumable.
 
-The loop is plain torch around :func:`mmvq.train_step.generator_step`; Ray adds only the
-dataset shard, ``prepare_model`` (DDP over gloo on CPU, NCCL on GPU) and ``report``. Rank 0
-logs to the stage's MLflow run by id and writes the checkpoint; the stage copies the final
-tokenizer to ``{output}/tokenizer``, where tokenize and evaluate load it.
+The driver side lives here: the typed config, the ``TorchTrainer`` (scaling, checkpoint
+retention, failure handling, data ingest options) and the commit of the final tokenizer to
+``{output}/tokenizer``, where tokenize and evaluate load it. What every worker runs is in
+:mod:`pipeline.train_loop`, the checkpoint layout in :mod:`pipeline.checkpoint`.
+
+Checkpoints go to ``{storage_path}/{run_name}`` (default ``{data_root}/train/checkpoints/`` and a
+name derived from config, inputs and code), outside the stage's temporary output directory: a
+rerun of a killed or stopped run finds them and continues from the latest one, in the same
+MLflow run. ``FailureConfig(max_failures)`` restarts a crashed worker group from the latest
+checkpoint within one run.
 """
 
 from __future__ import annotations
 
-import logging
+import hashlib
+import json
 import shutil
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
-
-from mmvq.config import TokenizerConfig
+from mmvq.batch import MODEL_COLUMNS
+from mmvq.config import ConfigError, GanConfig, TokenizerConfig
+from pipeline.checkpoint import TOKENIZER_DIR, read_state
 from pipeline.config import flatten, to_dict
-from pipeline.stage import StageContext
+from pipeline.stage import StageContext, code_version
+from pipeline.text_vocab import with_data_vocab
 from pipeline.tracking import RunLogger
+from pipeline.train_loop import train_loop_per_worker
 
-TOKENIZER_DIR = "tokenizer"
+__all__ = ["TOKENIZER_DIR", "TrainConfig", "run", "train_loop_per_worker"]
+
+CHECKPOINTS_DIR = "checkpoints"  # default storage, beside the stage's committed outputs
+# Modules whose code decides what a checkpoint means; part of the default run name.
+TRAIN_CODE = ("pipeline.train", "pipeline.train_loop", "pipeline.checkpoint", "mmvq")
 
 
 @dataclass(frozen=True)
@@ -32,158 +43,167 @@ class TrainConfig:
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = 2  # DDP ranks; one CPU each unless use_gpu
     use_gpu: bool = False  # one GPU per worker, NCCL instead of gloo
+    # How Ray places the workers: "PACK" fills a node first (fast gloo/NCCL on one host),
+    # "SPREAD" puts them on different nodes (a dead node costs fewer ranks).
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     threads_per_worker: int = 1  # torch intra-op threads; workers x threads <= cores avoids thrash
-    batch_size: int = 16  # per worker; the global batch is num_workers x batch_size
-    steps: int = 300  # optimizer steps; the loop runs as many epochs as it takes
-    lr: float = 2e-3  # AdamW; high for the tiny preset, lower it for base models
-    grad_clip: float = 1.0  # max global grad norm
+    batch_size: int = 16  # per worker and micro-batch
+    # Micro-batches per optimizer step; the global batch is num_workers x batch_size x grad_accum.
+    grad_accum: int = 1
+    steps: int = 300  # optimizer steps to stop at; the loop runs as many epochs as it takes
+    lr: float = 2e-3  # AdamW peak; high for the tiny preset, lower it (1e-4) for base models
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW moments of the generator
+    weight_decay: float = 0.0  # on conv/linear weights only (mmvq.train_step.build_optimizer)
+    warmup_steps: int = 0  # linear LR warmup
+    # Where the cosine decay reaches min_lr_ratio; None: at ``steps``. Set it when a run is
+    # meant to be stopped and continued with more steps, so the schedule does not change.
+    decay_steps: int | None = None
+    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+    grad_clip: float | None = 1.0  # max global grad norm (generator and discriminators)
+    # "auto": bf16 autocast on GPU (quantizers stay fp32), fp32 on CPU; or "fp32", "bf16".
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    ema_decay: float | None = None  # EMA of the generator (e.g. 0.999), shipped instead; None: off
+    compile: bool = False  # torch.compile the encoders and decoders (GPU runs; slow to start)
+    # Adversarial + perceptual training (mmvq.config.GanConfig); None: off (the fast demo).
+    gan: GanConfig | None = None
+    disc_lr: float | None = None  # discriminator AdamW LR; None: lr
+    disc_betas: tuple[float, float] = (0.5, 0.9)  # taming's discriminator betas
     seed: int = 0  # model init and data order
     log_every: int = 25  # steps between metric reports (MLflow and the console)
-    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer
+    val_every: int = 100  # steps between validations on the val split (and at each checkpoint)
+    val_batches: int = 2  # val batches per validation; 0: no validation
+    sample_images: int = 8  # image reconstructions per validation logged as a PNG; 0: none
+    checkpoint_every: int = 100  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # kept by checkpoint_metric (the latest is always kept too)
+    checkpoint_metric: str | None = "val/loss/total"  # None or no val split: keep the latest k
+    checkpoint_mode: Literal["min", "max"] = "min"
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before giving up
+    # Checkpoint storage: a local directory or a URI (s3://bucket/prefix). None:
+    # {data_root}/train/checkpoints.
+    storage_path: str | None = None
+    # Checkpoints of one run live under this name; rerunning with the same name continues from
+    # its latest checkpoint. None: derived from the config, inputs and code (a rerun of the same
+    # stage resumes; any change starts afresh). Name it to continue with changed settings.
+    run_name: str | None = None
+    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer; 0: no shuffle
+    prefetch_batches: int = 2  # batches each worker's iterator prepares ahead
+    # Cap on the object-store bytes Ray Data may hold for training ingest; None: Ray's default.
+    data_memory_bytes: int | None = 512 * 1024 * 1024
 
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: the plain torch loop plus Ray's data shard and report."""
-    import ray.train
-    import ray.train.torch
-
-    from mmvq import MultimodalTokenizer, to_model_inputs
-    from mmvq.train_step import build_optimizer, generator_step
-
-    cfg: TrainConfig = loop_config["config"]
-    _quiet_report_log()
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.set_num_threads(cfg.threads_per_worker)
-    torch.manual_seed(cfg.seed)  # identical init everywhere; DDP also broadcasts rank 0's
-    model = ray.train.torch.prepare_model(MultimodalTokenizer(cfg.model))
-    device = ray.train.torch.get_device()
-    optimizer = build_optimizer(model, lr=cfg.lr)
-    logger = (RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
-              if rank == 0 and loop_config.get("run_id") else None)
-
-    shard = ray.train.get_dataset_shard("train")
-    step, epoch, window = 0, 0, _Window()
-    while step < cfg.steps:
-        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
-                                     drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer,
-                                     local_shuffle_seed=cfg.seed + epoch)
-        window.data_start()
-        for batch in batches:
-            window.data_end()
-            inputs = to_model_inputs(batch, device)
-            losses = generator_step(model, inputs, optimizer, grad_clip=cfg.grad_clip)
-            step += 1
-            window.step_end(losses, cfg.batch_size * ctx.get_world_size())
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                metrics = {**window.summary(), "epoch": epoch}
-                if logger:
-                    logger.metrics(metrics, step=step)
-                    # The real stdout: Ray Train's print patch would log the line twice.
-                    print(_progress_line(step, cfg.steps, metrics), file=sys.__stdout__,
-                          flush=True)
-                _report(metrics | {"step": step}, model, rank, final=step == cfg.steps)
-                window = _Window()
-            if step == cfg.steps:
-                break
-            window.data_start()
-        epoch += 1
-
-
-def _quiet_report_log() -> None:
-    """Silence Ray Train's per-report INFO line (the whole metrics dict, every report, every
-    rank); rank 0's progress line and MLflow carry the same numbers."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def _report(metrics: dict[str, float], model: torch.nn.Module, rank: int, final: bool) -> None:
-    """Report to Ray Train; on the final step rank 0 attaches the tokenizer checkpoint."""
-    import ray.train
-
-    if not (final and rank == 0):
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        unwrapped = model.module if hasattr(model, "module") else model
-        unwrapped.save(Path(tmp) / TOKENIZER_DIR)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-class _Window:
-    """Running means of the losses, throughput and data-wait share over a logging window."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps = 0
-        self.samples = 0
-        self.wait_s = 0.0
-        self.start = time.perf_counter()
-        self._data_t0 = self.start
-
-    def data_start(self) -> None:
-        self._data_t0 = time.perf_counter()
-
-    def data_end(self) -> None:
-        self.wait_s += time.perf_counter() - self._data_t0
-
-    def step_end(self, losses: dict[str, float], samples: int) -> None:
-        for key, value in losses.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        self.steps += 1
-        self.samples += samples
-
-    def summary(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {f"loss/{k}" if "/" not in k and k != "grad_norm" else k: v / self.steps
-               for k, v in self.sums.items()}
-        out["perf/samples_per_s"] = self.samples / elapsed
-        out["perf/data_wait_fraction"] = self.wait_s / elapsed
-        return out
-
-
-def _progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
-    loss = metrics.get("loss/total", metrics.get("total", float("nan")))
-    rate = metrics["perf/samples_per_s"]
-    return f"[train] step {step}/{total}  loss {loss:.4f}  {rate:.1f} samples/s"
+    def __post_init__(self) -> None:
+        positive = ("num_workers", "threads_per_worker", "batch_size", "grad_accum", "steps",
+                    "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_every", "val_batches", "checkpoint_every",
+                     "max_failures", "shuffle_buffer", "sample_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 def run(config: TrainConfig, ctx: StageContext) -> dict[str, Any]:
-    """Fit the tokenizer with a ``TorchTrainer`` and commit the final checkpoint."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    train_dir = Path(ctx.inputs["data"]) / "train"
-    dataset = ray.data.read_parquet(str(train_dir))
-    # One data progress bar per epoch per worker buries the training progress line.
-    dataset.context.enable_progress_bars = False
+    """Fit the tokenizer with a ``TorchTrainer`` and commit the final checkpoint's tokenizer."""
+    # The data's text vocabulary (preprocess's text_vocab.json, else bytes) sizes the text codec.
+    model_config, text_vocab = with_data_vocab(config.model, ctx.inputs["data"])
+    config = replace(config, model=model_config)
+    storage = config.storage_path or str((ctx.output_dir.parent / CHECKPOINTS_DIR).resolve())
+    name = config.run_name or default_run_name(config, ctx)
+    datasets = _datasets(Path(ctx.inputs["data"]), config)
     if ctx.logger:
         ctx.logger.params(flatten(to_dict(config)))
-    trainer = TorchTrainer(
+        ctx.logger.tags({"mmvq.checkpoints": f"{storage}/{name}"})
+    trainer = _trainer(config, ctx, datasets, storage, name, text_vocab)
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint ({storage}/{name})")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        state = read_state(Path(checkpoint_dir))
+        shutil.copytree(Path(checkpoint_dir) / TOKENIZER_DIR, ctx.output_dir / TOKENIZER_DIR)
+    summary = {"steps": state.step, "seconds": round(time.perf_counter() - started, 1),
+               "checkpoints": f"{storage}/{name}", "mlflow_run_id": state.mlflow_run_id,
+               "final": {k: float(v) for k, v in result.metrics.items()
+                         if isinstance(v, int | float)}}
+    (ctx.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if ctx.logger:
+        ctx.logger.artifacts(ctx.output_dir / TOKENIZER_DIR, TOKENIZER_DIR)
+        _close_resumed_run(ctx, state.mlflow_run_id)
+    return summary
+
+
+def default_run_name(config: TrainConfig, ctx: StageContext) -> str:
+    """``train-<hash>`` of the config, the input directories and the training code.
+
+    The same stage rerun after a crash gets the same name, so it resumes; anything that changes
+    what the checkpoints mean (config, data, code) gets a fresh run.
+    """
+    payload = json.dumps({"config": to_dict(config),
+                          "inputs": {k: str(Path(v).resolve()) for k, v in ctx.inputs.items()},
+                          "code": code_version(TRAIN_CODE)}, sort_keys=True, default=str)
+    return "train-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _datasets(data_dir: Path, config: TrainConfig) -> dict[str, Any]:
+    """The train split (and the val split when there is one), only the model's columns."""
+    import ray.data
+
+    datasets = {}
+    for split in ("train", "val"):
+        if split == "val" and (config.val_batches == 0 or not (data_dir / split).is_dir()):
+            continue
+        dataset = ray.data.read_parquet(str(data_dir / split), columns=list(MODEL_COLUMNS))
+        # One data progress bar per epoch per worker buries the training progress line.
+        dataset.context.enable_progress_bars = False
+        datasets[split] = dataset
+    return datasets
+
+
+def _trainer(config: TrainConfig, ctx: StageContext, datasets: dict[str, Any], storage: str,
+             name: str, text_vocab: Any) -> Any:
+    import ray.train
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    has_val = "val" in datasets
+    metric = config.checkpoint_metric if has_val else None
+    # Ray Train reserves the workers' CPUs/GPUs before Ray Data plans its operators, so the
+    # read tasks run on what is left and never starve the workers (or the other way round).
+    # preserve_order: the same rows reach the same worker in the same order on every run,
+    # which is what makes a resumed run replay exactly what an uninterrupted one would see.
+    ingest = ExecutionOptions(
+        preserve_order=True,
+        resource_limits=ExecutionResources(object_store_memory=config.data_memory_bytes))
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "tracking_uri": ctx.tracking_uri,
+        train_loop_config={"config": config, "text_vocab": text_vocab,
+                           "tracking_uri": ctx.tracking_uri, "has_val": has_val,
                            "run_id": ctx.logger.run_id if ctx.logger else None},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
-            resources_per_worker={"GPU": 1} if config.use_gpu else {"CPU": 1}),
-        run_config=ray.train.RunConfig(name="train",
-                                       storage_path=str((ctx.output_dir / "ray").resolve())),
-        datasets={"train": dataset},
+            resources_per_worker={"GPU": 1} if config.use_gpu else {"CPU": 1},
+            placement_strategy=config.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=metric,
+                checkpoint_score_order=config.checkpoint_mode)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options=ingest),
     )
-    started = time.perf_counter()
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        shutil.copytree(Path(checkpoint_dir) / TOKENIZER_DIR, ctx.output_dir / TOKENIZER_DIR)
-    shutil.rmtree(ctx.output_dir / "ray", ignore_errors=True)  # the tokenizer is what we keep
-    summary = {"steps": config.steps, "seconds": round(time.perf_counter() - started, 1),
-               "final": {k: float(v) for k, v in result.metrics.items()
-                         if isinstance(v, int | float)}}
-    if ctx.logger:
-        ctx.logger.artifacts(ctx.output_dir / TOKENIZER_DIR, TOKENIZER_DIR)
-    return summary
 
+
+def _close_resumed_run(ctx: StageContext, training_run_id: str | None) -> None:
+    """When this invocation continued a run an earlier one started, link the two and mark the
+    training run finished (the earlier invocation died with it running)."""
+    if not training_run_id or ctx.logger is None or training_run_id == ctx.logger.run_id:
+        return
+    ctx.logger.tags({"mmvq.training_run": training_run_id})
+    RunLogger(ctx.logger.tracking_uri, training_run_id).status("FINISHED")

@@ -33,7 +33,7 @@ def mlflow_server(tmp_path_factory):
             stdout=log_file, stderr=subprocess.STDOUT,
             env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 180  # generous: a loaded CI box starts it slowly
     while True:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=2)

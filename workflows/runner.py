@@ -1,30 +1,38 @@
 """Run a workflow: a YAML list of stages and which outputs feed which inputs.
 
-For each stage in order the runner builds its typed config, computes its fingerprint, and
-either reuses the committed output of an earlier run with the same fingerprint or runs it into
-a fresh committed directory. All of it is tracked in MLflow: one experiment per workflow, one
-parent run per invocation, one nested run per stage tagged with ``stage`` and ``fingerprint``.
+For each stage in order the runner builds its typed config and computes its fingerprint; a
+:func:`plan_workflow` then decides, per stage, to reuse the committed output of an earlier run
+with the same fingerprint or to run it into a fresh committed directory, and says why. Flags
+narrow or widen the plan: ``only`` (just these stages, on committed upstream outputs), ``from_``
+(these and everything downstream), ``force`` (these). All of it is tracked in MLflow: one
+experiment per workflow, one parent run per invocation, one nested run per stage tagged with
+``stage`` and ``fingerprint``. The committed directory decides reuse; MLflow names the run that
+produced it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, apply_overrides, flatten, from_dict, load_yaml, to_dict
 from pipeline.stage import (
+    commit_stage,
     committed_dir,
+    committed_outputs,
     fingerprint,
+    is_locked,
+    leftovers,
     read_record,
-    run_committed,
 )
 from pipeline.stages import STAGES
 from pipeline.tracking import RunLogger, default_tracking_uri, ensure_experiment
@@ -55,6 +63,29 @@ class Workflow:
     data_root: str = "runs/default"  # where committed stage outputs and the SQLite store live
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else SQLite under data_root
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """What the runner will do with one stage, and why."""
+
+    name: str  # the workflow entry (also the directory under data_root)
+    stage: str  # the registry name
+    config: Any  # the typed stage config
+    input_fps: dict[str, str]  # input slot -> upstream fingerprint
+    inputs: dict[str, str]  # input slot -> upstream entry name
+    fingerprint: str
+    code: str  # the stage's code version
+    action: Literal["run", "reuse", "skip"]
+    reason: str
+    output: Path  # the committed directory of this fingerprint (present or not)
+    forced: bool = False  # rerun even if the output is committed
+    run_id: str = ""  # MLflow run that produced the committed output, if known
+    previous: Path | None = None  # newest committed output of this entry for another fingerprint
+
+
+class PlanError(ConfigError):
+    """The flags ask for a plan that cannot run (an upstream output is missing)."""
 
 
 @dataclass
@@ -104,21 +135,97 @@ def load_workflow(path: str | Path, overrides: Sequence[str] = ()) -> Workflow:
     return workflow
 
 
-def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), progress: bool = True,
+def workflow_data_root(workflow: Workflow) -> Path:
+    """The workflow's data root as a local (or shared, mounted) directory.
+
+    Object-store URIs are refused: outputs are committed by a directory rename and guarded by
+    ``flock``, which S3 does not provide, so a run there could expose half-written outputs.
+    """
+    if "://" in workflow.data_root:
+        raise ConfigError(
+            f"data_root {workflow.data_root!r}: stage outputs are committed with an atomic "
+            "directory rename and a file lock, which object stores do not provide; use a "
+            "filesystem path that every node mounts (NFS, EFS, FSx for Lustre, a PVC)")
+    return Path(workflow.data_root).resolve()
+
+
+def workflow_tracking_uri(workflow: Workflow) -> str:
+    """The workflow's tracking_uri, else ``MLFLOW_TRACKING_URI``, else SQLite under data_root."""
+    return workflow.tracking_uri or default_tracking_uri(workflow_data_root(workflow))
+
+
+def plan_workflow(workflow: Workflow, *, only: Sequence[str] = (), from_: Sequence[str] = (),
+                  force: Sequence[str] = (), tracking_uri: str | None = None,
+                  ) -> list[PlannedStage]:
+    """Decide per stage: run, reuse or skip, with the reason. Starts nothing.
+
+    Parameters
+    ----------
+    only : run just these stages (always, as if forced); every other stage is reused from its
+        committed output or skipped. A missing output that an ``only`` stage reads is an error.
+    from_ : rerun these stages and everything downstream of them.
+    force : rerun these stages even when their output is committed.
+    tracking_uri : where to look up the MLflow run that produced each committed output;
+        None: the workflow's. Lookup failures only cost the run ids in the reasons.
+
+    Raises
+    ------
+    ConfigError
+        For a flag naming an unknown stage; :class:`PlanError` for a missing upstream output.
+    """
+    for flag, names in (("--only", only), ("--from", from_), ("--force", force)):
+        unknown = [n for n in names if n not in workflow.stages]
+        if unknown:
+            raise ConfigError(f"{flag} names unknown stage {unknown[0]!r} "
+                              f"(stages: {', '.join(workflow.stages)})")
+    data_root = workflow_data_root(workflow)
+    producers = _ProducerLookup(tracking_uri or workflow_tracking_uri(workflow), workflow.name)
+    downstream = _downstream(workflow, from_)
+    plan: dict[str, PlannedStage] = {}
+    for name, entry in workflow.stages.items():
+        spec = STAGES[entry.stage or name]
+        config = from_dict(spec.config_type, entry.config, path=f"stages.{name}.config")
+        input_fps = {slot: plan[u].fingerprint for slot, u in entry.inputs.items()}
+        code = spec.code_version()
+        fp = fingerprint(spec.name, config, input_fps, code)
+        output = committed_dir(data_root, name, fp)
+        committed = read_record(output)
+        history = [p for p in committed_outputs(data_root, name) if p != output]
+        base = PlannedStage(name, spec.name, config, input_fps, dict(entry.inputs), fp, code,
+                            "run", "", output, previous=history[-1] if history else None)
+        run_id = producers.run_id(spec.name, fp) if committed or not history else ""
+        run_id = run_id or (committed or {}).get("mlflow_run_id", "")
+        reuse = _replace(base, action="reuse", run_id=run_id,
+                         reason=f"committed output {output}"
+                         + (f" (MLflow run {run_id})" if run_id else ""))
+        step = _decide(workflow, base, reuse, committed is not None, only=only, from_=from_,
+                       force=force, downstream=downstream)
+        if step is None:
+            step = _replace(base, reason=_why_run(base, plan, data_root, producers))
+        plan[name] = step
+    return list(plan.values())
+
+
+def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequence[str] = (),
+                 from_: Sequence[str] = (), progress: bool = True,
                  workflow_file: str | Path | None = None) -> list[StageResult]:
-    """Run (or reuse) every stage in order under one MLflow parent run."""
-    unknown = set(force) - set(workflow.stages)
-    if unknown:
-        raise ConfigError(f"--force names unknown stages: {sorted(unknown)}")
-    data_root = Path(workflow.data_root).resolve()
+    """Plan, then run or reuse every planned stage in order under one MLflow parent run.
+
+    Returns the results of the stages that ran or were reused (skipped ones have none).
+    """
+    data_root = workflow_data_root(workflow)
+    tracking_uri = workflow_tracking_uri(workflow)
+    plan = plan_workflow(workflow, only=only, from_=from_, force=force,
+                         tracking_uri=tracking_uri)
     data_root.mkdir(parents=True, exist_ok=True)
-    tracking_uri = workflow.tracking_uri or default_tracking_uri(data_root)
     _init_ray(workflow.ray, progress)
 
     client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(client, workflow.name, data_root / "mlartifacts")
+    experiment_id = ensure_experiment(client, workflow.name,
+                                      _artifact_root(tracking_uri, data_root))
     parent = client.create_run(experiment_id, run_name=f"{workflow.name}-{time.strftime('%H%M%S')}",
-                               tags={"workflow": workflow.name})
+                               tags={"workflow": workflow.name,
+                                     "plan": " ".join(f"{p.name}={p.action}" for p in plan)})
     parent_id = parent.info.run_id
     parent_log = RunLogger(tracking_uri, parent_id)
     if workflow_file:
@@ -126,10 +233,16 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), progress: boo
     results: dict[str, StageResult] = {}
     status = "FAILED"
     try:
-        for name, entry in workflow.stages.items():
-            results[name] = _run_stage(name, entry, results, data_root, client,
-                                       experiment_id, parent_id, tracking_uri,
-                                       forced=name in force, progress=progress)
+        for planned in plan:
+            if planned.action == "skip":
+                print(f"[{planned.name}] skip: {planned.reason}", flush=True)
+                continue
+            # Upstream outputs by fingerprint: a reused or skipped upstream has no result here.
+            inputs = {slot: committed_dir(data_root, planned.inputs[slot], ufp)
+                      for slot, ufp in planned.input_fps.items()}
+            results[planned.name] = _run_stage(planned, inputs, data_root, client,
+                                               experiment_id, parent_id, tracking_uri,
+                                               progress=progress)
         headline = _headline(results)
         if headline:
             parent_log.metrics(headline, step=0)
@@ -139,48 +252,42 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), progress: boo
     return list(results.values())
 
 
-def _run_stage(name: str, entry: StageEntry, done: Mapping[str, StageResult], data_root: Path,
-               client: MlflowClient, experiment_id: str, parent_id: str,
-               tracking_uri: str, forced: bool, progress: bool) -> StageResult:
-    spec = STAGES[entry.stage or name]
-    config = from_dict(spec.config_type, entry.config, path=f"stages.{name}.config")
-    inputs = {slot: done[upstream].output for slot, upstream in entry.inputs.items()}
-    code = spec.code_version()
-    fp = fingerprint(spec.name, config, {s: done[u].fingerprint for s, u in entry.inputs.items()},
-                     code)
+def _run_stage(planned: PlannedStage, inputs: Mapping[str, Path], data_root: Path,
+               client: MlflowClient, experiment_id: str, parent_id: str, tracking_uri: str,
+               progress: bool) -> StageResult:
+    name, fp = planned.name, planned.fingerprint
+    spec = STAGES[planned.stage]
     run = client.create_run(experiment_id, run_name=name, tags={
         "mlflow.parentRunId": parent_id, "stage": spec.name, "fingerprint": fp})
     logger = RunLogger(tracking_uri, run.info.run_id)
-    logger.params(flatten(to_dict(config)))
+    logger.params(flatten(to_dict(planned.config)))
     started = time.perf_counter()
-    record = read_record(committed_dir(data_root, name, fp))
     status = "FAILED"
     try:
-        if record is not None and not forced:
-            print(f"[{name}] reuse {fp}: same config, inputs and code as run "
-                  f"{record.get('mlflow_run_id', '?')}", flush=True)
-            logger.tags({"reused": "true", "reused_from_run": record.get("mlflow_run_id", "")})
-            output, summary, reused = committed_dir(data_root, name, fp), record["summary"], True
-        else:
-            if forced and record is not None:
-                _discard(committed_dir(data_root, name, fp))
-            print(f"[{name}] run {fp}", flush=True)
-            output, summary = run_committed(
-                spec, config, data_root, fp, inputs,
-                record={"stage": spec.name, "entry": name, "fingerprint": fp, "code": code,
-                        "config": to_dict(config), "inputs": {k: str(v) for k, v in
-                                                              inputs.items()},
-                        "mlflow_run_id": run.info.run_id},
-                logger=logger, tracking_uri=tracking_uri, progress=progress)
-            reused = False
+        output, record, reused = commit_stage(
+            spec, planned.config, data_root, fp, inputs,
+            record={"stage": spec.name, "entry": name, "fingerprint": fp, "code": planned.code,
+                    "config": to_dict(planned.config), "input_fingerprints": planned.input_fps,
+                    "inputs": {k: str(v) for k, v in inputs.items()},
+                    "mlflow_run_id": run.info.run_id},
+            name=name, force=planned.forced, logger=logger, tracking_uri=tracking_uri,
+            progress=progress,
+            on_wait=lambda: print(f"[{name}] waiting: another run is writing {planned.output}",
+                                  flush=True),
+            on_run=lambda: print(f"[{name}] run {fp}: {planned.reason}", flush=True))
+        if reused:
+            source = record.get("mlflow_run_id", "")
+            print(f"[{name}] reuse {fp}: same config, inputs and code as run {source or '?'}",
+                  flush=True)
+            logger.tags({"reused_from_run": source})
         seconds = time.perf_counter() - started
         logger.tags({"reused": str(reused).lower(), "output": str(output)})
         logger.metrics({"stage/seconds": seconds}, step=0)
         status = "FINISHED"
         print(f"[{name}] {'reused' if reused else 'done'} in {seconds:.1f}s -> {output}",
               flush=True)
-        return StageResult(name, fp, output, reused, seconds, run.info.run_id, summary,
-                           tracking_uri)
+        return StageResult(name, fp, output, reused, seconds, run.info.run_id,
+                           record["summary"], tracking_uri)
     finally:
         client.set_terminated(run.info.run_id, status)
 
@@ -199,40 +306,218 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
     if set(inputs) != set(spec.inputs):
         raise ConfigError(f"stage {stage} needs --input for {list(spec.inputs)}, "
                           f"got {sorted(inputs)}")
-    from_dict(spec.config_type, config, source=source)  # fail early, naming the file
+    cfg = from_dict(spec.config_type, config, source=source)  # fail early, naming the file
     upstream = {}
     for slot, path in inputs.items():
         record = read_record(path)
         if record is None:
             raise ConfigError(f"input {slot}={path} is not a committed stage output "
                               f"(no {path}/stage.json)")
-        upstream[slot] = StageResult(slot, record["fingerprint"], Path(path).resolve(), True,
-                                     0.0, record.get("mlflow_run_id", ""), record["summary"])
+        upstream[slot] = (Path(path).resolve(), record["fingerprint"])
     data_root = Path(data_root).resolve()
     data_root.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or default_tracking_uri(data_root)
+    input_fps = {slot: fp for slot, (_, fp) in upstream.items()}
+    code = spec.code_version()
+    fp = fingerprint(spec.name, cfg, input_fps, code)
+    planned = PlannedStage(stage, stage, cfg, input_fps, {}, fp, code, "run", "stage command",
+                           committed_dir(data_root, stage, fp))
     _init_ray(RayConfig(), progress)
     client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(client, f"stage-{stage}", data_root / "mlartifacts")
+    experiment_id = ensure_experiment(client, f"stage-{stage}",
+                                      _artifact_root(tracking_uri, data_root))
     parent = client.create_run(experiment_id, run_name=f"stage-{stage}",
                                tags={"workflow": f"stage-{stage}"})
     status = "FAILED"
     try:
-        result = _run_stage(stage, StageEntry(stage=stage, inputs={s: s for s in inputs},
-                                              config=dict(config)),
-                            upstream, data_root, client, experiment_id,
-                            parent.info.run_id, tracking_uri, forced=False, progress=progress)
+        result = _run_stage(planned, {slot: path for slot, (path, _) in upstream.items()},
+                            data_root, client, experiment_id, parent.info.run_id,
+                            tracking_uri, progress=progress)
         status = "FINISHED"
         return result
     finally:
         client.set_terminated(parent.info.run_id, status)
 
 
-def _discard(path: Path) -> None:
-    """Move a committed output aside before a forced rerun (rename first: atomic for readers)."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+def _decide(workflow: Workflow, base: PlannedStage, reuse: PlannedStage, committed: bool, *,
+            only: Sequence[str], from_: Sequence[str], force: Sequence[str],
+            downstream: set[str]) -> PlannedStage | None:
+    """The flags' verdict on one stage; None: run for lack of a committed output."""
+    name = base.name
+    if only:
+        if name in only:
+            return _replace(base, forced=True, reason="--only " + name)
+        if committed:
+            return reuse
+        readers = [n for n in only if name in workflow.stages[n].inputs.values()]
+        if readers:
+            raise PlanError(
+                f"--only {' '.join(only)}: {readers[0]} reads the output of {name}, which has "
+                f"no committed output for fingerprint {base.fingerprint} ({base.output} is "
+                f"missing); run the workflow without --only, or add --only {name}")
+        return _replace(base, action="skip", reason="not read by the --only stages")
+    if name in force or name in downstream:
+        why = (f"--force {name}" if name in force else
+               f"--from {name}" if name in from_ else
+               f"downstream of --from {' '.join(from_)}")
+        return _replace(base, forced=True, reason=why)
+    return reuse if committed else None
+
+
+def _replace(planned: PlannedStage, **changes: Any) -> PlannedStage:
+    return dataclasses.replace(planned, **changes)
+
+
+def _downstream(workflow: Workflow, roots: Sequence[str]) -> set[str]:
+    """``roots`` and every stage that reads, directly or not, from one of them."""
+    found = set(roots)
+    for name, entry in workflow.stages.items():  # listed in order: upstream before downstream
+        if found & set(entry.inputs.values()):
+            found.add(name)
+    return found
+
+
+def _why_run(step: PlannedStage, plan: Mapping[str, PlannedStage], data_root: Path,
+             producers: _ProducerLookup) -> str:
+    """Why a stage without a committed output for its fingerprint runs: what changed since the
+    newest committed output of the same entry (its stage record holds config, code, inputs)."""
+    rerun = [u for u in dict.fromkeys(step.inputs.values()) if plan[u].action == "run"]
+    reasons = [f"upstream {', '.join(rerun)} rerun{'s' if len(rerun) == 1 else ''}"] \
+        if rerun else []
+    previous = read_record(step.previous) if step.previous else None
+    if previous is None:
+        run_id = producers.run_id(step.stage, step.fingerprint)
+        if run_id:  # MLflow remembers an output that is no longer on disk
+            return (f"no committed output: MLflow run {run_id} finished this fingerprint but "
+                    f"{step.output} is gone")
+        return "; ".join(reasons) or "no committed output yet"
+    changes, added = _config_changes(previous.get("config", {}), to_dict(step.config))
+    if changes:
+        shown = ", ".join(f"{step.name}.{k} {old}\u2192{new}" for k, old, new in changes[:3])
+        more = f", +{len(changes) - 3} more" if len(changes) > 3 else ""
+        reasons.append(f"config changed ({shown}{more})")
+    if added:  # fields the config class gained since: a code change, not a user edit
+        names = ", ".join(added[:2]) + (", ..." if len(added) > 2 else "")
+        reasons.append(f"{len(added)} config field{'s' if len(added) > 1 else ''} new since "
+                       f"{step.previous.name} ({names})")
+    if previous.get("code") != step.code:
+        reasons.append(f"code changed ({previous.get('code')}\u2192{step.code})")
+    if not any(r.startswith("upstream") for r in reasons):
+        old_inputs = previous.get("input_fingerprints", {})
+        changed = [f"{slot} {old_inputs.get(slot, '?')}\u2192{fp}"
+                   for slot, fp in step.input_fps.items() if old_inputs.get(slot) != fp]
+        if changed:
+            reasons.append(f"inputs changed ({', '.join(changed)})")
+    return "; ".join(reasons) or f"fingerprint differs from {step.previous.name}"
+
+
+def _config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
+                    ) -> tuple[list[tuple[str, Any, Any]], list[str]]:
+    """``(key, old, new)`` per flattened key whose value differs, and the keys ``old`` lacks.
+
+    Both go through a JSON round trip, so a tuple in the config equals the list in the record.
+    """
+    old_flat = flatten(json.loads(json.dumps(old, default=str)))
+    new_flat = flatten(json.loads(json.dumps(new, default=str)))
+    changed = [(k, old_flat[k], new_flat[k]) for k in sorted(set(old_flat) & set(new_flat))
+               if old_flat[k] != new_flat[k]]
+    return changed, sorted(set(new_flat) - set(old_flat))
+
+
+class _ProducerLookup:
+    """The MLflow run that produced a fingerprint (tags ``stage``, ``fingerprint``,
+    ``reused=false``), looked up once per fingerprint; None of it may fail the plan."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self._experiment_id: str | None = None
+        self._cache: dict[tuple[str, str], str] = {}
+        self._disabled = self._missing_sqlite(tracking_uri)
+
+    @staticmethod
+    def _missing_sqlite(uri: str) -> bool:
+        # Opening a SQLite URI creates the database; a plan must not write anything.
+        return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()
+
+    def run_id(self, stage: str, fp: str) -> str:
+        if self._disabled:
+            return ""
+        if (stage, fp) not in self._cache:
+            self._cache[(stage, fp)] = self._search(stage, fp)
+        return self._cache[(stage, fp)]
+
+    def _search(self, stage: str, fp: str) -> str:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            client = MlflowClient(self.tracking_uri)
+            if self._experiment_id is None:
+                experiment = client.get_experiment_by_name(self.experiment)
+                if experiment is None:
+                    self._disabled = True
+                    return ""
+                self._experiment_id = experiment.experiment_id
+            runs = client.search_runs(
+                [self._experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                filter_string=(f"tags.stage = '{stage}' AND tags.fingerprint = '{fp}' AND "
+                               "tags.reused = 'false' AND attributes.status = 'FINISHED'"))
+        except Exception as err:  # noqa: BLE001 - run ids are a courtesy of the plan
+            log.warning("MLflow lookup at %s failed, plan without run ids: %s",
+                        self.tracking_uri, err)
+            self._disabled = True
+            return ""
+        return runs[0].info.run_id if runs else ""
+
+
+def format_plan(plan: Sequence[PlannedStage]) -> str:
+    """The ``--dry-run`` text: one line per stage, ``run``/``reuse``/``skip`` and why."""
+    lines = []
+    for step in plan:
+        lines.append(f"{step.name:<12} {step.fingerprint}  {step.action}: {step.reason}")
+    return "\n".join(lines)
+
+
+StageState = Literal["done", "missing", "stale", "running"]
+
+
+def stage_state(step: PlannedStage, data_root: Path) -> StageState:
+    """``done``: committed for the current fingerprint; ``running``: a run holds its lock;
+    ``stale``: committed only for older fingerprints; ``missing``: never committed."""
+    if read_record(step.output) is not None:
+        return "done"
+    if is_locked(data_root, step.name, step.fingerprint):
+        return "running"
+    return "stale" if step.previous is not None else "missing"
+
+
+def format_status(workflow: Workflow, plan: Sequence[PlannedStage]) -> str:
+    """The ``mmvq status`` table: state, fingerprint, MLflow run and output per stage."""
+    data_root = workflow_data_root(workflow)
+    rows = [("STAGE", "STATE", "FINGERPRINT", "MLFLOW RUN", "OUTPUT")]
+    notes = []
+    for step in plan:
+        state = stage_state(step, data_root)
+        output = step.output if state in ("done", "running") else step.previous or "-"
+        rows.append((step.name, state, step.fingerprint, step.run_id or "-", str(output)))
+        if state == "stale":
+            notes.append(f"{step.name}: stale, reruns because {step.reason}")
+        left = leftovers(data_root, step.name)
+        if left and state != "running":
+            notes.append(f"{step.name}: {len(left)} unfinished director"
+                         f"{'y' if len(left) == 1 else 'ies'} of killed runs (removed when "
+                         f"that fingerprint runs next): {', '.join(p.name for p in left)}")
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"workflow {workflow.name}  data root {data_root}"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4]
+              for row in rows]
+    return "\n".join(lines + notes)
+
+
+def _artifact_root(tracking_uri: str, data_root: Path) -> Path | None:
+    """Artifacts of new experiments: beside the outputs for a local store; the server's own
+    (proxied) store for a tracking server, so clients need no access to where it keeps them."""
+    return None if tracking_uri.startswith(("http://", "https://")) else data_root / "mlartifacts"
 
 
 def _init_ray(config: RayConfig, progress: bool) -> None:

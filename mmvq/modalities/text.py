@@ -1,7 +1,10 @@
-"""Byte-level text encoder and decoder: small transformers with one latent per byte position.
+"""Text encoder and decoder: small transformers with one latent per text-id position.
+
+The ids are UTF-8 bytes or BPE pieces (mmvq.text_vocab); ``TextCodecConfig.vocab_size`` sizes
+the embedding and the logits.
 
 The encoder is bidirectional, so each position's code can carry context; the decoder is a
-second bidirectional transformer that reads the codes back to byte logits. Positions are learned
+second bidirectional transformer that reads the codes back to id logits. Positions are learned
 (GPT-2 style). Padding positions are encoded like any other token (the PAD id), which keeps the
 graph identical for every batch; the loss ignores them.
 """
@@ -12,7 +15,6 @@ import torch
 from torch import nn
 
 from mmvq.config import TextCodecConfig
-from mmvq.text_vocab import VOCAB_SIZE
 
 
 def _transformer(cfg: TextCodecConfig) -> nn.TransformerEncoder:
@@ -31,11 +33,11 @@ def _transformer(cfg: TextCodecConfig) -> nn.TransformerEncoder:
 
 
 class TextEncoder(nn.Module):
-    """(B, L) byte ids -> (B, L, latent_dim)."""
+    """(B, L) text ids -> (B, L, latent_dim)."""
 
     def __init__(self, cfg: TextCodecConfig) -> None:
         super().__init__()
-        self.tok = nn.Embedding(VOCAB_SIZE, cfg.dim)
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos = nn.Embedding(cfg.max_len, cfg.dim)
         self.blocks = _transformer(cfg)
         self.norm = nn.LayerNorm(cfg.dim)
@@ -49,7 +51,7 @@ class TextEncoder(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """(B, L, latent_dim) -> (B, L, VOCAB_SIZE) logits."""
+    """(B, L, latent_dim) -> (B, L, vocab_size) logits."""
 
     def __init__(self, cfg: TextCodecConfig) -> None:
         super().__init__()
@@ -57,10 +59,10 @@ class TextDecoder(nn.Module):
         self.pos = nn.Embedding(cfg.max_len, cfg.dim)
         self.blocks = _transformer(cfg)
         self.norm = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, VOCAB_SIZE)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(z.shape[1], device=z.device)  # (L,)
         h = self.inp(z) + self.pos(pos)[None]  # (B, L, dim)
         h = self.blocks(h)  # (B, L, dim)
-        return self.head(self.norm(h))  # (B, L, VOCAB_SIZE)
+        return self.head(self.norm(h))  # (B, L, vocab_size)

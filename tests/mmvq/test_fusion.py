@@ -36,7 +36,7 @@ def test_shapes_ranges_and_unit_embeddings():
     assert int(out.indices.min()) >= 0 and int(out.indices.max()) < 32
     for emb in out.embeddings.values():
         assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
-    assert set(out.losses) == {"fusion/commit", "fusion/codebook", "align/infonce"}
+    assert set(out.losses) == {"fusion/commit", "fusion/codebook", "fusion/recon", "align/infonce"}
 
 
 def test_absent_modality_does_not_influence_joint_tokens():
@@ -101,7 +101,7 @@ def test_tokenizer_with_fusion_gives_joint_tokens_that_survive_save_load(make_ba
     inputs = to_model_inputs(batch)
     out = model(inputs)
     assert out.indices["joint"].shape == (4, 4)
-    assert {"fusion/commit", "fusion/codebook", "align/infonce"} <= set(out.losses)
+    assert {"fusion/commit", "fusion/codebook", "fusion/recon", "align/infonce"} <= set(out.losses)
     assert model.codebook_sizes()["joint"] == 32 and model.token_shapes()["joint"] == (4,)
     stats = generator_step(model, inputs, build_optimizer(model))
     assert stats["align/infonce"] > 0

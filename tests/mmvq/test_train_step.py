@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -6,9 +7,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mmvq import MultimodalTokenizer, TokenizerConfig, to_model_inputs
-from mmvq.train_step import build_optimizer, generator_step
+from mmvq.train_step import (
+    build_optimizer,
+    generator_step,
+    update_ema,
+    warmup_cosine,
+)
 
 LOSS_KEYS = {"image/l1", "audio/l1", "audio/mel", "text/ce", "vq/commit", "vq/codebook", "total"}
+CODE_KEYS = {f"codes/{m}_{s}" for m in ("image", "audio", "text") for s in ("usage", "perplexity")}
 
 
 @pytest.fixture
@@ -20,8 +27,9 @@ def test_generator_step_updates_weights_and_reports_floats(inputs):
     model = MultimodalTokenizer(TokenizerConfig())
     before = model.weights_hash()
     stats = generator_step(model, inputs, build_optimizer(model), grad_clip=1.0)
-    assert set(stats) == LOSS_KEYS | {"grad_norm"}
+    assert set(stats) == LOSS_KEYS | CODE_KEYS | {"grad_norm"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
+    assert 0 < stats["codes/image_usage"] <= 1 and 1 <= stats["codes/image_perplexity"] <= 256
     assert stats["grad_norm"] > 0
     assert model.weights_hash() != before
 
@@ -67,3 +75,70 @@ def test_generator_step_under_ddp_matches_plain_step(inputs, tmp_path):
         dist.destroy_process_group()
     for (name, p), q in zip(plain.named_parameters(), wrapped.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _rows(inputs, rows):
+    import dataclasses
+
+    return dataclasses.replace(inputs, **{f.name: getattr(inputs, f.name)[rows]
+                                          for f in dataclasses.fields(inputs)})
+
+
+def test_gradient_accumulation_matches_the_full_batch_step(make_batch):
+    # Text CE and audio L1 average over real positions, so micro-batch means equal the batch
+    # mean only when every sample has as many: full-length audio and text here.
+    batch = make_batch(4, seed=3)
+    batch["audio_len"][:] = batch["audio"].shape[1]
+    batch["text_len"][:] = batch["text_ids"].shape[1]
+    inputs = to_model_inputs(batch)
+    micro = [_rows(inputs, slice(0, 2)), _rows(inputs, slice(2, 4))]
+    torch.manual_seed(0)
+    full = MultimodalTokenizer(TokenizerConfig())
+    accum = MultimodalTokenizer(TokenizerConfig())
+    accum.load_state_dict(full.state_dict())
+    a = generator_step(full, inputs, torch.optim.SGD(full.parameters(), lr=0.1))
+    b = generator_step(accum, micro, torch.optim.SGD(accum.parameters(), lr=0.1))
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    for (name, p), q in zip(full.named_parameters(), accum.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_step_keeps_fp32_weights_and_finite_losses(inputs):
+    model = MultimodalTokenizer(TokenizerConfig())
+    stats = generator_step(model, inputs, build_optimizer(model), grad_clip=1.0,
+                           amp_dtype=torch.bfloat16)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(inputs)
+    assert out.reconstructions["image"].dtype == torch.bfloat16  # the convs ran in bf16
+    # The quantizers compute distances and code lookups in fp32 whatever the autocast dtype.
+    z = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.quantizers["image"](z, None).quantized.dtype == torch.float32
+
+
+def test_warmup_cosine_schedule_shape():
+    lrs = [warmup_cosine(s, warmup_steps=4, total_steps=14, min_ratio=0.1) for s in range(20)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))  # monotone decay after warmup
+    assert lrs[9] == pytest.approx(0.55)  # halfway through the cosine: (1 + 0.1) / 2
+    assert lrs[14:] == pytest.approx([0.1] * 6)  # flat at the floor after total_steps
+    assert warmup_cosine(0, 0, 10) == pytest.approx(1.0)
+
+
+def test_ema_tracks_the_model_and_copies_buffers():
+    import copy
+
+    model = MultimodalTokenizer(TokenizerConfig())
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        next(model.buffers()).fill_(7)
+    before = [p.clone() for p in ema.parameters()]
+    update_ema(ema, model, decay=0.9)
+    for old, new, target in zip(before, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * target)
+    assert torch.equal(next(ema.buffers()), next(model.buffers()))

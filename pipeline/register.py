@@ -1,0 +1,205 @@
+"""Register stage: the trained tokenizer as an MLflow pyfunc model, tagged with its evaluation.
+
+The model is :class:`TokenizerModel`, a ``mlflow.pyfunc.PythonModel`` whose artifact is the
+tokenizer directory (``config.json`` + ``model.safetensors``). ``load_context`` loads
+:class:`mmvq.MultimodalTokenizer` from it and ``predict`` encodes a DataFrame of raw samples
+(image / audio file bytes, caption text) into token rows, through :class:`pipeline.codec.Codec`,
+so a registered version gives exactly the tokens ``mmvq encode`` and the tokenize stage give.
+
+Each registered version carries tags: the evaluate stage's trained metrics (``eval/image/psnr``
+...), the weights sha256 and the ``local:<hash>`` id that the token dataset's ``tokenizer``
+column holds. Tokenize runs before registration, so token rows name the weights hash; the
+registry maps a version to that hash (search ``tags.tokenizer_id = 'local:...'``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+from mlflow.tracking import MlflowClient
+
+from pipeline.stage import StageContext
+from pipeline.train import TOKENIZER_DIR
+
+ARTIFACT = "tokenizer"  # key of the tokenizer directory in the pyfunc model's artifacts
+METRIC_TAG_PREFIX = "eval/"  # version tag per trained metric: eval/image/psnr = 21.3
+INPUT_COLUMNS = ("key", "image", "audio", "text")
+TOKEN_COLUMNS = ("image_tokens", "image_grid", "audio_tokens", "text_tokens", "joint_tokens",
+                 "interleaved_tokens")
+OUTPUT_COLUMNS = ("key", *TOKEN_COLUMNS, "audio_frames", "tokenizer")  # predict's, in order
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    name: str = "mmvq-tokenizer"  # registered model name; each run adds a version
+    model_path: str = "tokenizer"  # name of the logged model inside the register run
+
+
+class TokenizerModel(PythonModel):
+    """pyfunc wrapper: a DataFrame of raw samples in, one token row per sample out.
+
+    Input columns (each optional per row; a row needs at least one modality): ``key`` str,
+    ``image`` encoded image bytes (PNG, JPEG, WebP), ``audio`` encoded audio bytes (WAV, FLAC,
+    OGG, MP3), ``text`` str. Output columns: the token dataset's (``image_tokens``,
+    ``audio_tokens``, ``text_tokens``, ``interleaved_tokens`` ...) as lists of ints.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from pipeline.codec import Codec
+
+        self.codec = Codec(context.artifacts[ARTIFACT])
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        unknown = sorted(set(model_input.columns) - set(INPUT_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown input columns {unknown}; expected {list(INPUT_COLUMNS)}")
+        samples = []
+        for i, row in enumerate(model_input.to_dict("records")):
+            sample = {"key": row.get("key") or str(i)}
+            for name in ("image", "audio", "text"):
+                if _present(row.get(name)):
+                    sample[name] = row[name]
+            samples.append(sample)
+        table = self.codec.encode(samples)
+        return pd.DataFrame(table.select(list(OUTPUT_COLUMNS)).to_pylist())
+
+
+def _present(value: Any) -> bool:
+    if value is None:
+        return False
+    return not (isinstance(value, float) and math.isnan(value))  # pandas' missing value
+
+
+def signature() -> Any:
+    """Input: optional key/image/audio/text columns; output: the token columns as int lists."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Schema([ColSpec(DataType.string, "key", required=False),
+                     ColSpec(DataType.binary, "image", required=False),
+                     ColSpec(DataType.binary, "audio", required=False),
+                     ColSpec(DataType.string, "text", required=False)])
+    outputs = Schema([ColSpec(DataType.string, "key"),
+                      *[ColSpec(Array(DataType.integer), c) for c in TOKEN_COLUMNS],
+                      ColSpec(DataType.integer, "audio_frames"),
+                      ColSpec(DataType.string, "tokenizer")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(image_size: int, sample_rate: int) -> pd.DataFrame:
+    """One generated sample (a gradient image, a 0.5 s tone, a caption) as encoded bytes."""
+    import io
+
+    import soundfile
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, image_size, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (image_size, 1))] * 3, axis=-1)  # (H, W, 3)
+    image = io.BytesIO()
+    Image.fromarray(pixels).save(image, format="PNG")
+    t = np.arange(sample_rate // 2) / sample_rate
+    audio = io.BytesIO()
+    soundfile.write(audio, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
+                    sample_rate, format="WAV")
+    return pd.DataFrame([{"key": "example", "image": image.getvalue(),
+                          "audio": audio.getvalue(), "text": "a small red circle"}])
+
+
+def previous_version(tracking_uri: str, name: str) -> dict[str, Any] | None:
+    """The newest registered version of ``name``: version, metrics from its tags, tokenizer id.
+
+    None when the model is not registered (or the registry cannot be reached: a comparison is
+    a nice-to-have, never a reason to fail an evaluation).
+    """
+    try:
+        versions = MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'")
+    except Exception:  # noqa: BLE001 - no registry, no comparison
+        return None
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    metrics = {k[len(METRIC_TAG_PREFIX):]: float(v) for k, v in newest.tags.items()
+               if k.startswith(METRIC_TAG_PREFIX)}
+    return {"name": name, "version": int(newest.version), "metrics": metrics,
+            "tokenizer_id": newest.tags.get("tokenizer_id", "")}
+
+
+def run(config: RegisterConfig, ctx: StageContext) -> dict[str, Any]:
+    """Log the tokenizer as a pyfunc model, register it, tag the version with eval metrics."""
+    from mmvq import MultimodalTokenizer
+
+    if ctx.logger is None or not ctx.tracking_uri:
+        raise ValueError("register needs MLflow tracking (run it from a workflow or mmvq stage)")
+    model_dir = Path(ctx.inputs["model"]) / TOKENIZER_DIR
+    model = MultimodalTokenizer.load(model_dir)
+    weights = model.weights_hash()
+    metrics_file = Path(ctx.inputs["evaluation"]) / "metrics.json"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"{metrics_file}: the evaluation input has no metrics.json")
+    trained = json.loads(metrics_file.read_text())["trained"]
+    tags = {**{f"{METRIC_TAG_PREFIX}{k}": repr(float(v)) for k, v in trained.items()},
+            "tokenizer_id": f"local:{weights[:16]}", "weights_sha256": weights,
+            "source_run": ctx.logger.run_id}
+    with _fluent_uris(ctx.tracking_uri), mlflow.start_run(run_id=ctx.logger.run_id):
+        info = mlflow.pyfunc.log_model(
+            name=config.model_path, python_model=TokenizerModel(),
+            artifacts={ARTIFACT: str(model_dir)}, signature=signature(),
+            input_example=input_example(model.config.image.image_size,
+                                        model.config.audio.sample_rate),
+            registered_model_name=config.name, pip_requirements=_requirements())
+    version = int(info.registered_model_version)
+    client = MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(config.name, str(version), key, value)
+    ctx.logger.tags({"registered_model": config.name, "registered_version": str(version)})
+    record = {"name": config.name, "version": version, "uri": f"models:/{config.name}/{version}",
+              "tokenizer_id": tags["tokenizer_id"], "weights_sha256": weights}
+    (ctx.output_dir / "registered.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+@contextmanager
+def _fluent_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (all ``log_model`` speaks) at ``uri`` for one block.
+
+    Its URIs are process globals mirrored into environment variables; restoring them through
+    ``get_tracking_uri()`` would pin MLflow's default (``./mlflow.db``) for every later caller,
+    so the variables are put back exactly as they were, unset included.
+    """
+    saved = {name: os.environ.get(name) for name in _URI_VARS}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None unsets
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _requirements() -> list[str]:
+    """Pinned to this environment; explicit, so MLflow does not load the model to infer them."""
+    from importlib.metadata import version
+
+    names = ("torch", "torchaudio", "torchvision", "numpy", "pandas", "pyarrow", "safetensors",
+             "einops", "soundfile", "pillow", "mlflow")
+    return [f"{n}=={version(n)}" for n in names]

@@ -1,0 +1,430 @@
+"""What every Ray Train worker runs: mmvq's plain-torch steps plus Ray's data shard and report.
+
+Per step: ``grad_accum`` micro-batches from this worker's shard of the train split (streamed by
+``iter_torch_batches``, a fresh iterator per epoch), the generator step (and, with the GAN on,
+the discriminator step), both LR schedulers, the EMA. Every ``log_every`` steps rank 0 logs to
+MLflow and prints a progress line; every ``val_every`` steps (and at every checkpoint) rank 0
+scores the weights it would ship on a few val batches; every ``checkpoint_every`` steps and at
+the end every rank reports its part of a checkpoint (:mod:`pipeline.checkpoint`).
+
+A restarted worker group (``FailureConfig``) or a rerun with the same run name finds the latest
+checkpoint through ``ray.train.get_checkpoint()``, restores weights, optimizers, schedulers, RNG
+states and the data position (epoch, micro-batches consumed in it, skipped on the same shuffle
+seed), and logs to the same MLflow run, skipping steps that run already holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmvq import MultimodalTokenizer, to_model_inputs
+from mmvq import metrics as M
+from mmvq.discriminators import build_discriminators
+from mmvq.perceptual import build_perceptual
+from mmvq.train_step import (
+    build_optimizer,
+    discriminator_step,
+    gan_generator_step,
+    generator_step,
+    update_ema,
+    warmup_cosine,
+)
+from pipeline.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from pipeline.tracking import RunLogger
+
+# The metric whose MLflow history tells a resumed run which steps are logged already.
+HISTORY_KEY = "loss/total"
+
+
+@dataclass
+class _Parts:
+    """The trainable pieces of one worker, unwrapped (before DDP)."""
+
+    model: MultimodalTokenizer
+    ema: MultimodalTokenizer | None
+    discriminators: nn.ModuleDict | None
+    perceptual: nn.Module | None
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+
+    def modules(self) -> dict[str, nn.Module | None]:
+        return {"generator": self.model, "ema": self.ema, "discriminators": self.discriminators}
+
+    def optim(self) -> dict[str, Any]:
+        return {**{f"optimizer/{k}": v for k, v in self.optimizers.items()},
+                **{f"scheduler/{k}": v for k, v in self.schedulers.items()}}
+
+    def export(self) -> MultimodalTokenizer:
+        """The weights to ship and validate: the EMA when on."""
+        return self.ema if self.ema is not None else self.model
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker (see the module docstring)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = loop_config["config"]
+    _quiet_report_log()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker)
+    torch.manual_seed(cfg.seed)  # identical init everywhere; DDP also broadcasts rank 0's
+    np.random.seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    parts = _build(cfg, device, loop_config.get("text_vocab"))
+    state = TrainState(0, 0, 0, loop_config.get("run_id"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(Path(directory), parts.modules(), parts.optim(), rank)
+        if rank == 0:
+            _print(f"[train] resumed from step {state.step} (epoch {state.epoch}, "
+                   f"{state.batches_in_epoch} batches in)")
+    run_id = state.mlflow_run_id or loop_config.get("run_id")
+    state = dataclasses.replace(state, mlflow_run_id=run_id)
+    model, discriminators = _wrap(parts, cfg)
+    logger = (_TrainLogger(loop_config["tracking_uri"], run_id, loop_config.get("run_id"))
+              if rank == 0 and run_id else None)
+    amp = _amp_dtype(cfg.precision, device)
+    loop = _Loop(cfg, parts, model, discriminators, amp, device, rank, world, logger,
+                 ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None)
+    loop.run(ray.train.get_dataset_shard("train"), state)
+
+
+def _build(cfg: Any, device: torch.device, text_vocab: Any = None) -> _Parts:
+    model = MultimodalTokenizer(cfg.model, text_vocab=text_vocab).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
+    gan = cfg.gan
+    discriminators = build_discriminators(gan).to(device) if gan is not None else None
+    perceptual = (build_perceptual(gan.perceptual_weights_path)
+                  if gan is not None and gan.perceptual_weights_path is not None else None)
+    if perceptual is not None:
+        perceptual = perceptual.to(device).eval().requires_grad_(False)
+    optimizers = {"generator": build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               betas=cfg.betas)}
+    if discriminators is not None:
+        optimizers["discriminator"] = torch.optim.AdamW(
+            discriminators.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.disc_betas,
+            weight_decay=cfg.weight_decay)
+    total = cfg.decay_steps or cfg.steps
+    schedulers = {
+        name: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total, cfg.min_lr_ratio))
+        for name, opt in optimizers.items()}
+    return _Parts(model, ema, discriminators, perceptual, optimizers, schedulers)
+
+
+def _wrap(parts: _Parts, cfg: Any) -> tuple[nn.Module, nn.ModuleDict | None]:
+    """DDP through ``prepare_model`` (a no-op on one worker); ``torch.compile`` if asked."""
+    import ray.train.torch
+
+    if cfg.compile:
+        # In place (nn.Module.compile), so the module tree, its state-dict keys and the
+        # optimizer's parameters stay what they are; the quantizers stay eager (data-dependent
+        # codebook maintenance would only cause graph breaks).
+        for name in ("image_encoder", "image_decoder", "audio_encoder", "audio_decoder",
+                     "text_encoder", "text_decoder"):
+            getattr(parts.model, name).compile()
+    model = ray.train.torch.prepare_model(parts.model)
+    discriminators = None
+    if parts.discriminators is not None:
+        # One DDP per discriminator, without buffer broadcasts (mmvq.discriminators says why).
+        discriminators = nn.ModuleDict({
+            name: ray.train.torch.prepare_model(
+                disc, parallel_strategy_kwargs={"broadcast_buffers": False})
+            for name, disc in parts.discriminators.items()})
+    return model, discriminators
+
+
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU ("auto" or "bf16"), fp32 on CPU unless bf16 is asked for."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+class _Loop:
+    """The step loop of one worker; state lives in ``_Parts`` and the step counters here."""
+
+    def __init__(self, cfg: Any, parts: _Parts, model: nn.Module,
+                 discriminators: nn.ModuleDict | None, amp: torch.dtype | None,
+                 device: torch.device, rank: int, world: int, logger: _TrainLogger | None,
+                 val_shard: Any) -> None:
+        self.cfg, self.parts, self.model, self.discriminators = cfg, parts, model, discriminators
+        self.amp, self.device, self.rank, self.world = amp, device, rank, world
+        self.logger, self.val_shard = logger, val_shard
+        self.started = time.perf_counter()
+        self.start_step = 0
+
+    def run(self, shard: Any, state: TrainState) -> None:
+        cfg = self.cfg
+        step, epoch, consumed = state.step, state.epoch, state.batches_in_epoch
+        self.start_step = step
+        window = _Window()
+        while step < cfg.steps:
+            batches = iter(shard.iter_torch_batches(
+                batch_size=cfg.batch_size, prefetch_batches=cfg.prefetch_batches,
+                drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                local_shuffle_seed=cfg.seed + epoch, device=self.device))
+            # Resuming mid-epoch: the same shuffle seed replays the epoch's order; skip what the
+            # checkpointed run had consumed.
+            for _ in itertools.islice(batches, consumed):
+                pass
+            steps_this_epoch = 0
+            while step < cfg.steps:
+                window.data_start()
+                micro = list(itertools.islice(batches, cfg.grad_accum))
+                window.data_end()
+                if len(micro) < cfg.grad_accum:
+                    break  # end of the epoch; a partial accumulation is dropped, as drop_last
+                consumed += len(micro)
+                stats = self._step([to_model_inputs(b, self.device) for b in micro], step)
+                step += 1
+                steps_this_epoch += 1
+                window.step_end(stats, cfg.batch_size * cfg.grad_accum * self.world)
+                position = TrainState(step, epoch, consumed, state.mlflow_run_id)
+                if self._report_due(step):
+                    self._report(position, window)
+                    window = _Window()
+            if step < cfg.steps:
+                if steps_this_epoch == 0 and consumed == 0:
+                    raise RuntimeError(
+                        f"the train split gives no full step: each of {self.world} workers needs "
+                        f"batch_size x grad_accum = {cfg.batch_size * cfg.grad_accum} rows")
+                epoch, consumed = epoch + 1, 0
+
+    def _step(self, micro: list, step: int) -> dict[str, float]:
+        cfg, parts = self.cfg, self.parts
+        opt = parts.optimizers["generator"]
+        if self.discriminators is None:
+            stats = generator_step(self.model, micro, opt, cfg.grad_clip, self.amp)
+        else:
+            stats, recons = gan_generator_step(self.model, micro, opt, self.discriminators,
+                                               cfg.gan, step, parts.perceptual, cfg.grad_clip,
+                                               self.amp)
+            stats |= discriminator_step(recons, micro, self.discriminators,
+                                        parts.optimizers["discriminator"], cfg.gan, step,
+                                        cfg.grad_clip, self.amp)
+        stats["lr"] = opt.param_groups[0]["lr"]  # the rate this step used
+        for scheduler in parts.schedulers.values():
+            scheduler.step()
+        if parts.ema is not None:
+            update_ema(parts.ema, self.model, cfg.ema_decay)
+        return stats
+
+    def _report_due(self, step: int) -> bool:
+        cfg = self.cfg
+        return (step == cfg.steps or step % cfg.log_every == 0 or self._checkpoint_due(step)
+                or self._val_due(step))
+
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.checkpoint_every
+        return step == self.cfg.steps or (every > 0 and step % every == 0)
+
+    def _val_due(self, step: int) -> bool:
+        every = self.cfg.val_every
+        return self.val_shard is not None and self.cfg.val_batches > 0 and (
+            self._checkpoint_due(step) or (every > 0 and step % every == 0))
+
+    def _report(self, position: TrainState, window: _Window) -> None:
+        """Metrics (rank 0), validation, progress and, when due, this rank's checkpoint part."""
+        import ray.train
+
+        step = position.step
+        metrics: dict[str, float] = {"step": step, "epoch": position.epoch}
+        if self.rank == 0:
+            metrics |= window.summary()
+            if self._val_due(step):
+                metrics |= self._validate(step)
+            if self.logger:
+                self.logger.metrics(metrics, step)
+            _print(_progress_line(step, self.cfg.steps, metrics, self._eta(step)))
+        if not self._checkpoint_due(step):
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp), position, self.parts.modules(), self.parts.optim(),
+                            self.rank, export=self.parts.export())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+    def _eta(self, step: int) -> float:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.started
+        return elapsed / max(done, 1) * (self.cfg.steps - step)
+
+    @torch.no_grad()
+    def _validate(self, step: int) -> dict[str, float]:
+        """Losses and the evaluate stage's key metrics of the shipped weights on val batches."""
+        model = self.parts.export()
+        was_training = model.training
+        model.eval()
+        scores = _ValScores(model.codebook_sizes(), model.config.audio.sample_rate)
+        first = None
+        batches = self.val_shard.iter_torch_batches(batch_size=self.cfg.batch_size,
+                                                    device=self.device)
+        for batch in itertools.islice(batches, self.cfg.val_batches):
+            inputs = to_model_inputs(batch, self.device)
+            out = model(inputs)
+            scores.add(inputs, out)
+            if first is None:
+                first = (inputs.image, out.reconstructions["image"])
+        model.train(was_training)
+        if first is not None and self.logger and self.cfg.sample_images > 0:
+            self.logger.image_grid(*first, self.cfg.sample_images, step)
+        return scores.summary()
+
+
+class _ValScores:
+    """Running per-sample validation metrics, prefixed ``val/``."""
+
+    def __init__(self, sizes: dict[str, int], sample_rate: int) -> None:
+        self.sizes, self.sample_rate = sizes, sample_rate
+        self.values: dict[str, list[float]] = {}
+        self.codes: dict[str, list[torch.Tensor]] = {m: [] for m in ("image", "audio", "text")}
+
+    def add(self, inputs: Any, out: Any) -> None:
+        img, aud, txt = inputs.has_image, inputs.has_audio, inputs.has_text
+        recon = out.reconstructions
+        for name, value in out.losses.items():
+            self._add(f"val/loss/{name}", value)
+        image = recon["image"].float().clamp(-1, 1)
+        self._add("val/image/psnr", M.psnr(inputs.image[img], image[img]))
+        self._add("val/image/ssim", M.ssim(inputs.image[img], image[img]))
+        audio = recon["audio"].float()
+        self._add("val/audio/si_snr", M.si_snr(inputs.audio[aud], audio[aud],
+                                               inputs.audio_len[aud]))
+        self._add("val/audio/mel_distance", M.mel_distance(inputs.audio[aud], audio[aud],
+                                                           self.sample_rate))
+        ids = recon["text_logits"].argmax(dim=-1)
+        self._add("val/text/token_accuracy", M.token_accuracy(
+            inputs.text_ids[txt], ids[txt], inputs.text_len[txt]))
+        for modality, mask in (("image", img), ("audio", aud), ("text", txt)):
+            self.codes[modality].append(out.indices[modality][mask].reshape(-1).cpu())
+
+    def _add(self, key: str, values: torch.Tensor | float) -> None:
+        array = np.atleast_1d(torch.as_tensor(values).detach().float().cpu().numpy())
+        self.values.setdefault(key, []).extend(array.tolist())
+
+    def summary(self) -> dict[str, float]:
+        out = {k: float(np.mean(v)) for k, v in self.values.items() if v}
+        for modality, chunks in self.codes.items():
+            codes = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+            out[f"val/codes/{modality}_usage"] = M.codebook_usage(codes, self.sizes[modality])
+            out[f"val/codes/{modality}_perplexity"] = M.codebook_perplexity(
+                codes, self.sizes[modality])
+        return out
+
+
+class _TrainLogger:
+    """Rank 0's MLflow logging: one continuous history, even across restarts and reruns.
+
+    A restarted or resumed run repeats the steps after its last checkpoint; the ones the MLflow
+    run already holds are not logged twice (their values are the same: the run replays them
+    from the same state). Resuming a run that an earlier invocation started marks it running
+    again and logs into it.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, invocation_run_id: str | None) -> None:
+        self.logger = RunLogger(tracking_uri, run_id)
+        self.logged_up_to = self.logger.last_step(HISTORY_KEY)
+        if invocation_run_id and invocation_run_id != run_id:
+            self.logger.status("RUNNING")
+            self.logger.tags({"mmvq.resumed_by_run": invocation_run_id})
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if step <= self.logged_up_to:
+            return
+        self.logger.metrics(values, step=step)
+
+    def image_grid(self, images: torch.Tensor, recons: torch.Tensor, n: int, step: int) -> None:
+        """Originals over reconstructions, ``n`` columns, as ``samples/step_XXXXXXXX.png``."""
+        from PIL import Image
+
+        if step <= self.logged_up_to:
+            return
+        rows = [images[:n], recons[:n].float().clamp(-1, 1)]
+        tiles = [np.concatenate(list(_to_uint8(r)), axis=1) for r in rows]  # each (H, n*W, 3)
+        grid = np.concatenate(tiles, axis=0)  # (2H, n*W, 3)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"step_{step:08d}.png"
+            Image.fromarray(grid).save(path)
+            self.logger.artifact(path, "samples")
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    return array.permute(0, 2, 3, 1).numpy()
+
+
+class _Window:
+    """Running means of the step statistics, throughput and data-wait share over a window."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.samples = 0
+        self.wait_s = 0.0
+        self.start = time.perf_counter()
+        self._data_t0 = self.start
+
+    def data_start(self) -> None:
+        self._data_t0 = time.perf_counter()
+
+    def data_end(self) -> None:
+        self.wait_s += time.perf_counter() - self._data_t0
+
+    def step_end(self, stats: dict[str, float], samples: int) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.steps += 1
+        self.samples += samples
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        # Bare loss names (``total``) get a ``loss/`` prefix; prefixed ones (``image/l1``,
+        # ``adv/image_weight``, ``codes/...``) keep theirs.
+        out = {k if "/" in k or k in ("grad_norm", "lr") else f"loss/{k}": v / max(self.steps, 1)
+               for k, v in self.sums.items()}
+        out["perf/samples_per_s"] = self.samples / elapsed
+        out["perf/data_wait_fraction"] = self.wait_s / elapsed
+        return out
+
+
+def _progress_line(step: int, total: int, metrics: dict[str, float], eta_s: float) -> str:
+    parts = [f"[train] step {step}/{total}", f"loss {metrics.get('loss/total', float('nan')):.4f}"]
+    for key, label in (("val/loss/total", "val"), ("val/image/psnr", "psnr")):
+        if key in metrics:
+            parts.append(f"{label} {metrics[key]:.4f}")
+    parts.append(f"{metrics.get('perf/samples_per_s', 0.0):.1f} samples/s")
+    parts.append(f"data-wait {100 * metrics.get('perf/data_wait_fraction', 0.0):.0f}%")
+    parts.append(f"ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s")
+    return "  ".join(parts)
+
+
+def _print(line: str) -> None:
+    # The real stdout: Ray Train's print patch would log the line twice.
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def _quiet_report_log() -> None:
+    """Silence Ray Train's per-report INFO line (the whole metrics dict, every report, every
+    rank); rank 0's progress line and MLflow carry the same numbers."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
