@@ -355,6 +355,22 @@ def repeated_reason(key: str, times: int, status: str) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
+def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessConfig,
+                         vocab: TextVocab = BYTES) -> Any:
+    """The stage's lazy Ray Data pipeline: shards -> :class:`Preprocessor` actor pool.
+
+    Every input sample comes out as one row with its ``status`` ("ok" or the reason); the stage
+    materializes it, ``pipeline.bench.dataplane`` times it as is.
+    """
+    import ray
+
+    raw = ray.data.read_datasource(ShardDatasource(paths, filesystem=filesystem))
+    return raw.map_batches(
+        Preprocessor, fn_constructor_args=(config, vocab), batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors), batch_format="numpy",
+    )
+
+
 def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
     """Read the ``synth`` (or ``ingest``) shards, preprocess them, write parquet per split."""
     import ray
@@ -365,11 +381,7 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
     from pipeline.text_vocab import describe, fit_text_vocab
     vocab = fit_text_vocab(paths, config.text_vocab, config.bpe_vocab_size,
                            config.default_split, ctx.output_dir)
-    raw = ray.data.read_datasource(ShardDatasource(paths, filesystem=filesystem))
-    processed = raw.map_batches(
-        Preprocessor, fn_constructor_args=(config, vocab), batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.num_actors), batch_format="numpy",
-    ).materialize()
+    processed = preprocessed_dataset(paths, filesystem, config, vocab).materialize()
     statuses = processed.select_columns(["key", "split", "status", "source_shard"]).to_pandas()
     # A key read more than once is never passed on: its members were scattered (some readers
     # would pair the wrong files) or two samples share it; every occurrence is quarantined.

@@ -1,0 +1,429 @@
+"""Data-plane throughput: the preprocess transforms three ways on the same shards.
+
+    python -m pipeline.bench.dataplane [--samples N] [--image-size 64 256] [--out results.json]
+
+For each image size the demo's synth stage generates ``N`` spoken scenes once (cached under
+``--shards-root``), and the demo's preprocess config (``workflows/demo.yaml``, with
+``image_size`` set to the shard's size) turns them into model-ready rows in
+
+(a) ``floor``: one process, one thread, a loop of :func:`pipeline.ingest.read_shard` and
+    :func:`pipeline.preprocess.preprocess_sample`: the CPU cost per sample;
+(b) ``webdataset``: ``webdataset.WebDataset(urls)`` mapped with the same function, batched to
+    NumPy, through ``torch.utils.data.DataLoader(num_workers=cores)``;
+(c) ``ray-data``: the preprocess stage's own pipeline
+    (:func:`pipeline.preprocess.preprocessed_dataset`: our shard reader, then the
+    ``Preprocessor`` actor pool), on in-process Ray with ``num_cpus = cores``, consumed like the
+    stage does (``materialize``) or streamed (``--ray-consume iter_batches``).
+
+Each path is timed from building its pipeline to its last row (DataLoader worker start and Ray
+actor start included; ``ray.init`` is not, the workflow runner pays it once per run). Memory is
+the peak over the whole process tree of this script (DataLoader workers, Ray's daemons and
+workers), sampled every 50 ms: summed RSS, which counts pages shared between processes (forked
+workers, the object store) once per process, and summed PSS, which splits them. Spilled bytes
+come from the object store's own counters after the Ray path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.config import from_dict
+from pipeline.ingest import read_shard
+from pipeline.preprocess import (
+    BadSample,
+    PreprocessConfig,
+    Resamplers,
+    preprocess_sample,
+    preprocessed_dataset,
+    shard_paths,
+)
+
+DEMO_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "demo.yaml"
+PATHS = ("floor", "webdataset", "ray-data")
+TARGET_VS_WEBDATASET = 1.0  # issue 4: (c) >= 1.0x (b)
+TARGET_VS_FLOOR = 0.8  # issue 4: (c) >= 80% of (a) x cores
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one run measures."""
+
+    samples: int  # spoken scenes per image size
+    image_sizes: tuple[int, ...]  # synth image side; preprocess resizes to the same side
+    cores: int  # DataLoader workers, Ray num_cpus, and the floor's multiplier
+    shards_root: str  # where generated shards are cached between runs
+    ray_consume: str  # "materialize" (as the stage) or "iter_batches" (streaming)
+    num_actors: int | None  # preprocess.num_actors override; None: the demo's value
+    batch_size: int | None  # preprocess.batch_size override; None: the demo's value
+
+
+@dataclass
+class Measurement:
+    """One path over one set of shards."""
+
+    path: str
+    image_size: int
+    samples: int  # rows that came out
+    ok: int  # of which preprocessed without a BadSample
+    seconds: float
+    samples_per_s: float
+    samples_per_s_per_core: float
+    cores: int  # the cores the path may use (1 for the floor)
+    peak_rss_bytes: int | None  # process tree, summed RSS
+    peak_pss_bytes: int | None  # process tree, summed PSS (shared pages split)
+    spilled_bytes: int | None = None  # Ray only
+    note: str = ""
+
+
+# -- configs and shards --------------------------------------------------------------------------
+
+
+def demo_configs(image_size: int, workflow: Path = DEMO_WORKFLOW) -> tuple[Any, PreprocessConfig]:
+    """The demo workflow's synth and preprocess configs, both at ``image_size``."""
+    from pipeline.synth import SynthConfig
+
+    stages = yaml.safe_load(workflow.read_text())["stages"]
+    synth = from_dict(SynthConfig, stages["synth"].get("config"), source=str(workflow),
+                      path="stages.synth.config")
+    pre = from_dict(PreprocessConfig, stages["preprocess"].get("config"), source=str(workflow),
+                    path="stages.preprocess.config")
+    return replace(synth, image_size=image_size), replace(pre, image_size=image_size)
+
+
+def ensure_shards(synth_config: Any, root: Path) -> Path:
+    """Generate the synth shards once; later runs with the same config reuse them."""
+    from pipeline.synth import run as synth_run
+
+    c = synth_config
+    out = root / f"synth-n{c.num_samples}-px{c.image_size}-sr{c.sample_rate}-seed{c.seed}"
+    if (out / "manifest.json").is_file():
+        return out
+    if out.exists():  # an interrupted generation: synth refuses a non-empty folder
+        import shutil
+        shutil.rmtree(out)
+    print(f"generating {c.num_samples} samples at {c.image_size} px into {out}", file=sys.stderr)
+    synth_run(c, out, progress=False)
+    return out
+
+
+# -- memory of the process tree ------------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ")"
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def tree_memory(root: int | None = None) -> tuple[int, int]:
+    """(summed RSS, summed PSS) in bytes of ``root`` (default: this process) and descendants."""
+    tree = _children()
+    todo, rss, pss = [root or os.getpid()], 0, 0
+    while todo:
+        pid = todo.pop()
+        todo += tree.get(pid, [])
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                field, _, rest = line.partition(":")
+                if field == "Rss":
+                    rss += int(rest.split()[0]) * 1024
+                elif field == "Pss":
+                    pss += int(rest.split()[0]) * 1024
+        except (OSError, ValueError):  # exited meanwhile, or no smaps_rollup (old kernel)
+            continue
+    return rss, pss
+
+
+class PeakMemory:
+    """Samples :func:`tree_memory` in a thread while the ``with`` block runs; keeps the peaks."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_rss = self.peak_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while True:
+            rss, pss = tree_memory()
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- the three paths -----------------------------------------------------------------------------
+
+
+def _timed(path: str, image_size: int, cores: int,
+           body: Callable[[], tuple[int, int]]) -> Measurement:
+    with PeakMemory() as memory:
+        began = time.perf_counter()
+        samples, ok = body()
+        seconds = time.perf_counter() - began
+    rate = samples / seconds
+    return Measurement(path, image_size, samples, ok, seconds, rate, rate / cores, cores,
+                       memory.peak_rss or None, memory.peak_pss or None)
+
+
+def run_floor(paths: list[str], config: PreprocessConfig) -> tuple[int, int]:
+    """(a) Read and preprocess every sample in this process, one thread: (samples, ok)."""
+    resample = Resamplers(config.sample_rate)
+    samples = ok = 0
+    for path in paths:
+        with open(path, "rb") as stream:
+            for raw in read_shard(stream, path):
+                sample = {"__key__": raw.key, "__error__": raw.error, **raw.members}
+                samples += 1
+                try:
+                    preprocess_sample(sample, config, resample)
+                    ok += 1
+                except BadSample:
+                    pass
+    return samples, ok
+
+
+class WdsTransform:
+    """(b)'s per-sample function; each DataLoader worker gets a copy with its own resamplers."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+        self.resample = Resamplers(config.sample_rate)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        try:
+            row = preprocess_sample(sample, self.config, self.resample)
+            row["ok"] = True
+        except BadSample:  # kept as a row so every path counts every sample
+            row = {"ok": False}
+        return row
+
+
+def collate_numpy(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows -> one NumPy array per column; bad rows come as a count only."""
+    good = [r for r in rows if r["ok"]]
+    batch = {name: np.stack([np.asarray(r[name]) for r in good]) for name in good[0]} if good else {}
+    batch["rows"] = np.asarray(len(rows))
+    batch["ok_rows"] = np.asarray(len(good))
+    return batch
+
+
+def run_webdataset(paths: list[str], config: PreprocessConfig, cores: int) -> tuple[int, int]:
+    """(b) webdataset + DataLoader(num_workers=cores), iterated to the end: (samples, ok)."""
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    # Shards are split between the workers (webdataset's split_by_worker default); batching in
+    # the workers, as webdataset recommends, so the loader passes whole batches (batch_size=None).
+    dataset = (wds.WebDataset(paths, shardshuffle=False, empty_check=False)
+               .map(WdsTransform(config))
+               .batched(config.batch_size, collation_fn=collate_numpy, partial=True))
+    loader = DataLoader(dataset, batch_size=None, num_workers=cores)
+    samples = ok = 0
+    for batch in loader:
+        samples += int(batch["rows"])
+        ok += int(batch["ok_rows"])
+    return samples, ok
+
+
+def spilled_bytes() -> int | None:
+    """Bytes the object store has spilled to disk since Ray started, or None if unavailable."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    try:  # a private API (Ray 2.58's `ray memory --stats-only` reads the same counter)
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        return int(get_memory_info_reply(state).store_stats.spilled_bytes_total)
+    except Exception as err:  # noqa: BLE001 - an optional number must not fail the benchmark
+        print(f"spilled bytes not available: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+
+
+def run_ray(paths: list[str], filesystem: Any, config: PreprocessConfig,
+            consume: str) -> tuple[int, int]:
+    """(c) The preprocess stage's Ray Data pipeline, consumed to the end: (samples, ok)."""
+    dataset = preprocessed_dataset(paths, filesystem, config)
+    samples = ok = 0
+    if consume == "materialize":  # what the stage does, then it reads the statuses back too
+        statuses = dataset.materialize().select_columns(["status"]).to_pandas()["status"]
+        samples, ok = len(statuses), int((statuses == "ok").sum())
+    else:
+        for batch in dataset.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
+            samples += len(batch["status"])
+            ok += int((batch["status"] == "ok").sum())
+    return samples, ok
+
+
+def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
+    """All three paths over the shards of one image size, in the order a, b, c."""
+    import ray
+    from ray.data import DataContext
+
+    synth_config, config = demo_configs(image_size)
+    synth_config = replace(synth_config, num_samples=settings.samples)
+    if settings.num_actors is not None:
+        config = replace(config, num_actors=settings.num_actors)
+    if settings.batch_size is not None:
+        config = replace(config, batch_size=settings.batch_size)
+    shards = ensure_shards(synth_config, Path(settings.shards_root))
+    paths, filesystem = shard_paths(shards)
+    cores = settings.cores
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the floor is one core; DataLoader workers and actors use 1 too
+    try:
+        floor = _timed("floor", image_size, 1, lambda: run_floor(paths, config))
+    finally:
+        torch.set_num_threads(threads)
+    loader = _timed("webdataset", image_size, cores,
+                    lambda: run_webdataset(paths, config, cores))
+    # Ray last and fresh per size: forking DataLoader workers from a process that runs Ray's
+    # threads is unsafe, and Ray's daemons would count in the other paths' memory.
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        context = DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        ours = _timed("ray-data", image_size, cores,
+                      lambda: run_ray(paths, filesystem, config, settings.ray_consume))
+        ours.spilled_bytes = spilled_bytes()
+        ours.note = (f"{settings.ray_consume}, {config.num_actors} actors, "
+                     f"batch {config.batch_size}, {len(paths)} shards")
+    finally:
+        ray.shutdown()
+    loader.note = f"{cores} workers, batch {config.batch_size}, {len(paths)} shards"
+    floor.note = "1 thread"
+    return [floor, loader, ours]
+
+
+def ratios(rows: list[Measurement]) -> dict[str, float]:
+    """(c)/(b) and (c)/((a) x cores) for one image size."""
+    by_path = {r.path: r for r in rows}
+    ours, loader, floor = by_path["ray-data"], by_path["webdataset"], by_path["floor"]
+    return {"ray_vs_webdataset": ours.samples_per_s / loader.samples_per_s,
+            "ray_vs_floor_x_cores": ours.samples_per_s / (floor.samples_per_s * ours.cores)}
+
+
+def run(settings: BenchSettings) -> dict[str, Any]:
+    """Measure every image size; rows and ratios as plain data."""
+    rows, summary = [], {}
+    for size in settings.image_sizes:
+        measured = measure(settings, size)
+        rows += [asdict(m) for m in measured]
+        summary[str(size)] = ratios(measured)
+    return {"rows": rows, "ratios": summary}
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def table(result: dict[str, Any]) -> str:
+    """The rows and the ratios against the targets as Markdown."""
+    lines = ["| px | path | samples | s | samples/s | per core | peak RSS MiB | peak PSS MiB "
+             "| spilled MiB | setting |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        spilled = "-" if r["path"] != "ray-data" else _mib(r["spilled_bytes"])
+        lines.append(f"| {r['image_size']} | {r['path']} | {r['samples']} | {r['seconds']:.1f} "
+                     f"| {r['samples_per_s']:.1f} | {r['samples_per_s_per_core']:.1f} "
+                     f"| {_mib(r['peak_rss_bytes'])} | {_mib(r['peak_pss_bytes'])} "
+                     f"| {spilled} | {r['note']} |")
+    lines += ["", "| px | ray / webdataset (target >= 1.0) | ray / (floor x cores) "
+              "(target >= 0.8) |", "| --- | --- | --- |"]
+    for size, r in result["ratios"].items():
+        lines.append(f"| {size} | {_ratio(r['ray_vs_webdataset'], TARGET_VS_WEBDATASET)} "
+                     f"| {_ratio(r['ray_vs_floor_x_cores'], TARGET_VS_FLOOR)} |")
+    return "\n".join(lines)
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
+
+
+def _ratio(value: float, target: float) -> str:
+    return f"{value:.2f} ({'met' if value >= target else 'missed'})"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=768,
+                        help="samples per image size (default: the demo's 768)")
+    parser.add_argument("--image-size", type=int, nargs="+", default=[64, 256],
+                        help="image sides to measure (default: the demo's 64, and 256)")
+    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                        help="DataLoader workers and Ray CPUs (default: the usable cores)")
+    parser.add_argument("--shards-root", type=Path, default=Path("runs/bench/dataplane-shards"),
+                        help="cache of generated shards")
+    parser.add_argument("--ray-consume", choices=["materialize", "iter_batches"],
+                        default="materialize")
+    parser.add_argument("--num-actors", type=int, default=None,
+                        help="override preprocess.num_actors (default: the demo's)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="override preprocess.batch_size (default: the demo's)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.samples < 1 or args.cores < 1 or min(args.image_size) < 1:
+        parser.error("--samples, --cores and --image-size must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table, write JSON if asked; returns the results."""
+    args = parse_args(argv)
+    settings = BenchSettings(args.samples, tuple(args.image_size), args.cores,
+                             str(args.shards_root), args.ray_consume, args.num_actors,
+                             args.batch_size)
+    result = {"meta": _meta(settings, argv), **run(settings)}
+    print(table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _meta(settings: BenchSettings, argv: list[str] | None) -> dict[str, Any]:
+    import ray
+    import webdataset
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python -m pipeline.bench.dataplane " + " ".join(argv or sys.argv[1:]),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+        "ray": ray.__version__, "webdataset": webdataset.__version__, "torch": torch.__version__,
+        "settings": asdict(settings),
+    }
+
+
+if __name__ == "__main__":
+    main()
