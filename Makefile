@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mmvq-installed
 DEMO_ROOT ?= runs/demo
 UI_PORT ?= 5000
 
-.PHONY: demo test bench bench-gpu services-up services-down status lint ui clean help
+.PHONY: demo test bench bench-data bench-gpu services-up services-down status lint ui clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,9 +28,15 @@ demo: $(STAMP)  ## set up, then run the demo workflow end to end (in-process Ray
 test: $(STAMP)  ## set up, then run the test suite (no benchmarks)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)  ## the benchmark-marked checks, then the quantizer benchmark (table + JSON)
+bench: $(STAMP)  ## the benchmark-marked checks, then the quantizer and data-plane benchmarks
 	$(BIN)/python -m pytest -q -m benchmark
 	$(BIN)/python -m pipeline.bench.quantizers --out runs/bench/quantizers.json
+	$(MAKE) bench-data
+
+# Generates its shards once into runs/bench/dataplane-shards (about two minutes), then reuses them.
+DATA_BENCH_ARGS ?= --samples 768 --image-size 64 256 --passes 3
+bench-data: $(STAMP)  ## data plane: pure-function floor vs webdataset+DataLoader vs our Ray Data path
+	$(BIN)/python -m pipeline.bench.dataplane $(DATA_BENCH_ARGS) --out runs/bench/dataplane.json
 
 # e.g. make bench-gpu GPU_BENCH_ARGS="--device cpu --small" for the seconds-long CPU version.
 GPU_BENCH_ARGS ?= --device cuda

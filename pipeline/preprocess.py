@@ -364,7 +364,12 @@ def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessCo
     """
     import ray
 
-    raw = ray.data.read_datasource(ShardDatasource(paths, filesystem=filesystem))
+    # Reading a tar costs little next to decoding it, so the read tasks reserve no CPU: with a
+    # pool holding every CPU (num_actors == num_cpus, e.g. 2 actors on a 2-core machine) 1-CPU
+    # reads were never scheduled and the stage hung. At most one read per actor keeps the
+    # object store from filling with raw shards the actors cannot keep up with.
+    raw = ray.data.read_datasource(ShardDatasource(paths, filesystem=filesystem), num_cpus=0,
+                                   concurrency=max(1, config.num_actors))
     return raw.map_batches(
         Preprocessor, fn_constructor_args=(config, vocab), batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.num_actors), batch_format="numpy",
@@ -373,7 +378,6 @@ def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessCo
 
 def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
     """Read the ``synth`` (or ``ingest``) shards, preprocess them, write parquet per split."""
-    import ray
     from ray.data.expressions import col
 
     paths, filesystem = shard_paths(ctx.inputs["shards"])

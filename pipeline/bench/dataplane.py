@@ -1,6 +1,7 @@
 """Data-plane throughput: the preprocess transforms three ways on the same shards.
 
-    python -m pipeline.bench.dataplane [--samples N] [--image-size 64 256] [--out results.json]
+    python -m pipeline.bench.dataplane [--samples N] [--image-size 64 256] [--passes P]
+        [--out results.json]
 
 For each image size the demo's synth stage generates ``N`` spoken scenes once (cached under
 ``--shards-root``), and the demo's preprocess config (``workflows/demo.yaml``, with
@@ -12,15 +13,18 @@ For each image size the demo's synth stage generates ``N`` spoken scenes once (c
     NumPy, through ``torch.utils.data.DataLoader(num_workers=cores)``;
 (c) ``ray-data``: the preprocess stage's own pipeline
     (:func:`pipeline.preprocess.preprocessed_dataset`: our shard reader, then the
-    ``Preprocessor`` actor pool), on in-process Ray with ``num_cpus = cores``, consumed like the
-    stage does (``materialize``) or streamed (``--ray-consume iter_batches``).
+    ``Preprocessor`` actor pool), on in-process Ray with ``num_cpus = cores``, streamed with
+    ``iter_batches`` as training reads it (default), or materialized as the stage does before
+    writing parquet (``--ray-consume materialize``).
 
 Each path is timed from building its pipeline to its last row (DataLoader worker start and Ray
-actor start included; ``ray.init`` is not, the workflow runner pays it once per run). Memory is
-the peak over the whole process tree of this script (DataLoader workers, Ray's daemons and
-workers), sampled every 50 ms: summed RSS, which counts pages shared between processes (forked
-workers, the object store) once per process, and summed PSS, which splits them. Spilled bytes
-come from the object store's own counters after the Ray path.
+actor start included; ``ray.init`` and the start of Ray Data's helper actors are not, a workflow
+pays them once per run). ``--passes`` reads the shard list several times, so that start-up weighs
+less; "steady" rates count only the rows after a path's first output. Memory is the peak over the
+whole process tree of this script (DataLoader workers, Ray's daemons and workers), sampled every
+250 ms (PSS every second): summed RSS, which counts pages shared between processes (forked workers,
+the object store) once per process, and summed PSS, which splits them. Spilled bytes come from the
+object store's own counters after the Ray path.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -68,6 +72,7 @@ class BenchSettings:
     cores: int  # DataLoader workers, Ray num_cpus, and the floor's multiplier
     shards_root: str  # where generated shards are cached between runs
     ray_consume: str  # "materialize" (as the stage) or "iter_batches" (streaming)
+    passes: int  # times each path reads the shard list (more work against start-up costs)
     num_actors: int | None  # preprocess.num_actors override; None: the demo's value
     batch_size: int | None  # preprocess.batch_size override; None: the demo's value
 
@@ -86,6 +91,10 @@ class Measurement:
     cores: int  # the cores the path may use (1 for the floor)
     peak_rss_bytes: int | None  # process tree, summed RSS
     peak_pss_bytes: int | None  # process tree, summed PSS (shared pages split)
+    first_output_s: float | None = None  # until the first row/batch came out (start-up)
+    # Rows after the first output over the time after it: the rate once started, or None
+    # where the output arrives all at once (materialize).
+    steady_samples_per_s: float | None = None
     spilled_bytes: int | None = None  # Ray only
     note: str = ""
 
@@ -138,42 +147,51 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_memory(root: int | None = None) -> tuple[int, int]:
-    """(summed RSS, summed PSS) in bytes of ``root`` (default: this process) and descendants."""
+def tree_memory(root: int | None = None, pss: bool = True) -> tuple[int, int | None]:
+    """(summed RSS, summed PSS or None) in bytes of ``root`` (default: this process) and its
+    descendants. PSS walks every mapping (tens of ms for a torch process), RSS does not."""
     tree = _children()
-    todo, rss, pss = [root or os.getpid()], 0, 0
+    todo, rss_total, pss_total = [root or os.getpid()], 0, 0 if pss else None
+    page = os.sysconf("SC_PAGE_SIZE")
     while todo:
         pid = todo.pop()
         todo += tree.get(pid, [])
         try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                field, _, rest = line.partition(":")
-                if field == "Rss":
-                    rss += int(rest.split()[0]) * 1024
-                elif field == "Pss":
-                    pss += int(rest.split()[0]) * 1024
-        except (OSError, ValueError):  # exited meanwhile, or no smaps_rollup (old kernel)
+            rss_total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            if pss_total is not None:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        pss_total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):  # exited meanwhile, or an old kernel
             continue
-    return rss, pss
+    return rss_total, pss_total
 
 
 class PeakMemory:
-    """Samples :func:`tree_memory` in a thread while the ``with`` block runs; keeps the peaks."""
+    """Samples :func:`tree_memory` in a thread while the ``with`` block runs; keeps the peaks.
 
-    def __init__(self, interval_s: float = 0.05) -> None:
-        self.interval_s = interval_s
+    RSS every ``interval_s``, PSS every ``pss_every``-th time: the sampler takes CPU from the
+    paths it measures (2 cores here), so the costly reading is the rare one.
+    """
+
+    def __init__(self, interval_s: float = 0.25, pss_every: int = 4) -> None:
+        self.interval_s, self.pss_every = interval_s, pss_every
         self.peak_rss = self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
+        tick = 0
         while True:
-            rss, pss = tree_memory()
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            rss, pss = tree_memory(pss=tick % self.pss_every == 0)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_pss = max(self.peak_pss, pss or 0)
+            tick += 1
             if self._stop.wait(self.interval_s):
                 return
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -185,32 +203,49 @@ class PeakMemory:
 # -- the three paths -----------------------------------------------------------------------------
 
 
+class Progress:
+    """Rows out so far, and when the first of them came out."""
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.samples = self.ok = self.first_rows = 0
+        self.first_s: float | None = None
+
+    def add(self, rows: int, ok: int) -> None:
+        if self.first_s is None:
+            self.first_s, self.first_rows = time.perf_counter() - self.began, rows
+        self.samples += rows
+        self.ok += ok
+
+
 def _timed(path: str, image_size: int, cores: int,
-           body: Callable[[], tuple[int, int]]) -> Measurement:
+           body: Callable[[Progress], None]) -> Measurement:
     with PeakMemory() as memory:
-        began = time.perf_counter()
-        samples, ok = body()
-        seconds = time.perf_counter() - began
-    rate = samples / seconds
-    return Measurement(path, image_size, samples, ok, seconds, rate, rate / cores, cores,
-                       memory.peak_rss or None, memory.peak_pss or None)
+        progress = Progress()
+        body(progress)
+        seconds = time.perf_counter() - progress.began
+    rate = progress.samples / seconds
+    steady = None
+    after = seconds - (progress.first_s or seconds)
+    if progress.samples > progress.first_rows and after > 0:
+        steady = (progress.samples - progress.first_rows) / after
+    return Measurement(path, image_size, progress.samples, progress.ok, seconds, rate,
+                       rate / cores, cores, memory.peak_rss or None, memory.peak_pss or None,
+                       progress.first_s, steady)
 
 
-def run_floor(paths: list[str], config: PreprocessConfig) -> tuple[int, int]:
-    """(a) Read and preprocess every sample in this process, one thread: (samples, ok)."""
+def run_floor(paths: list[str], config: PreprocessConfig, progress: Progress) -> None:
+    """(a) Read and preprocess every sample in this process, one thread."""
     resample = Resamplers(config.sample_rate)
-    samples = ok = 0
     for path in paths:
         with open(path, "rb") as stream:
             for raw in read_shard(stream, path):
                 sample = {"__key__": raw.key, "__error__": raw.error, **raw.members}
-                samples += 1
                 try:
                     preprocess_sample(sample, config, resample)
-                    ok += 1
+                    progress.add(1, 1)
                 except BadSample:
-                    pass
-    return samples, ok
+                    progress.add(1, 0)
 
 
 class WdsTransform:
@@ -238,8 +273,9 @@ def collate_numpy(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return batch
 
 
-def run_webdataset(paths: list[str], config: PreprocessConfig, cores: int) -> tuple[int, int]:
-    """(b) webdataset + DataLoader(num_workers=cores), iterated to the end: (samples, ok)."""
+def run_webdataset(paths: list[str], config: PreprocessConfig, cores: int,
+                   progress: Progress) -> None:
+    """(b) webdataset + DataLoader(num_workers=cores), iterated to the end."""
     import webdataset as wds
     from torch.utils.data import DataLoader
 
@@ -249,11 +285,8 @@ def run_webdataset(paths: list[str], config: PreprocessConfig, cores: int) -> tu
                .map(WdsTransform(config))
                .batched(config.batch_size, collation_fn=collate_numpy, partial=True))
     loader = DataLoader(dataset, batch_size=None, num_workers=cores)
-    samples = ok = 0
     for batch in loader:
-        samples += int(batch["rows"])
-        ok += int(batch["ok_rows"])
-    return samples, ok
+        progress.add(int(batch["rows"]), int(batch["ok_rows"]))
 
 
 def spilled_bytes() -> int | None:
@@ -269,19 +302,16 @@ def spilled_bytes() -> int | None:
         return None
 
 
-def run_ray(paths: list[str], filesystem: Any, config: PreprocessConfig,
-            consume: str) -> tuple[int, int]:
-    """(c) The preprocess stage's Ray Data pipeline, consumed to the end: (samples, ok)."""
+def run_ray(paths: list[str], filesystem: Any, config: PreprocessConfig, consume: str,
+            progress: Progress) -> None:
+    """(c) The preprocess stage's Ray Data pipeline, consumed to the end."""
     dataset = preprocessed_dataset(paths, filesystem, config)
-    samples = ok = 0
     if consume == "materialize":  # what the stage does, then it reads the statuses back too
         statuses = dataset.materialize().select_columns(["status"]).to_pandas()["status"]
-        samples, ok = len(statuses), int((statuses == "ok").sum())
-    else:
+        progress.add(len(statuses), int((statuses == "ok").sum()))
+    else:  # streaming, as training consumes it
         for batch in dataset.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
-            samples += len(batch["status"])
-            ok += int((batch["status"] == "ok").sum())
-    return samples, ok
+            progress.add(len(batch["status"]), int((batch["status"] == "ok").sum()))
 
 
 def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
@@ -297,16 +327,17 @@ def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
         config = replace(config, batch_size=settings.batch_size)
     shards = ensure_shards(synth_config, Path(settings.shards_root))
     paths, filesystem = shard_paths(shards)
+    paths = paths * settings.passes  # every path reads the same list, shard by shard
     cores = settings.cores
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the floor is one core; DataLoader workers and actors use 1 too
     try:
-        floor = _timed("floor", image_size, 1, lambda: run_floor(paths, config))
+        floor = _timed("floor", image_size, 1, lambda p: run_floor(paths, config, p))
     finally:
         torch.set_num_threads(threads)
     loader = _timed("webdataset", image_size, cores,
-                    lambda: run_webdataset(paths, config, cores))
+                    lambda p: run_webdataset(paths, config, cores, p))
     # Ray last and fresh per size: forking DataLoader workers from a process that runs Ray's
     # threads is unsafe, and Ray's daemons would count in the other paths' memory.
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
@@ -314,11 +345,18 @@ def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
+        # Ray Data's first execution in a session starts its helper actors (stats, actor
+        # locations, autoscaling), each a fresh Python process: a one-off per Ray session, like
+        # ray.init, so it is paid here, untimed, and reported in the note.
+        began = time.perf_counter()
+        ray.data.range(1).materialize()
+        warmup_s = time.perf_counter() - began
         ours = _timed("ray-data", image_size, cores,
-                      lambda: run_ray(paths, filesystem, config, settings.ray_consume))
+                      lambda p: run_ray(paths, filesystem, config, settings.ray_consume, p))
         ours.spilled_bytes = spilled_bytes()
         ours.note = (f"{settings.ray_consume}, {config.num_actors} actors, "
-                     f"batch {config.batch_size}, {len(paths)} shards")
+                     f"batch {config.batch_size}, {len(paths)} shards, "
+                     f"Ray Data warm-up {warmup_s:.1f} s untimed")
     finally:
         ray.shutdown()
     loader.note = f"{cores} workers, batch {config.batch_size}, {len(paths)} shards"
@@ -326,12 +364,20 @@ def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
     return [floor, loader, ours]
 
 
-def ratios(rows: list[Measurement]) -> dict[str, float]:
-    """(c)/(b) and (c)/((a) x cores) for one image size."""
+def ratios(rows: list[Measurement]) -> dict[str, float | None]:
+    """(c)/(b) and (c)/((a) x cores) for one image size, end to end and once started."""
     by_path = {r.path: r for r in rows}
     ours, loader, floor = by_path["ray-data"], by_path["webdataset"], by_path["floor"]
-    return {"ray_vs_webdataset": ours.samples_per_s / loader.samples_per_s,
-            "ray_vs_floor_x_cores": ours.samples_per_s / (floor.samples_per_s * ours.cores)}
+    result: dict[str, float | None] = {
+        "end_to_end_ray_vs_webdataset": ours.samples_per_s / loader.samples_per_s,
+        "end_to_end_ray_vs_floor_x_cores": ours.samples_per_s / (floor.samples_per_s * ours.cores)}
+    steady = [r.steady_samples_per_s for r in (ours, loader, floor)]
+    if None in steady:  # materialized: no rate once started
+        result["steady_ray_vs_webdataset"] = result["steady_ray_vs_floor_x_cores"] = None
+    else:
+        result["steady_ray_vs_webdataset"] = steady[0] / steady[1]
+        result["steady_ray_vs_floor_x_cores"] = steady[0] / (steady[2] * ours.cores)
+    return result
 
 
 def run(settings: BenchSettings) -> dict[str, Any]:
@@ -349,21 +395,30 @@ def run(settings: BenchSettings) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """The rows and the ratios against the targets as Markdown."""
-    lines = ["| px | path | samples | s | samples/s | per core | peak RSS MiB | peak PSS MiB "
-             "| spilled MiB | setting |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [("| px | path | samples | s | samples/s | per core | first out s | steady samples/s "
+             "| peak RSS MiB | peak PSS MiB | spilled MiB | setting |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         spilled = "-" if r["path"] != "ray-data" else _mib(r["spilled_bytes"])
         lines.append(f"| {r['image_size']} | {r['path']} | {r['samples']} | {r['seconds']:.1f} "
                      f"| {r['samples_per_s']:.1f} | {r['samples_per_s_per_core']:.1f} "
+                     f"| {_num(r['first_output_s'])} | {_num(r['steady_samples_per_s'])} "
                      f"| {_mib(r['peak_rss_bytes'])} | {_mib(r['peak_pss_bytes'])} "
                      f"| {spilled} | {r['note']} |")
-    lines += ["", "| px | ray / webdataset (target >= 1.0) | ray / (floor x cores) "
-              "(target >= 0.8) |", "| --- | --- | --- |"]
+    lines += ["", ("| px | rate | ray / webdataset (target >= 1.0) | ray / (floor x cores) "
+              "(target >= 0.8) |"), "| --- | --- | --- | --- |"]
     for size, r in result["ratios"].items():
-        lines.append(f"| {size} | {_ratio(r['ray_vs_webdataset'], TARGET_VS_WEBDATASET)} "
-                     f"| {_ratio(r['ray_vs_floor_x_cores'], TARGET_VS_FLOOR)} |")
+        for rate in ("end_to_end", "steady"):
+            if r.get(f"{rate}_ray_vs_webdataset") is None:
+                continue
+            lines.append(f"| {size} | {rate.replace('_', ' ')} "
+                         f"| {_ratio(r[f'{rate}_ray_vs_webdataset'], TARGET_VS_WEBDATASET)} "
+                         f"| {_ratio(r[f'{rate}_ray_vs_floor_x_cores'], TARGET_VS_FLOOR)} |")
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def _mib(value: int | None) -> str:
@@ -385,15 +440,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shards-root", type=Path, default=Path("runs/bench/dataplane-shards"),
                         help="cache of generated shards")
     parser.add_argument("--ray-consume", choices=["materialize", "iter_batches"],
-                        default="materialize")
+                        default="iter_batches",
+                        help="how the Ray path is consumed: streamed (default, as training "
+                        "reads it) or materialized (as the stage does before writing parquet)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="read the shards this many times in every path (default 1)")
     parser.add_argument("--num-actors", type=int, default=None,
                         help="override preprocess.num_actors (default: the demo's)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="override preprocess.batch_size (default: the demo's)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
-    if args.samples < 1 or args.cores < 1 or min(args.image_size) < 1:
-        parser.error("--samples, --cores and --image-size must be positive")
+    if min(args.samples, args.cores, args.passes, *args.image_size) < 1:
+        parser.error("--samples, --cores, --passes and --image-size must be positive")
     return args
 
 
@@ -401,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table, write JSON if asked; returns the results."""
     args = parse_args(argv)
     settings = BenchSettings(args.samples, tuple(args.image_size), args.cores,
-                             str(args.shards_root), args.ray_consume, args.num_actors,
+                             str(args.shards_root), args.ray_consume, args.passes, args.num_actors,
                              args.batch_size)
     result = {"meta": _meta(settings, argv), **run(settings)}
     print(table(result))
