@@ -50,6 +50,9 @@ class StageContext:
     logger: RunLogger | None = None  # this stage's MLflow run (None when run without tracking)
     tracking_uri: str | None = None  # for processes (train workers) that log on their own
     progress: bool = True  # show progress bars
+    # Where output_dir is renamed to when run() returns, for records that must name the place
+    # the data will stay (lineage); None: output_dir is already final (a direct call).
+    committed_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ def run_committed(spec: StageSpec, config: Any, data_root: Path, fp: str,
     tmp.mkdir(parents=True)
     try:
         ctx = StageContext(output_dir=tmp, inputs=dict(inputs), logger=logger,
-                           tracking_uri=tracking_uri, progress=progress)
+                           tracking_uri=tracking_uri, progress=progress, committed_dir=final)
         summary = spec.run(config, ctx)
         full_record = {**record, "summary": summary}
         (tmp / STAGE_RECORD).write_text(json.dumps(full_record, indent=2, default=str))

@@ -122,7 +122,7 @@ def _log_lineage(ctx: StageContext, data_dir: Path, splits: list[str], tokenizer
     from pipeline.tokens import mlflow_dataset
 
     tags = {"tokenizer": tokenizer_id, "weights_sha256": weights_hash}
-    committed = _committed_location(ctx.output_dir)
+    committed = ctx.committed_dir or ctx.output_dir
     for split in splits:
         ctx.logger.dataset_input(mlflow_dataset(data_dir / split, f"preprocessed-{split}"),
                                  context=f"source/{split}")
@@ -133,15 +133,6 @@ def _log_lineage(ctx: StageContext, data_dir: Path, splits: list[str], tokenizer
                                                 committed / TOKENS_DIR / split),
                                  context=f"tokens/{split}", tags=tags)
     ctx.logger.tags({"tokenizer": tokenizer_id, "weights_sha256": weights_hash})
-
-
-def _committed_location(output_dir: Path) -> Path:
-    """Where the runner moves ``output_dir`` when the stage returns (``.tmp-FP-XXXXXXXX`` ->
-    ``FP``, pipeline.stage.run_committed): lineage must name the place the data will stay."""
-    name = output_dir.name
-    if name.startswith(".tmp-"):
-        return output_dir.with_name(name[len(".tmp-"):].rsplit("-", 1)[0])
-    return output_dir
 
 
 def _as_list(codes: np.ndarray | None) -> list[int]:
