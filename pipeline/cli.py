@@ -5,17 +5,41 @@
     mmvq submit workflows/base.yaml --address http://HEAD:8265 --data-root /shared/mmvq
     mmvq stage train --config train.yaml --input data=runs/demo/preprocess/<fp> [steps=50 ...]
     mmvq synth --out data/shards --num-samples 256
+    mmvq ingest photos/ --out data/shards
+    mmvq quarantine workflows/own-data.yaml
     mmvq encode photos/ --model runs/demo/train/<fp> --out tokens.json
     mmvq decode tokens.json --model models:/mmvq-tokenizer/1 --out decoded/
+
+Every parser is defined here and every handler is imported only when its command runs
+(``"module:function"``), so ``mmvq --help`` and ``mmvq CMD --help`` load no torch, Ray or
+MLflow and answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
 import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, apply_overrides, load_yaml
+
+# What ``mmvq stage --help`` lists; a test checks it against pipeline.stages.STAGES, which
+# cannot be imported here (it loads every stage's dependencies).
+STAGE_HELP = {
+    "synth": "generate the demo's spoken-scenes shards (no inputs)",
+    "ingest": "a folder, CSV/JSONL manifest or shards -> validated shards (no inputs; "
+              "source=PATH)",
+    "preprocess": "shards -> model-ready parquet per split (--input shards=DIR: an ingest or "
+                  "synth output, or any folder / s3:// prefix of webdataset .tar shards)",
+    "train": "DDP training of the tokenizer (--input data=PREPROCESS_OUTPUT)",
+    "tokenize": "the token dataset (--input data=PREPROCESS_OUTPUT --input model=TRAIN_OUTPUT)",
+    "evaluate": "reconstruction and token metrics, trained vs untrained (--input data=... "
+                "--input model=... --input tokens=TOKENIZE_OUTPUT)",
+    "register": "register the tokenizer in MLflow (--input model=TRAIN_OUTPUT --input "
+                "evaluation=EVALUATE_OUTPUT)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    handler = args.handler
+    if isinstance(handler, str):  # "module:function", imported only now
+        module, _, function = handler.partition(":")
+        handler = getattr(importlib.import_module(module), function)
     try:
-        return args.handler(args)
+        return handler(args)
     except ConfigError as err:
         print(f"mmvq: config error: {err}", file=sys.stderr)
         return 2
@@ -55,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_plan_flags(run)
     run.add_argument("--dry-run", action="store_true",
                      help="print the plan (run or reuse per stage, and why) and stop")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_output_flags(run)
     run.set_defaults(handler=_cmd_run)
 
     status = sub.add_parser("status", help="table of a workflow's stages: done, missing, stale",
@@ -89,18 +117,49 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
     submit.set_defaults(handler=_cmd_submit)
 
-    stage = sub.add_parser("stage", help="run one stage on given inputs",
-                           description="Run a single stage with a config file and explicit "
-                           "input directories; the output is committed under "
-                           "DATA_ROOT/STAGE/FINGERPRINT.")
-    stage.add_argument("name", help="stage name: synth, preprocess, train, tokenize, evaluate, "
-                       "register")
+    stage = sub.add_parser(
+        "stage", help="run one stage on given inputs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a single stage with a config file and explicit input directories; "
+        "the output is committed under DATA_ROOT/STAGE/FINGERPRINT and reused by a rerun "
+        "with the same config, inputs and code.\n\nstages:\n"
+        + "\n".join(f"  {name:<11} {text}" for name, text in STAGE_HELP.items()),
+        epilog="examples:\n"
+        "  mmvq stage ingest source=photos/ --data-root runs/mine\n"
+        "  mmvq stage preprocess --input shards=data/shards image_size=128 --num-cpus 4\n"
+        "  mmvq stage train --workflow workflows/own-data.yaml --input data=runs/mine/"
+        "preprocess/<fp>")
+    stage.add_argument("name", metavar="STAGE", help="one of: " + ", ".join(STAGE_HELP))
     stage.add_argument("--config", type=Path, help="YAML with the stage's config keys")
+    stage.add_argument("--workflow", type=Path,
+                       help="take the stage's config and the Ray settings from this workflow's "
+                       "entry of the same name (--config and overrides apply on top)")
     stage.add_argument("--input", action="append", default=[], metavar="SLOT=DIR",
-                       help="an input slot and the committed output it reads, repeatable")
-    stage.add_argument("--data-root", default="runs/stages", help="default: %(default)s")
+                       help="an input slot and the committed output it reads, repeatable; "
+                       "shards= also takes any folder or s3:// prefix of .tar shards")
+    stage.add_argument("--data-root", help="where the output is committed (default: the "
+                       "workflow's data_root with --workflow, else runs/stages)")
+    stage.add_argument("--num-cpus", type=int,
+                       help="logical CPUs for in-process Ray (default: the workflow's "
+                       "ray.num_cpus, else the machine's)")
+    _add_output_flags(stage)
     stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     stage.set_defaults(handler=_cmd_stage)
+
+    quarantine = sub.add_parser(
+        "quarantine", help="every rejected sample of a workflow, by original file",
+        description="One table of the samples that did not become output, across every stage "
+        "of the workflow's current outputs: the stage, the user's original file (or manifest "
+        "row), the key and the reason, with in = out + quarantined checked along the chain. "
+        "Starts nothing.")
+    quarantine.add_argument("workflow", type=Path, help="workflow YAML")
+    quarantine.add_argument("overrides", nargs="*", metavar="STAGE.KEY=VALUE",
+                            help="the overrides the run got")
+    quarantine.add_argument("--data-root", help="default: the workflow's data_root")
+    quarantine.add_argument("--csv", type=Path, help="also write the table to this CSV file")
+    quarantine.add_argument("--limit", type=int, default=50,
+                            help="rows to print (default: %(default)s; 0: all)")
+    quarantine.set_defaults(handler="workflows.accounting:cmd_quarantine")
 
     synth = sub.add_parser("synth", help="generate the 'spoken scenes' demo shards",
                            description="Write webdataset shards of synthetic aligned "
@@ -111,13 +170,125 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64)
     synth.set_defaults(handler=_cmd_synth)
 
-    from pipeline.codec import add_commands
-
-    add_commands(sub)  # encode, decode
-    from pipeline.ingest import add_command as add_ingest_command
-
-    add_ingest_command(sub)  # ingest
+    _add_codec_commands(sub)
+    _add_ingest_command(sub)
     return parser
+
+
+def _add_codec_commands(sub: argparse._SubParsersAction) -> None:
+    """``encode`` and ``decode`` (run by :mod:`pipeline.codec`)."""
+    model_help = ("the tokenizer: a directory with config.json + model.safetensors, a train "
+                  "stage output (runs/demo/train/<fp>), or models:/NAME/VERSION from the MLflow "
+                  "registry")
+    uri_help = "MLflow tracking server for models:/ (default: MLFLOW_TRACKING_URI)"
+    enc = sub.add_parser(
+        "encode", help="images / audio / text files -> tokens (JSON or parquet)",
+        description="Encode a file or a folder of files into tokens. Files sharing a stem "
+        "(cat.png, cat.wav, cat.txt) form one sample; each is prepared exactly as the "
+        "preprocess stage prepares training data (center crop, resample, fixed length).",
+        epilog="example: mmvq encode photos/ --model runs/demo/train/<fp> --out tokens.json")
+    enc.add_argument("inputs", nargs="+", type=Path, help="files or folders; images (.png .jpg "
+                     ".jpeg .webp), audio (.wav .flac .ogg .mp3), text (.txt, UTF-8)")
+    enc.add_argument("--model", required=True, help=model_help)
+    enc.add_argument("--out", type=Path, required=True,
+                     help="output file: .json (readable) or .parquet (token dataset schema)")
+    enc.add_argument("--tracking-uri", help=uri_help)
+    enc.add_argument("--batch-size", type=int, default=32, help="samples per encode call "
+                     "(default: %(default)s)")
+    enc.set_defaults(handler="pipeline.codec:cmd_encode")
+
+    dec = sub.add_parser(
+        "decode", help="tokens -> files (PNG, WAV, TXT)",
+        description="Decode tokens written by `mmvq encode` (.json/.parquet) or by the tokenize "
+        "stage (a token dataset directory) back into KEY.png, KEY.wav and KEY.txt.",
+        epilog="example: mmvq decode runs/demo/tokenize/<fp> --split val --limit 8 "
+        "--model runs/demo/train/<fp> --out decoded/")
+    dec.add_argument("tokens", type=Path, help="an encode output (.json, .parquet) or a token "
+                     "dataset (tokenize output, its tokens/ or a split directory)")
+    dec.add_argument("--model", required=True, help=model_help)
+    dec.add_argument("--out", type=Path, required=True, help="output folder")
+    dec.add_argument("--split", help="token dataset split to decode (default: all)")
+    dec.add_argument("--limit", type=int, help="decode only the first N samples")
+    dec.add_argument("--tracking-uri", help=uri_help)
+    dec.add_argument("--batch-size", type=int, default=32, help="samples per decode call "
+                     "(default: %(default)s)")
+    dec.set_defaults(handler="pipeline.codec:cmd_decode")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"256MB"``, ``"1GiB"``, ``"1000"`` -> bytes."""
+    match = _SIZE.match(text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (e.g. 256MB, 1GiB, 1000000)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _add_ingest_command(sub: argparse._SubParsersAction) -> None:
+    """``ingest`` (run by :mod:`pipeline.ingest`)."""
+    parser = sub.add_parser(
+        "ingest", help="turn a folder, CSV/JSONL manifest or existing shards into validated "
+        "webdataset shards", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_INGEST_DESCRIPTION, epilog=_INGEST_EXAMPLES)
+    parser.add_argument("source", help="folder, .csv/.jsonl manifest, a .tar shard or folder of "
+                        ".tar shards: a path or URI (s3://bucket/prefix, file:///...)")
+    parser.add_argument("--out", required=True, help="output directory, path or URI; a rerun "
+                        "into the same place resumes, keeping finished shards")
+    parser.add_argument("--format", default="auto",
+                        choices=["auto", "folder", "csv", "jsonl", "shards"],
+                        help="how to read SOURCE (default: by suffix / by content)")
+    parser.add_argument("--max-samples", type=int, default=1000,
+                        help="samples per shard at most (default: %(default)s)")
+    parser.add_argument("--max-bytes", type=parse_size, default="256MiB",
+                        help="bytes per shard at most, e.g. 64MB, 1GiB; 0 for no limit "
+                        "(default: 256MiB)")
+    parser.add_argument("--default-split", default="train",
+                        help="split of samples that name none (default: %(default)s)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first sample that would be quarantined, naming its "
+                        "source, key and reason")
+    parser.set_defaults(handler="pipeline.ingest:cmd_ingest")
+
+
+_INGEST_DESCRIPTION = """\
+Three sources, one output. A folder of files sharing a stem (a.jpg, a.flac, a.txt, a.json; the
+key is the path without the extension), a CSV/JSONL manifest (one row per sample), or existing
+webdataset shards written by any tool. The output is OUT/SPLIT/shard-NNNNNN.tar with every key's
+members contiguous and every key unique, quarantine.parquet for what could not be taken (with
+the original file), and manifest.json (shards with sample count, bytes and sha256; counts per
+split and modality; in = out + quarantined). The output folder is what preprocess reads:
+  mmvq stage preprocess --input shards=OUT"""
+
+_INGEST_EXAMPLES = """\
+manifest columns (CSV header or JSONL keys): key (required), image, audio (file paths, relative
+to the manifest), text (inline) or text_path, split; any other column goes into the sample's
+json metadata.
+
+examples:
+  mmvq ingest data/pairs --out runs/shards                     # a.jpg a.flac a.txt a.json ...
+  mmvq ingest data/index.csv --out s3://bucket/shards --max-bytes 512MB
+  mmvq ingest old_shards/ --format shards --out fixed/ --max-samples 5000
+
+AWS_ENDPOINT_URL_S3 (or ?endpoint_override=URL on the URI) points s3:// at an S3-compatible
+store; credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile."""
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Bars on a terminal or with --verbose; never with --no-progress (logs stay readable)."""
+    return not args.no_progress and (args.verbose or sys.stderr.isatty())
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray Data's per-operator progress and Ray's own log lines too "
+                        "(default: only on a terminal, and only the stage's own bars)")
 
 
 def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +323,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_plan(plan_workflow(workflow, **flags)))
         return 0
-    results = run_workflow(workflow, progress=not args.no_progress,
+    results = run_workflow(workflow, progress=_progress(args), verbose=args.verbose,
                            workflow_file=args.workflow, **flags)
     print(format_report(results, workflow_tracking_uri(workflow)))
     return 0
@@ -176,18 +347,33 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from workflows.runner import format_report, run_single_stage
+    from workflows.runner import RayConfig, format_report, load_workflow, run_single_stage
 
-    data = load_yaml(args.config) if args.config else {}
+    data: dict = {}
+    ray = RayConfig()
+    data_root = args.data_root
+    if args.workflow:
+        workflow = load_workflow(args.workflow)
+        entry = workflow.stages.get(args.name) or next(
+            (e for e in workflow.stages.values() if e.stage == args.name), None)
+        if entry is None:
+            raise ConfigError(f"{args.workflow} has no stage {args.name!r} "
+                              f"(stages: {', '.join(workflow.stages)})")
+        data, ray, data_root = dict(entry.config), workflow.ray, data_root or workflow.data_root
+    if args.config:
+        data = {**data, **load_yaml(args.config)}
     data = apply_overrides(data, args.overrides)
+    if args.num_cpus is not None:
+        ray = RayConfig(address=ray.address, num_cpus=args.num_cpus)
     inputs = {}
     for item in args.input:
         slot, sep, path = item.partition("=")
         if not sep:
             raise ConfigError(f"--input {item!r} is not of the form SLOT=DIR")
-        inputs[slot] = Path(path)
-    result = run_single_stage(args.name, data, inputs, data_root=Path(args.data_root),
-                              source=str(args.config or "overrides"))
+        inputs[slot] = path
+    result = run_single_stage(args.name, data, inputs, data_root=Path(data_root or "runs/stages"),
+                              source=str(args.config or args.workflow or "overrides"), ray=ray,
+                              progress=_progress(args), verbose=args.verbose)
     print(format_report([result], result.tracking_uri))
     return 0
 

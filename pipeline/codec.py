@@ -291,48 +291,9 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 # ----------------------------------------------------------------------------- commands
+# The parsers live in pipeline.cli (so `mmvq --help` imports none of this); these run them.
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``encode`` and ``decode`` on the ``mmvq`` command's subparsers."""
-    model_help = ("the tokenizer: a directory with config.json + model.safetensors, a train "
-                  "stage output (runs/demo/train/<fp>), or models:/NAME/VERSION from the MLflow "
-                  "registry")
-    uri_help = "MLflow tracking server for models:/ (default: MLFLOW_TRACKING_URI)"
-    enc = sub.add_parser(
-        "encode", help="images / audio / text files -> tokens (JSON or parquet)",
-        description="Encode a file or a folder of files into tokens. Files sharing a stem "
-        "(cat.png, cat.wav, cat.txt) form one sample; each is prepared exactly as the "
-        "preprocess stage prepares training data (center crop, resample, fixed length).",
-        epilog="example: mmvq encode photos/ --model runs/demo/train/<fp> --out tokens.json")
-    enc.add_argument("inputs", nargs="+", type=Path, help="files or folders; images (.png .jpg "
-                     ".jpeg .webp), audio (.wav .flac .ogg .mp3), text (.txt, UTF-8)")
-    enc.add_argument("--model", required=True, help=model_help)
-    enc.add_argument("--out", type=Path, required=True,
-                     help="output file: .json (readable) or .parquet (token dataset schema)")
-    enc.add_argument("--tracking-uri", help=uri_help)
-    enc.add_argument("--batch-size", type=int, default=32, help="samples per encode call "
-                     "(default: %(default)s)")
-    enc.set_defaults(handler=_cmd_encode)
-
-    dec = sub.add_parser(
-        "decode", help="tokens -> files (PNG, WAV, TXT)",
-        description="Decode tokens written by `mmvq encode` (.json/.parquet) or by the tokenize "
-        "stage (a token dataset directory) back into KEY.png, KEY.wav and KEY.txt.",
-        epilog="example: mmvq decode runs/demo/tokenize/<fp> --split val --limit 8 "
-        "--model runs/demo/train/<fp> --out decoded/")
-    dec.add_argument("tokens", type=Path, help="an encode output (.json, .parquet) or a token "
-                     "dataset (tokenize output, its tokens/ or a split directory)")
-    dec.add_argument("--model", required=True, help=model_help)
-    dec.add_argument("--out", type=Path, required=True, help="output folder")
-    dec.add_argument("--split", help="token dataset split to decode (default: all)")
-    dec.add_argument("--limit", type=int, help="decode only the first N samples")
-    dec.add_argument("--tracking-uri", help=uri_help)
-    dec.add_argument("--batch-size", type=int, default=32, help="samples per decode call "
-                     "(default: %(default)s)")
-    dec.set_defaults(handler=_cmd_decode)
-
-
-def _cmd_encode(args: argparse.Namespace) -> int:
+def cmd_encode(args: argparse.Namespace) -> int:
     try:
         return _encode(args)
     except (ValueError, FileNotFoundError) as err:
@@ -340,7 +301,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         return 2
 
 
-def _cmd_decode(args: argparse.Namespace) -> int:
+def cmd_decode(args: argparse.Namespace) -> int:
     try:
         return _decode(args)
     except (ValueError, FileNotFoundError) as err:

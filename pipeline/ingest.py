@@ -722,64 +722,9 @@ def run(config: IngestConfig, ctx: StageContext) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- command line
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
+# The parser lives in pipeline.cli (so `mmvq --help` imports none of this); this runs it.
 
-
-def parse_size(text: str) -> int:
-    """``"256MB"``, ``"1GiB"``, ``"1000"`` -> bytes."""
-    match = _SIZE.match(text)
-    unit = match and match.group(2).lower()
-    if not match or unit not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (e.g. 256MB, 1GiB, 1000000)")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def add_command(sub: Any) -> None:
-    """Register ``mmvq ingest`` on the command line's subparsers."""
-    import argparse
-
-    parser = sub.add_parser(
-        "ingest", help="turn a folder, CSV/JSONL manifest or existing shards into validated "
-        "webdataset shards", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[1] + "\n\n" + _CLI_EXAMPLES)
-    parser.add_argument("source", help="folder, .csv/.jsonl manifest, or folder of .tar shards: "
-                        "a path or URI (s3://bucket/prefix, file:///...)")
-    parser.add_argument("--out", required=True, help="output directory, path or URI; a rerun "
-                        "into the same place resumes, keeping finished shards")
-    parser.add_argument("--format", default="auto",
-                        choices=["auto", "folder", "csv", "jsonl", "shards"],
-                        help="how to read SOURCE (default: by suffix / by content)")
-    parser.add_argument("--max-samples", type=int, default=IngestConfig.max_samples_per_shard,
-                        help="samples per shard at most (default: %(default)s)")
-    parser.add_argument("--max-bytes", type=parse_size, default="256MiB",
-                        help="bytes per shard at most, e.g. 64MB, 1GiB; 0 for no limit "
-                        "(default: 256MiB)")
-    parser.add_argument("--default-split", default="train",
-                        help="split of samples that name none (default: %(default)s)")
-    parser.add_argument("--strict", action="store_true",
-                        help="stop at the first sample that would be quarantined, naming its "
-                        "source, key and reason")
-    parser.set_defaults(handler=_cmd_ingest)
-
-
-_CLI_EXAMPLES = """\
-manifest columns (CSV header or JSONL keys): key (required), image, audio (file paths, relative
-to the manifest), text (inline) or text_path, split; any other column goes into the sample's
-json metadata.
-
-examples:
-  mmvq ingest data/pairs --out runs/shards                     # a.jpg a.flac a.txt a.json ...
-  mmvq ingest data/index.csv --out s3://bucket/shards --max-bytes 512MB
-  mmvq ingest old_shards/ --format shards --out fixed/ --max-samples 5000
-
-AWS_ENDPOINT_URL_S3 (or ?endpoint_override=URL on the URI) points s3:// at an S3-compatible
-store; credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile."""
-
-
-def _cmd_ingest(args: Any) -> int:
+def cmd_ingest(args: Any) -> int:
     config = IngestConfig(source=args.source, format=args.format,
                           max_samples_per_shard=args.max_samples,
                           max_bytes_per_shard=args.max_bytes, default_split=args.default_split,

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -29,10 +30,12 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import to_dict
-from pipeline.tracking import RunLogger
+
+if TYPE_CHECKING:  # only for annotations: importing mlflow costs every Ray worker seconds
+    from pipeline.tracking import RunLogger
 
 # Written last into every committed output; its presence is what "complete" means to readers.
 STAGE_RECORD = "stage.json"
@@ -46,7 +49,9 @@ class StageContext:
     """Everything a stage may touch besides its config."""
 
     output_dir: Path  # write here; renamed to the committed location when run() returns
-    inputs: Mapping[str, Path]  # upstream stage name -> its committed output directory
+    # Input slot -> the committed output directory it reads, or for an external input (shards
+    # no stage of ours wrote) the folder, file or URI the user named.
+    inputs: Mapping[str, Path | str]
     logger: RunLogger | None = None  # this stage's MLflow run (None when run without tracking)
     tracking_uri: str | None = None  # for processes (train workers) that log on their own
     progress: bool = True  # show progress bars
@@ -63,23 +68,57 @@ class StageSpec:
     config_type: type
     run: Callable[[Any, StageContext], dict[str, Any]]
     inputs: tuple[str, ...] = ()
+    # Input slots that may also name data of the user's instead of a committed output: a
+    # folder, a single file or an s3:// prefix of webdataset .tar shards (``mmvq ingest``'s
+    # output, or any tool's).
+    external_inputs: tuple[str, ...] = ()
     # Modules whose source decides the output (part of the fingerprint). pipeline.stage is
     # always included: it defines how outputs are written.
     code: tuple[str, ...] = ()
+    # Distributions whose version can change the output (a new Pillow resizes differently, a
+    # new torch changes kernels); their versions are part of the fingerprint. mmvq itself and
+    # numpy/pyarrow (every stage's arrays and files) are always included.
+    libraries: tuple[str, ...] = ()
+
+    def library_versions(self) -> dict[str, str]:
+        return library_versions(("mmvq", "numpy", "pyarrow", *self.libraries))
 
     def code_version(self) -> str:
-        return code_version(("pipeline.stage", *self.code))
+        """Hash of the stage's source and of the versions of the libraries it depends on."""
+        versions = json.dumps(self.library_versions(), sort_keys=True)
+        return code_version(("pipeline.stage", *self.code), extra=versions)
 
 
-def code_version(modules: tuple[str, ...]) -> str:
-    """Hash of the source of ``modules`` (a package counts with all its files).
+def library_versions(distributions: tuple[str, ...]) -> dict[str, str]:
+    """Installed version of each distribution (``"absent"`` if not installed).
+
+    Read from the installed metadata, not by importing: asking torch's version this way costs
+    microseconds instead of the seconds ``import torch`` takes.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in sorted(set(distributions)):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def code_version(modules: tuple[str, ...], extra: str = "") -> str:
+    """Hash of the source of ``modules`` (a package counts with all its files), and ``extra``.
 
     A stage names the code its output depends on, so editing the trainer reruns train and what
-    follows, but not synth.
+    follows, but not synth. The files are found without importing them (``find_spec``), so a
+    plan costs no torch import.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(extra.encode())
     for name in sorted(modules):
-        origin = Path(importlib.import_module(name).__file__)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"stage code module {name!r} not found")
+        origin = Path(spec.origin)
         files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
         for path in files:
             digest.update(f"{name}:{path.name}".encode())

@@ -23,22 +23,31 @@ def _synth(config: SynthConfig, ctx: StageContext) -> dict[str, Any]:
     return {"counts": manifest.get("counts", {})}
 
 
+# Distributions whose versions enter each stage's fingerprint (besides mmvq, numpy, pyarrow).
+_DECODERS = ("pillow", "soundfile", "torch", "torchaudio")  # image/audio decode and resample
+_MODEL = ("torch", "torchvision", "torchaudio", "safetensors")  # the network and its weights
+
 STAGES: dict[str, StageSpec] = {
-    "synth": StageSpec("synth", SynthConfig, _synth, code=("pipeline.synth",)),
+    "synth": StageSpec("synth", SynthConfig, _synth, code=("pipeline.synth",),
+                       libraries=("pillow", "soundfile", "espeakng-loader")),
     "ingest": StageSpec("ingest", ingest.IngestConfig, ingest.run,
                         code=("pipeline.ingest", "pipeline.storage")),
     "preprocess": StageSpec("preprocess", preprocess.PreprocessConfig, preprocess.run,
-                            inputs=("shards",),
+                            inputs=("shards",), external_inputs=("shards",),
                             code=("pipeline.preprocess", "pipeline.ingest", "pipeline.storage",
-                                  "pipeline.text_vocab", "mmvq.text_vocab")),
+                                  "pipeline.text_vocab", "mmvq.text_vocab"),
+                            libraries=_DECODERS),
     "train": StageSpec("train", train.TrainConfig, train.run, inputs=("data",),
-                       code=(*train.TRAIN_CODE, "pipeline.text_vocab")),
+                       code=(*train.TRAIN_CODE, "pipeline.text_vocab"), libraries=_MODEL),
     "tokenize": StageSpec("tokenize", tokenize.TokenizeConfig, tokenize.run,
-                          inputs=("data", "model"), code=("pipeline.tokenize", "mmvq")),
+                          inputs=("data", "model"), code=("pipeline.tokenize", "mmvq"),
+                          libraries=_MODEL),
     "evaluate": StageSpec("evaluate", evaluate.EvaluateConfig, evaluate.run,
                           inputs=("data", "model", "tokens"),
-                          code=("pipeline.evaluate", "pipeline.report", "mmvq")),
+                          code=("pipeline.evaluate", "pipeline.report", "mmvq"),
+                          libraries=_MODEL),
     "register": StageSpec("register", register.RegisterConfig, register.run,
                           inputs=("model", "evaluation"),
-                          code=("pipeline.register", "pipeline.codec", "pipeline.tokenize")),
+                          code=("pipeline.register", "pipeline.codec", "pipeline.tokenize"),
+                          libraries=(*_MODEL, "mlflow")),
 }

@@ -203,3 +203,36 @@ def _join_uri(uri: str, *parts: str) -> str:
     base, sep, query = uri.partition("?")
     joined = "/".join([base.rstrip("/"), *parts])
     return f"{joined}?{query}" if sep else joined
+
+
+def listing_fingerprint(location: str, suffixes: tuple[str, ...]) -> str:
+    """16-hex id of the ``suffixes`` files under ``location`` (a folder or prefix, or one file).
+
+    Data that no stage of ours committed (a user's shard folder) has no stage record to take a
+    fingerprint from. Its files' names, sizes and modification times stand in for content: a
+    rewritten or added shard changes the id, and computing it reads no data, so it costs the
+    same for a million samples as for ten. A ``manifest.json`` beside them (``mmvq ingest``'s)
+    adds its sha256s, which also catch a rewrite that kept size and time.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there are no such files, naming the location and the suffixes.
+    """
+    place = resolve(location)
+    if place.is_file():
+        infos = [place.fs.get_file_info(place.path)] if place.path.endswith(suffixes) else []
+        base = place.parent()
+    else:
+        infos = place.files(suffixes) if place.is_dir() else []
+        base = place
+    if not infos:
+        raise FileNotFoundError(f"no {'|'.join(suffixes)} files under {location}")
+    digest = hashlib.sha256()
+    for info in infos:
+        mtime = info.mtime_ns if info.mtime_ns is not None else ""
+        digest.update(f"{base.relative(info.path)}\0{info.size}\0{mtime}\n".encode())
+    manifest = base.join("manifest.json")
+    if manifest.is_file():
+        digest.update(manifest.read_bytes())
+    return digest.hexdigest()[:16]

@@ -90,6 +90,10 @@ class TrainConfig:
     # Cap on the object-store bytes Ray Data may hold for training ingest; None: Ray's default.
     data_memory_bytes: int | None = 512 * 1024 * 1024
 
+    def min_resources(self) -> dict[str, float]:
+        """What Ray must have before training can start: one CPU or GPU per worker."""
+        return {"GPU" if self.use_gpu else "CPU": float(self.num_workers)}
+
     def __post_init__(self) -> None:
         positive = ("num_workers", "threads_per_worker", "batch_size", "grad_accum", "steps",
                     "log_every")
@@ -156,7 +160,10 @@ def _datasets(data_dir: Path, config: TrainConfig) -> dict[str, Any]:
     for split in ("train", "val"):
         if split == "val" and (config.val_batches == 0 or not (data_dir / split).is_dir()):
             continue
-        dataset = ray.data.read_parquet(str(data_dir / split), columns=list(MODEL_COLUMNS))
+        # Read tasks reserve no CPU: the workers hold theirs for the whole run, and on a
+        # machine with exactly num_workers CPUs a 1-CPU read would never be scheduled.
+        dataset = ray.data.read_parquet(str(data_dir / split), columns=list(MODEL_COLUMNS),
+                                        num_cpus=0)
         # One data progress bar per epoch per worker buries the training progress line.
         dataset.context.enable_progress_bars = False
         datasets[split] = dataset

@@ -51,7 +51,9 @@ class RayConfig:
 @dataclass(frozen=True)
 class StageEntry:
     stage: str | None = None  # registry name; defaults to the entry's own name
-    inputs: dict[str, str] = field(default_factory=dict)  # input slot -> upstream entry name
+    # Input slot -> upstream entry name; a slot the stage marks external (preprocess's
+    # ``shards``) may instead name a folder, file or s3:// prefix of the user's shards.
+    inputs: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the stage's typed config, as YAML
 
 
@@ -82,6 +84,10 @@ class PlannedStage:
     forced: bool = False  # rerun even if the output is committed
     run_id: str = ""  # MLflow run that produced the committed output, if known
     previous: Path | None = None  # newest committed output of this entry for another fingerprint
+    external: tuple[str, ...] = ()  # input slots that name the user's data, not an entry
+
+    def input_is_stage(self, slot: str) -> bool:
+        return slot not in self.external
 
 
 class PlanError(ConfigError):
@@ -126,6 +132,8 @@ def load_workflow(path: str | Path, overrides: Sequence[str] = ()) -> Workflow:
             raise ConfigError(f"{path}: stages.{name}.inputs must name exactly "
                               f"{sorted(slots)}, got {sorted(entry.inputs)}")
         for slot, upstream in entry.inputs.items():
+            if upstream not in workflow.stages and slot in STAGES[stage].external_inputs:
+                continue  # the user's shards; checked (listed) when the plan is made
             if upstream not in workflow.stages or list(workflow.stages).index(upstream) >= \
                     list(workflow.stages).index(name):
                 raise ConfigError(f"{path}: stages.{name}.inputs.{slot}: {upstream!r} is not "
@@ -152,6 +160,25 @@ def workflow_data_root(workflow: Workflow) -> Path:
 def workflow_tracking_uri(workflow: Workflow) -> str:
     """The workflow's tracking_uri, else ``MLFLOW_TRACKING_URI``, else SQLite under data_root."""
     return workflow.tracking_uri or default_tracking_uri(workflow_data_root(workflow))
+
+
+def external_fingerprint(location: str, where: str) -> str:
+    """Fingerprint of a user's shards named as an input (``where`` names the key in errors)."""
+    from pipeline.storage import listing_fingerprint
+
+    try:
+        return listing_fingerprint(location, (".tar",))
+    except FileNotFoundError as err:
+        raise ConfigError(f"{where}: {err} (name a folder, a .tar file or an s3:// prefix of "
+                          "webdataset shards, e.g. the output of `mmvq ingest`)") from err
+
+
+def input_locations(planned: PlannedStage, data_root: Path) -> dict[str, Path | str]:
+    """Where each input slot of ``planned`` reads: an upstream entry's committed output for
+    its fingerprint (a reused or skipped upstream has no result to ask), or the user's path."""
+    return {slot: committed_dir(data_root, upstream, planned.input_fps[slot])
+            if planned.input_is_stage(slot) else upstream
+            for slot, upstream in planned.inputs.items()}
 
 
 def plan_workflow(workflow: Workflow, *, only: Sequence[str] = (), from_: Sequence[str] = (),
@@ -185,14 +212,17 @@ def plan_workflow(workflow: Workflow, *, only: Sequence[str] = (), from_: Sequen
     for name, entry in workflow.stages.items():
         spec = STAGES[entry.stage or name]
         config = from_dict(spec.config_type, entry.config, path=f"stages.{name}.config")
-        input_fps = {slot: plan[u].fingerprint for slot, u in entry.inputs.items()}
+        input_fps = {slot: plan[u].fingerprint if u in plan else
+                     external_fingerprint(u, f"stages.{name}.inputs.{slot}")
+                     for slot, u in entry.inputs.items()}
         code = spec.code_version()
         fp = fingerprint(spec.name, config, input_fps, code)
         output = committed_dir(data_root, name, fp)
         committed = read_record(output)
         history = [p for p in committed_outputs(data_root, name) if p != output]
         base = PlannedStage(name, spec.name, config, input_fps, dict(entry.inputs), fp, code,
-                            "run", "", output, previous=history[-1] if history else None)
+                            "run", "", output, previous=history[-1] if history else None,
+                            external=tuple(s for s, u in entry.inputs.items() if u not in plan))
         run_id = producers.run_id(spec.name, fp) if committed or not history else ""
         run_id = run_id or (committed or {}).get("mlflow_run_id", "")
         reuse = _replace(base, action="reuse", run_id=run_id,
@@ -207,7 +237,7 @@ def plan_workflow(workflow: Workflow, *, only: Sequence[str] = (), from_: Sequen
 
 
 def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequence[str] = (),
-                 from_: Sequence[str] = (), progress: bool = True,
+                 from_: Sequence[str] = (), progress: bool = True, verbose: bool = False,
                  workflow_file: str | Path | None = None) -> list[StageResult]:
     """Plan, then run or reuse every planned stage in order under one MLflow parent run.
 
@@ -218,7 +248,10 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
     plan = plan_workflow(workflow, only=only, from_=from_, force=force,
                          tracking_uri=tracking_uri)
     data_root.mkdir(parents=True, exist_ok=True)
-    _init_ray(workflow.ray, progress)
+    _init_ray(workflow.ray, progress, verbose)
+    for planned in plan:  # before anything runs: a stage that cannot be placed fails now
+        if planned.action == "run":
+            check_resources(planned.name, planned.config)
 
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, workflow.name,
@@ -237,9 +270,7 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
             if planned.action == "skip":
                 print(f"[{planned.name}] skip: {planned.reason}", flush=True)
                 continue
-            # Upstream outputs by fingerprint: a reused or skipped upstream has no result here.
-            inputs = {slot: committed_dir(data_root, planned.inputs[slot], ufp)
-                      for slot, ufp in planned.input_fps.items()}
+            inputs = input_locations(planned, data_root)
             results[planned.name] = _run_stage(planned, inputs, data_root, client,
                                                experiment_id, parent_id, tracking_uri,
                                                progress=progress)
@@ -267,6 +298,7 @@ def _run_stage(planned: PlannedStage, inputs: Mapping[str, Path], data_root: Pat
         output, record, reused = commit_stage(
             spec, planned.config, data_root, fp, inputs,
             record={"stage": spec.name, "entry": name, "fingerprint": fp, "code": planned.code,
+                    "libraries": spec.library_versions(),
                     "config": to_dict(planned.config), "input_fingerprints": planned.input_fps,
                     "inputs": {k: str(v) for k, v in inputs.items()},
                     "mlflow_run_id": run.info.run_id},
@@ -292,13 +324,16 @@ def _run_stage(planned: PlannedStage, inputs: Mapping[str, Path], data_root: Pat
         client.set_terminated(run.info.run_id, status)
 
 
-def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str, Path], *,
+def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str | Path], *,
                      data_root: Path, source: str = "config", progress: bool = True,
-                     tracking_uri: str | None = None) -> StageResult:
+                     tracking_uri: str | None = None, ray: RayConfig | None = None,
+                     verbose: bool = False) -> StageResult:
     """Run one registered stage on committed input directories (``mmvq stage``).
 
     The inputs' fingerprints come from their stage records, so the result is cached and
-    committed exactly as it would be inside a workflow.
+    committed exactly as it would be inside a workflow. A slot the stage marks external
+    (preprocess's ``shards``) also takes the user's shards: a folder, a .tar file, or an
+    ``s3://`` prefix. ``ray`` is the workflow's Ray settings (``mmvq stage --workflow``).
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
@@ -307,13 +342,20 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
         raise ConfigError(f"stage {stage} needs --input for {list(spec.inputs)}, "
                           f"got {sorted(inputs)}")
     cfg = from_dict(spec.config_type, config, source=source)  # fail early, naming the file
-    upstream = {}
-    for slot, path in inputs.items():
-        record = read_record(path)
-        if record is None:
-            raise ConfigError(f"input {slot}={path} is not a committed stage output "
-                              f"(no {path}/stage.json)")
-        upstream[slot] = (Path(path).resolve(), record["fingerprint"])
+    upstream: dict[str, tuple[Path | str, str]] = {}
+    external = []
+    for slot, where in inputs.items():
+        record = None if "://" in str(where) else read_record(Path(where))
+        if record is not None:
+            upstream[slot] = (Path(where).resolve(), record["fingerprint"])
+        elif slot in spec.external_inputs:
+            local = "://" not in str(where)
+            upstream[slot] = (str(Path(where).resolve()) if local else str(where),
+                              external_fingerprint(str(where), f"--input {slot}={where}"))
+            external.append(slot)
+        else:
+            raise ConfigError(f"input {slot}={where} is not a committed stage output "
+                              f"(no {where}/stage.json)")
     data_root = Path(data_root).resolve()
     data_root.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or default_tracking_uri(data_root)
@@ -321,8 +363,9 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
     code = spec.code_version()
     fp = fingerprint(spec.name, cfg, input_fps, code)
     planned = PlannedStage(stage, stage, cfg, input_fps, {}, fp, code, "run", "stage command",
-                           committed_dir(data_root, stage, fp))
-    _init_ray(RayConfig(), progress)
+                           committed_dir(data_root, stage, fp), external=tuple(external))
+    _init_ray(ray or RayConfig(), progress, verbose)
+    check_resources(spec.name, cfg)
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, f"stage-{stage}",
                                       _artifact_root(tracking_uri, data_root))
@@ -381,7 +424,8 @@ def _why_run(step: PlannedStage, plan: Mapping[str, PlannedStage], data_root: Pa
              producers: _ProducerLookup) -> str:
     """Why a stage without a committed output for its fingerprint runs: what changed since the
     newest committed output of the same entry (its stage record holds config, code, inputs)."""
-    rerun = [u for u in dict.fromkeys(step.inputs.values()) if plan[u].action == "run"]
+    rerun = [u for u in dict.fromkeys(step.inputs.values())
+             if u in plan and plan[u].action == "run"]
     reasons = [f"upstream {', '.join(rerun)} rerun{'s' if len(rerun) == 1 else ''}"] \
         if rerun else []
     previous = read_record(step.previous) if step.previous else None
@@ -401,7 +445,12 @@ def _why_run(step: PlannedStage, plan: Mapping[str, PlannedStage], data_root: Pa
         reasons.append(f"{len(added)} config field{'s' if len(added) > 1 else ''} new since "
                        f"{step.previous.name} ({names})")
     if previous.get("code") != step.code:
-        reasons.append(f"code changed ({previous.get('code')}\u2192{step.code})")
+        old_libs = previous.get("libraries", {})
+        new_libs = STAGES[step.stage].library_versions()
+        bumped = [f"{n} {old_libs[n]}\u2192{v}" for n, v in new_libs.items()
+                  if n in old_libs and old_libs[n] != v]
+        reasons.append(f"library changed ({', '.join(bumped)})" if bumped else
+                       f"code changed ({previous.get('code')}\u2192{step.code})")
     if not any(r.startswith("upstream") for r in reasons):
         old_inputs = previous.get("input_fingerprints", {})
         changed = [f"{slot} {old_inputs.get(slot, '?')}\u2192{fp}"
@@ -520,13 +569,16 @@ def _artifact_root(tracking_uri: str, data_root: Path) -> Path | None:
     return None if tracking_uri.startswith(("http://", "https://")) else data_root / "mlartifacts"
 
 
-def _init_ray(config: RayConfig, progress: bool) -> None:
+def _init_ray(config: RayConfig, progress: bool, verbose: bool = False) -> None:
     import ray
     from ray.data import DataContext
 
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS")
-        kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+        # Workers' stdout (train progress lines, stage messages) reaches the console; Ray's own
+        # INFO chatter only with --verbose.
+        kwargs: dict[str, Any] = {"log_to_driver": True,
+                                  "logging_level": logging.INFO if verbose else logging.WARNING}
         if address:
             ray.init(address=address, **kwargs)
         else:
@@ -535,7 +587,38 @@ def _init_ray(config: RayConfig, progress: bool) -> None:
                      dashboard_host="127.0.0.1", **kwargs)
     context = DataContext.get_current()
     context.enable_progress_bars = progress
-    context.print_on_execution_start = False
+    # One bar per operator (read, map, write) is Ray Data's debugging view, not the user's.
+    context.enable_operator_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+class ResourceError(ConfigError):
+    """A stage asks for more CPUs/GPUs than the Ray cluster has; it would wait for ever."""
+
+
+def check_resources(name: str, config: Any) -> None:
+    """Fail at once, naming the numbers, when ``config`` needs more than Ray has in total.
+
+    A stage config says what it cannot start without (``min_resources()``: train's workers,
+    an actor pool's first actor). Without this check Ray queues the request and prints
+    "The job may hang forever" while nothing moves.
+    """
+    import ray
+
+    needs = getattr(config, "min_resources", None)
+    if needs is None:
+        return
+    total = ray.cluster_resources()
+    for resource, amount in needs().items():
+        have = total.get(resource, 0.0)
+        if amount > have:
+            raise ResourceError(
+                f"stage {name} needs {amount:g} {resource} but this Ray cluster has {have:g} "
+                f"in all ({', '.join(f'{k} {v:g}' for k, v in sorted(total.items()) if k in ('CPU', 'GPU'))}); "
+                f"lower its num_workers/num_actors or give Ray more (ray.num_cpus in the "
+                "workflow, --num-cpus for mmvq stage)")
 
 
 def _evaluation(results: Sequence[StageResult]) -> dict[str, Any] | None:
