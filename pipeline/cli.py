@@ -180,27 +180,37 @@ def _add_codec_commands(sub: argparse._SubParsersAction) -> None:
     model_help = ("the tokenizer: a directory with config.json + model.safetensors, a train "
                   "stage output (runs/demo/train/<fp>), or models:/NAME/VERSION from the MLflow "
                   "registry")
-    uri_help = "MLflow tracking server for models:/ (default: MLFLOW_TRACKING_URI)"
+    uri_help = ("MLflow tracking server (also the registry) for models:/: the version lookup "
+                "and the download both use it (default: MLFLOW_TRACKING_URI)")
+    skip_help = ("exit 0 even if some %s were bad (each is still reported on stderr with its "
+                 "file and reason; without this flag the exit code is 1)")
     enc = sub.add_parser(
         "encode", help="images / audio / text files -> tokens (JSON or parquet)",
         description="Encode a file or a folder of files into tokens. Files sharing a stem "
-        "(cat.png, cat.wav, cat.txt) form one sample; each is prepared exactly as the "
-        "preprocess stage prepares training data (center crop, resample, fixed length).",
+        "(cat.png, cat.wav, cat.txt, cat.json) form one sample; each is prepared exactly as "
+        "the preprocess stage prepares training data (center crop, resample, fixed length). "
+        "cat.json's \"split\" is the row's split (default: train). A sample that cannot be "
+        "read or decoded is reported on stderr with its file and reason and left out; the "
+        "others are written, and the exit code is 1 (0 with --skip-bad).",
         epilog="example: mmvq encode photos/ --model runs/demo/train/<fp> --out tokens.json")
     enc.add_argument("inputs", nargs="+", type=Path, help="files or folders; images (.png .jpg "
-                     ".jpeg .webp), audio (.wav .flac .ogg .mp3), text (.txt, UTF-8)")
+                     ".jpeg .webp), audio (.wav .flac .ogg .mp3), text (.txt, UTF-8), metadata "
+                     "(.json: split)")
     enc.add_argument("--model", required=True, help=model_help)
     enc.add_argument("--out", type=Path, required=True,
                      help="output file: .json (readable) or .parquet (token dataset schema)")
     enc.add_argument("--tracking-uri", help=uri_help)
     enc.add_argument("--batch-size", type=int, default=32, help="samples per encode call "
                      "(default: %(default)s)")
+    enc.add_argument("--skip-bad", action="store_true", help=skip_help % "samples")
     enc.set_defaults(handler="pipeline.codec:cmd_encode")
 
     dec = sub.add_parser(
         "decode", help="tokens -> files (PNG, WAV, TXT)",
         description="Decode tokens written by `mmvq encode` (.json/.parquet) or by the tokenize "
-        "stage (a token dataset directory) back into KEY.png, KEY.wav and KEY.txt.",
+        "stage (a token dataset directory) back into KEY.png, KEY.wav and KEY.txt. A row "
+        "that cannot be decoded is reported on stderr and left out; the others are written, "
+        "and the exit code is 1 (0 with --skip-bad).",
         epilog="example: mmvq decode runs/demo/tokenize/<fp> --split val --limit 8 "
         "--model runs/demo/train/<fp> --out decoded/")
     dec.add_argument("tokens", type=Path, help="an encode output (.json, .parquet) or a token "
@@ -212,6 +222,7 @@ def _add_codec_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--tracking-uri", help=uri_help)
     dec.add_argument("--batch-size", type=int, default=32, help="samples per decode call "
                      "(default: %(default)s)")
+    dec.add_argument("--skip-bad", action="store_true", help=skip_help % "rows")
     dec.set_defaults(handler="pipeline.codec:cmd_decode")
 
 
@@ -253,6 +264,10 @@ def _add_ingest_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first sample that would be quarantined, naming its "
                         "source, key and reason")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an OUT that holds another source's shards (which are "
+                        "deleted) or files that are not ingest output; without it such an OUT "
+                        "is refused (rerunning the same source resumes without it)")
     parser.set_defaults(handler="pipeline.ingest:cmd_ingest")
 
 

@@ -4,11 +4,17 @@ The trained side decodes the *token dataset* that tokenize wrote, so the numbers
 tokens a language model will see; the untrained baseline (same architecture, same init seed as
 training) encodes and decodes the same rows. Metrics, a PNG grid of originals vs
 reconstructions, WAV clips and decoded captions go to the output directory and to MLflow.
+
+The scoring runs as one Ray task with its own resources (``num_cpus``, or a GPU with
+``use_gpu``), not in the driver: on a cluster the driver is a small head process, and the models
+and the split's rows belong on a worker. It streams the split's parquet files batch by batch.
+The task writes the output files; the driver logs them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +28,9 @@ from PIL import Image
 from mmvq import metrics as M
 from mmvq.text_vocab import TextVocab, decode_ids
 from pipeline import report
+from pipeline.checkpoint import TOKENIZER_DIR
 from pipeline.stage import StageContext
 from pipeline.tokenize import TOKENS_DIR
-from pipeline.train import TOKENIZER_DIR
 
 MODALITY_CODES = {"image": "image_tokens", "audio": "audio_tokens", "text": "text_tokens"}
 CODE_COLUMNS = {**MODALITY_CODES, "joint": "joint_tokens"}  # joint: fusion models only
@@ -43,49 +49,25 @@ class EvaluateConfig:
     # Registered model whose newest version the report compares with (its eval/* tags);
     # None: no comparison. The register stage registers under the same name.
     compare_with: str | None = "mmvq-tokenizer"
+    num_cpus: float = 1.0  # the scoring task's CPUs (torch threads follow them)
+    use_gpu: bool = False  # score on one GPU
+
+    def min_resources(self) -> dict[str, float]:
+        return {"GPU": 1.0} if self.use_gpu else {"CPU": self.num_cpus}
 
 
 def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
     """Score trained (from the token dataset) and untrained reconstructions on ``split``."""
-    import ray.data
+    import ray
 
-    from mmvq import MultimodalTokenizer, to_model_inputs
-
-    trained = MultimodalTokenizer.load(Path(ctx.inputs["model"]) / TOKENIZER_DIR).eval()
-    torch.manual_seed(config.seed)
-    untrained = MultimodalTokenizer(trained.config, text_vocab=trained.text_vocab).eval()
-    tokens = _read_tokens(Path(ctx.inputs["tokens"]) / TOKENS_DIR / config.split)
-    rows = ray.data.read_parquet(str(Path(ctx.inputs["data"]) / config.split))
-
-    lpips = _load_lpips(config.lpips_weights)
-    scores = {"trained": _Scores(trained, lpips), "untrained": _Scores(untrained, lpips)}
-    examples: dict[str, dict[str, Any]] = {}
-    models = {"trained": trained, "untrained": untrained}
-    for batch in rows.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
-        inputs = to_model_inputs(batch, "cpu")
-        # Trained: the token dataset's codes, as a language model will see them.
-        trained_codes = _codes_for(batch["key"], tokens, trained)
-        # Residual audio: the baseline gets as many levels as the token dataset holds.
-        levels = trained_codes["audio"].shape[2] if trained_codes["audio"].ndim == 3 else None
-        codes = {"trained": trained_codes,
-                 "untrained": untrained.encode(inputs, audio_levels=levels)}
-        outputs = {name: models[name].decode(codes[name]) for name in models}
-        for name, model in models.items():
-            embeddings = model.embed(inputs) if model.fusion is not None else {}
-            scores[name].add(inputs, outputs[name], codes[name], embeddings)
-            if levels is not None:
-                scores[name].add_bitrates(inputs, model, codes[name]["audio"])
-        if not examples:
-            examples = {"inputs": inputs, **outputs}
-
-    results = {name: s.summary() for name, s in scores.items()}
+    task = ray.remote(score).options(num_cpus=0 if config.use_gpu else config.num_cpus,
+                                     num_gpus=1 if config.use_gpu else 0, max_retries=0)
+    results = ray.get(task.remote(
+        config, Path(ctx.inputs["data"]) / config.split,
+        Path(ctx.inputs["model"]) / TOKENIZER_DIR,
+        Path(ctx.inputs["tokens"]) / TOKENS_DIR / config.split, ctx.output_dir,
+        ctx.tracking_uri))
     out_dir = ctx.output_dir
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-    _write_image_grid(examples, config.grid_samples, out_dir / "reconstructions.png")
-    _write_audio(examples, config.audio_samples, trained.config.audio.sample_rate,
-                 out_dir / "audio")
-    _write_text(examples, out_dir / "captions.json", trained.text_vocab)
-    _write_report(config, ctx, trained, scores["trained"], results)
     if ctx.logger:
         flat = {f"{name}/{k}": v for name, r in results.items() for k, v in r.items()}
         ctx.logger.metrics(flat, step=0)
@@ -95,6 +77,74 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
                 ctx.logger.artifact(out_dir / artifact)
         ctx.logger.artifacts(out_dir / "audio", "audio")
     return results
+
+
+def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: Path,
+          out_dir: Path, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Metrics of the trained and untrained models on one split; writes the output files.
+
+    Parameters
+    ----------
+    data_dir : the preprocessed split (parquet files).
+    model_dir : the trained tokenizer directory.
+    tokens_dir : the token dataset's split directory (its codes are what is decoded).
+    out_dir : where metrics.json, the image grid, WAV clips, captions and the report go.
+    tracking_uri : for the comparison with the newest registered version (None: none).
+    """
+    from mmvq import MultimodalTokenizer, to_model_inputs
+
+    device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
+    trained = MultimodalTokenizer.load(model_dir, map_location=device).eval()
+    torch.manual_seed(config.seed)
+    untrained = MultimodalTokenizer(trained.config, text_vocab=trained.text_vocab).eval()
+    untrained.to(device)
+    tokens = _read_tokens(tokens_dir)
+
+    lpips = _load_lpips(config.lpips_weights)
+    scores = {"trained": _Scores(trained, lpips), "untrained": _Scores(untrained, lpips)}
+    examples: dict[str, dict[str, Any]] = {}
+    models = {"trained": trained, "untrained": untrained}
+    for batch in _batches(data_dir, config.batch_size):
+        inputs = to_model_inputs(batch, device)
+        # Trained: the token dataset's codes, as a language model will see them.
+        trained_codes = {k: v.to(device) for k, v in
+                         _codes_for(batch["key"], tokens, trained).items()}
+        # Residual audio: the baseline gets as many levels as the token dataset holds.
+        levels = trained_codes["audio"].shape[2] if trained_codes["audio"].ndim == 3 else None
+        with torch.no_grad():
+            codes = {"trained": trained_codes,
+                     "untrained": untrained.encode(inputs, audio_levels=levels)}
+            outputs = {name: models[name].decode(codes[name]) for name in models}
+            for name, model in models.items():
+                embeddings = model.embed(inputs) if model.fusion is not None else {}
+                scores[name].add(inputs, outputs[name], codes[name], embeddings)
+                if levels is not None:
+                    scores[name].add_bitrates(inputs, model, codes[name]["audio"])
+        if not examples:
+            examples = {"inputs": inputs, **outputs}
+
+    results = {name: s.summary() for name, s in scores.items()}
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    _write_image_grid(examples, config.grid_samples, out_dir / "reconstructions.png")
+    _write_audio(examples, config.audio_samples, trained.config.audio.sample_rate,
+                 out_dir / "audio")
+    _write_text(examples, out_dir / "captions.json", trained.text_vocab)
+    _write_report(config, out_dir, tracking_uri, trained, scores["trained"], results)
+    return results
+
+
+def _batches(directory: Path, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The split's rows as numpy batches, one parquet file at a time (bounded memory)."""
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor  # Ray's tensor columns -> numpy arrays
+
+    files = sorted(Path(directory).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no parquet files in {directory} (is the split name right?)")
+    for path in files:
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            table = pa.Table.from_batches([record_batch])
+            yield BlockAccessor.for_block(table).to_batch_format("numpy")
 
 
 def _load_lpips(path: str | None) -> torch.nn.Module | None:
@@ -108,8 +158,8 @@ def _load_lpips(path: str | None) -> torch.nn.Module | None:
     return load_lpips(path)
 
 
-def _write_report(config: EvaluateConfig, ctx: StageContext, model: Any, scores: _Scores,
-                  results: dict[str, Any]) -> None:
+def _write_report(config: EvaluateConfig, out_dir: Path, tracking_uri: str | None, model: Any,
+                  scores: _Scores, results: dict[str, Any]) -> None:
     """Usage histograms, the comparison with the last registered version, report.html."""
     from pipeline.register import previous_version
 
@@ -118,11 +168,11 @@ def _write_report(config: EvaluateConfig, ctx: StageContext, model: Any, scores:
         chunks = scores.codes[modality]
         seen = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
         counts[modality] = np.bincount(seen, minlength=size)
-    report.plot_usage(counts, ctx.output_dir / report.USAGE_PNG)
-    previous = (previous_version(ctx.tracking_uri, config.compare_with)
-                if config.compare_with and ctx.tracking_uri else None)
+    report.plot_usage(counts, out_dir / report.USAGE_PNG)
+    previous = (previous_version(tracking_uri, config.compare_with)
+                if config.compare_with and tracking_uri else None)
     if previous:
-        (ctx.output_dir / "previous.json").write_text(json.dumps(previous, indent=2))
+        (out_dir / "previous.json").write_text(json.dumps(previous, indent=2))
     cfg = model.config
     protocol = {
         "split": f"{config.split} ({int(results['trained']['samples'])} samples)",
@@ -132,7 +182,7 @@ def _write_report(config: EvaluateConfig, ctx: StageContext, model: Any, scores:
         "trained": "decoded from the token dataset", "untrained": f"same architecture, "
                                                                    f"seed {config.seed}",
         "image/lpips": "on" if scores.lpips is not None else "off (no local LPIPS weights)"}
-    report.write_report(ctx.output_dir, results, previous, protocol)
+    report.write_report(out_dir, results, previous, protocol)
 
 
 def _read_tokens(directory: Path) -> dict[str, dict[str, np.ndarray]]:

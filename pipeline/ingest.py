@@ -1,26 +1,46 @@
 """Ingest stage: users' aligned data -> validated webdataset shards plus a manifest.
 
 Three sources, one output. A *folder* of files sharing a stem (``a.jpg``, ``a.flac``, ``a.txt``,
-``a.json``; the key is the path without extensions), a *CSV/JSONL manifest* (one row per sample:
-``key``, ``image``, ``audio``, ``text`` or ``text_path``, ``split``, anything else becomes json
-metadata), or existing *shards* written by any tool. The output is
-``{out}/{split}/shard-NNNNNN.tar`` with every key's members contiguous and every key unique,
-``quarantine.parquet`` (``key``, ``shard``, ``stage``, ``reason``) for what could not be taken,
-and ``manifest.json`` (shards with sample count, bytes and sha256; counts per split and per
-modality; ``in = out + quarantined``).
+``a.json``; the stem is the path up to the file name's *last* ``.``, so ``IMG_1.final.jpg`` is
+the image of stem ``IMG_1.final``), a *CSV/JSONL manifest* (one row per sample: ``key``,
+``image``, ``audio``, ``text`` or ``text_path``, ``split``, anything else becomes json metadata),
+or existing *shards* written by any tool (a folder of ``.tar`` files, or one ``.tar``). The
+output is ``{out}/{split}/shard-NNNNNN.tar`` with every key's members contiguous and every key
+unique, ``quarantine.parquet`` (``key``, ``shard``, ``stage``, ``reason``, ``origin``: the
+user's file or row) for what could not be taken, and ``manifest.json`` (shards with sample
+count, bytes and sha256; counts per split and per modality; ``in = out + quarantined``).
+
+Keys: readers split a member name ``KEY.EXT`` at the first ``.`` of its last component, so a
+key has no ``.`` there. A folder stem or a manifest key becomes its key by :func:`shard_key`
+(``.`` -> ``_`` in the last component: ``IMG_1.final`` -> ``IMG_1_final``), the same way for
+both; two samples that map to one key are a duplicate key.
 
 Ingest checks containers, not content: it never decodes an image (preprocess does, and
 quarantines what does not decode). What it refuses: duplicate keys (the first is kept, later ones
-are quarantined naming the first), unsafe member names (absolute or ``..``), keys with a ``.`` in
-their last part (readers would split them), missing or truncated files, links, duplicate members,
-json that does not parse, split names that are not plain words. Members of one key that are
-scattered through an input shard are merged (repaired).
+are quarantined naming the first's files), two files for one modality or extension of a sample
+(``y.jpg`` + ``y.JPG`` would be two members named ``y.jpg``; ``y.jpg`` + ``y.png`` leave readers
+to guess which is the image), unsafe member names (absolute or ``..``), missing or truncated
+files, links, duplicate members, json that does not parse, split names that are not plain words.
+Members of one key that are scattered through an input shard are merged (repaired).
 
-Writing is resumable: the plan (which sample goes to which shard) is computed from names and
-sizes before any content is read, and is the same on every run with the same inputs and config.
-Each shard is written under a temporary name, moved into place, and recorded with the digest of
-its plan and its sha256 in a journal; a rerun keeps every shard whose plan and sha256 match and
-writes the rest, so the result is byte-identical to an uninterrupted run.
+Accounting: every sample's json member records where it came from under :data:`ORIGIN_FIELD`,
+``{"source": ..., "files": {ext: file}}``: the folder stem, manifest row (``index.csv row 3``)
+or shard, and each member's original file (a manifest's paths as written; ``a.tar#x.png`` for a
+shard member). Paths are relative to the ingest source (a manifest's or single shard's folder),
+which ``manifest.json`` names, so the shards are the same bytes wherever the source lives. The
+user's own json fields are kept as they are; the field is written by every ingest, replacing one
+already there.
+
+The output folder: one that holds another source's ingest output, or files that are not ingest
+output at all, is refused unless ``overwrite`` (its shards would be deleted). Rerunning the same
+source into it resumes. A call that fails leaves nothing behind in a folder it created; one that
+is interrupted keeps its committed shards for the rerun.
+
+Writing is resumable: the plan (which sample goes to which shard) is computed from names, sizes
+and json metadata before any other content is read, and is the same on every run with the same
+inputs and config. Each shard is written under a temporary name, moved into place, and recorded
+with the digest of its plan and its sha256 in a journal; a rerun keeps every shard whose plan and
+sha256 match and writes the rest, so the result is byte-identical to an uninterrupted run.
 
 The stream reader used by preprocess (:func:`read_shard`) lives here too: it is where the
 contiguity of keys is checked when shards are read.
@@ -32,8 +52,10 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
 import re
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,7 +78,10 @@ MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.parquet"
 JOURNAL = ".ingest-journal.jsonl"
 MANIFEST_VERSION = 1
+# The json field with each sample's original source and files (read by later stages).
+ORIGIN_FIELD = "mmvq_origin"
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_FORMAT_OF_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".tar": "shards"}
 # Tar headers carry no time, owner or host, so the same samples give the same bytes.
 _TAR_MTIME = 0
 _TAR_OWNER = "mmvq"
@@ -70,10 +95,11 @@ class IngestError(RuntimeError):
 class IngestConfig:
     """What to ingest and how to cut it into shards."""
 
-    # Folder, CSV/JSONL manifest file, or folder of .tar shards: a path or URI (s3://, file://).
+    # Folder, CSV/JSONL manifest file, one .tar shard or a folder of them: a path or URI
+    # (s3://, file://).
     source: str = ""
-    # How to read ``source``; "auto" picks csv/jsonl by the file suffix, shards if the folder
-    # holds .tar files, else folder.
+    # How to read ``source``; "auto" picks csv/jsonl/shards by the file suffix, shards if the
+    # folder holds .tar files, else folder.
     format: Literal["auto", "folder", "csv", "jsonl", "shards"] = "auto"
     # A shard closes at this many samples. Thousands of samples per shard is the usual
     # webdataset size; the demo's small default keeps several shards per split.
@@ -83,6 +109,9 @@ class IngestConfig:
     max_bytes_per_shard: int = 256 * 1024 * 1024
     default_split: str = "train"  # for samples whose row/json names no split
     strict: bool = False  # fail on the first sample that would be quarantined
+    # Write into an output folder that holds another source's shards or unrelated files. Off by
+    # default because writing there deletes the old shards: a mistyped --out must not.
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.max_samples_per_shard < 1:
@@ -108,6 +137,29 @@ def split_name(name: str) -> tuple[str | None, str | None]:
     return match.group(1), match.group(2).lower()
 
 
+def split_stem(name: str) -> tuple[str | None, str | None]:
+    """File name in a folder source -> (stem, extension): the stem ends at the *last* ``.`` of
+    the last path component (``dir/IMG_1.final.JPG`` -> ``dir/IMG_1.final``, ``jpg``).
+
+    A user's file name is not a member name: the dots before its suffix are part of the name.
+    The extension is lower-cased; ``(None, None)`` if there is none.
+    """
+    match = re.match(r"^((?:.*/)?[^/]+)[.]([^./]+)$", name)
+    if not match:
+        return None, None
+    return match.group(1), match.group(2).lower()
+
+
+def shard_key(name: str) -> str:
+    """A sample's name (folder stem or manifest key) -> its key in the shards.
+
+    Readers would split a ``.`` in the last component into key and extension, so there it
+    becomes ``_`` (``dir/IMG_1.final`` -> ``dir/IMG_1_final``); folders and manifests map alike.
+    """
+    head, sep, last = name.rpartition("/")
+    return f"{head}{sep}{last.replace('.', '_')}"
+
+
 def unsafe_name(name: str) -> str | None:
     """Why a member or key name must not be used (absolute, ``..``, backslash, NUL), or None."""
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
@@ -126,6 +178,13 @@ def key_problem(key: str) -> str | None:
     if "." in key.rsplit("/", 1)[-1]:
         return f"key {key!r} contains '.': readers would split it into key and extension"
     return unsafe_name(key)
+
+
+def _key_of(name: str) -> tuple[str, str | None]:
+    """(key, why it cannot be used or None); the name is checked before mapping, so that a
+    ``..`` is refused rather than turned into ``__``."""
+    key = shard_key(name)
+    return key, unsafe_name(name) or key_problem(key)
 
 
 # ----------------------------------------------------------------------------- reading shards
@@ -268,26 +327,49 @@ class MemberRef:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a sample came from: the record in its json and the words for messages."""
+
+    source: str  # relative to the ingest source: folder stem, "index.csv row 3", shard path
+    files: dict[str, str]  # extension -> the member's original file, relative likewise
+    where: str  # the sample's files (or row, or shard#key) as full paths or URIs
+    uris: dict[str, str] = field(default_factory=dict)  # extension -> full path or URI
+
+    def record(self) -> dict[str, Any]:
+        """The :data:`ORIGIN_FIELD` value."""
+        return {"source": self.source, "files": dict(sorted(self.files.items()))}
+
+
+@dataclass(frozen=True)
 class PlannedSample:
     key: str
     split: str
     members: tuple[MemberRef, ...]
-    source: str  # the file/row it came from, for messages
+    source: str  # the folder stem / row / shard it came from, for messages
+    origin: str  # its original files (or row), for messages naming them
 
 
 @dataclass(frozen=True)
 class Rejected:
     key: str
-    source: str
+    source: str  # the quarantine table's ``shard``: folder stem, manifest row or shard
     reason: str
+    origin: str = ""  # the most specific original file or row known; empty: ``source``
 
 
 def plan_samples(config: IngestConfig) -> Iterator[PlannedSample | Rejected]:
     """The samples of ``config.source`` in a fixed order, or why each rejected one was.
 
-    Only names, sizes and json metadata are read here; content is read when writing.
+    Only names, sizes and json metadata are read here; content is read when writing. A key seen
+    before (also two names mapping to one key) rejects the later sample, naming the first's
+    files.
+
+    Raises
+    ------
+    IngestError
+        If the source is missing, unreadable or of a format that cannot be told.
     """
-    source = resolve(config.source)
+    source = _resolve(config.source, "ingest source")
     fmt = _detect_format(config.format, source)
     raw = {"folder": _plan_folder, "csv": _plan_table, "jsonl": _plan_table,
            "shards": _plan_shards}[fmt](source, config, fmt)
@@ -297,42 +379,85 @@ def plan_samples(config: IngestConfig) -> Iterator[PlannedSample | Rejected]:
             if item.key in first_seen:
                 item = Rejected(item.key, item.source,
                                 f"duplicate key {item.key!r} (first taken from "
-                                f"{first_seen[item.key]})")
+                                f"{first_seen[item.key]})", item.origin)
             else:
-                first_seen[item.key] = item.source
+                first_seen[item.key] = item.origin
         yield item
+
+
+def _resolve(where: str | os.PathLike[str], what: str) -> Location:
+    try:
+        return resolve(where)
+    except ValueError as err:
+        raise IngestError(f"{what}: {err}") from err
 
 
 def _detect_format(fmt: str, source: Location) -> str:
     if not source.exists():
         raise IngestError(f"ingest source {source} does not exist")
-    if fmt != "auto":
-        return fmt
-    if source.is_file():
+    if fmt == "auto" and not source.is_file():
+        return "shards" if source.files((".tar",)) else "folder"
+    if fmt == "auto":
         suffix = posixpath.splitext(source.path)[1].lower()
-        if suffix in (".csv", ".jsonl"):
-            return suffix[1:]
-        raise IngestError(f"ingest source {source}: cannot tell the format from suffix "
-                          f"{suffix!r}; set format to csv or jsonl")
-    return "shards" if source.files((".tar",)) else "folder"
+        if suffix not in _FORMAT_OF_SUFFIX:
+            raise IngestError(f"ingest source {source}: cannot tell the format from suffix "
+                              f"{suffix!r}; set format to csv, jsonl or shards")
+        return _FORMAT_OF_SUFFIX[suffix]
+    if fmt == "folder" and source.is_file():
+        raise IngestError(f"ingest source {source} is a file; format folder needs a folder")
+    if fmt in ("csv", "jsonl") and not source.is_file():
+        raise IngestError(f"ingest source {source} is a folder; format {fmt} needs a "
+                          "manifest file")
+    return fmt
 
 
 def _plan_folder(source: Location, config: IngestConfig, _fmt: str,
                  ) -> Iterator[PlannedSample | Rejected]:
-    groups: dict[str, list[tuple[str, Any]]] = {}
+    groups: dict[str, list[tuple[str, str, pafs.FileInfo]]] = {}  # stem -> (ext, name, info)
     for info in source.files():
         rel = source.relative(info.path)
-        key, ext = split_name(rel)
-        if key is None:
-            yield Rejected(rel, source.join(rel).uri, f"file {rel!r} has no extension")
+        stem, ext = split_stem(rel)
+        if stem is None:
+            uri = source.join(rel).uri
+            yield Rejected(rel, uri, f"file {rel!r} has no extension", uri)
             continue
-        groups.setdefault(key, []).append((ext, info))
-    for key in sorted(groups):
-        where = source.join(key).uri
-        members = tuple(MemberRef(ext, info.size, Location(source.fs, info.path,
-                                                           source.join(f"{key}.{ext}").uri))
-                        for ext, info in sorted(groups[key], key=lambda m: m[0]))
-        yield _finish_sample(key, members, None, where, config)
+        groups.setdefault(stem, []).append((ext, rel, info))
+    for stem in sorted(groups):
+        yield _folder_sample(source, stem, sorted(groups[stem], key=lambda f: f[:2]), config)
+
+
+def _folder_sample(source: Location, stem: str, files: list[tuple[str, str, pafs.FileInfo]],
+                   config: IngestConfig) -> PlannedSample | Rejected:
+    """One stem's files -> its sample, or why not."""
+    uris = {rel: source.join(rel).uri for _, rel, _ in files}
+    where = source.join(stem).uri
+    if clash := _clash(shard_key(stem), [(ext, rel) for ext, rel, _ in files]):
+        reason, culprit = clash
+        return Rejected(shard_key(stem), where, reason, uris[culprit])
+    members = tuple(MemberRef(ext, info.size, Location(source.fs, info.path, uris[rel]))
+                    for ext, rel, info in files)
+    origin = Origin(stem, {ext: rel for ext, rel, _ in files}, ", ".join(uris.values()),
+                    {ext: uris[rel] for ext, rel, _ in files})
+    return _finish_sample(stem, members, origin, where, config)
+
+
+def _clash(key: str, named: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
+    """(why, the later file) if two of a sample's files would be one member or one modality.
+
+    ``y.jpg`` + ``y.JPG`` would be two members named ``y.jpg``; ``y.jpg`` + ``y.png`` leave
+    every reader to guess which is the image. Neither can be repaired without guessing.
+    """
+    groups: dict[str, list[str]] = {}
+    for ext, name in named:
+        kind = MODALITY_OF.get(ext)
+        label = f"{kind} files" if kind else f"files with extension {ext!r}"
+        groups.setdefault(label, []).append(name)
+    for label, names in sorted(groups.items()):
+        if len(names) > 1:
+            names = sorted(names)
+            count = {2: "two", 3: "three"}.get(len(names), str(len(names)))
+            return f"{count} {label} for key {key!r}: {', '.join(names)}", names[1]
+    return None
 
 
 def _plan_table(source: Location, config: IngestConfig, fmt: str,
@@ -347,14 +472,19 @@ def _plan_table(source: Location, config: IngestConfig, fmt: str,
                 if line.strip())
     for number, row in enumerate(rows, 1):
         where = f"{source.uri} row {number}"
+        label = f"{posixpath.basename(source.path)} row {number}"
         try:
-            yield _row_sample(row, base, where, config)
+            yield _row_sample(row, base, where, label, config)
         except _RowError as err:
-            yield Rejected(str(row.get("key") or ""), where, str(err))
+            yield Rejected(str(row.get("key") or ""), where, str(err), err.origin or where)
 
 
 class _RowError(ValueError):
-    pass
+    """A manifest row that cannot be a sample; ``origin`` names the file to blame, if one is."""
+
+    def __init__(self, reason: str, origin: str = "") -> None:
+        super().__init__(reason)
+        self.origin = origin
 
 
 def _json_row(line: str, source: Location, number: int) -> dict[str, Any]:
@@ -365,18 +495,22 @@ def _json_row(line: str, source: Location, number: int) -> dict[str, Any]:
     return row if isinstance(row, dict) else {"__error__": f"line {number} is not an object"}
 
 
-def _row_sample(row: dict[str, Any], base: Location, where: str,
+def _row_sample(row: dict[str, Any], base: Location, where: str, label: str,
                 config: IngestConfig) -> PlannedSample | Rejected:
     if "__error__" in row:
         raise _RowError(row["__error__"])
-    key = str(row.get("key") or "").strip()
-    if problem := key_problem(key):
+    name = str(row.get("key") or "").strip()
+    if problem := _key_of(name)[1]:
         raise _RowError(problem)
-    members = []
+    members: list[MemberRef] = []
+    files: dict[str, str] = {}  # as the row wrote them, for the origin record
+    uris: dict[str, str] = {}
     for column, allowed in (("image", IMAGE_EXTENSIONS), ("audio", AUDIO_EXTENSIONS),
                             ("text_path", TEXT_EXTENSIONS)):
         if value := str(row.get(column) or "").strip():
-            members.append(_file_member(value, base, column, allowed))
+            ref = _file_member(value, base, column, allowed)
+            members.append(ref)
+            files[ref.ext], uris[ref.ext] = value, str(ref.location)
     if text := str(row.get("text") or ""):
         if any(m.ext == "txt" for m in members):
             raise _RowError("both text and text_path are given")
@@ -385,9 +519,8 @@ def _row_sample(row: dict[str, Any], base: Location, where: str,
     extra = {k: v for k, v in row.items()
              if k not in ("key", "image", "audio", "text", "text_path", "split")
              and v not in (None, "")}
-    data = json.dumps({**extra, "split": split}, sort_keys=True, ensure_ascii=False).encode()
-    members.append(MemberRef("json", len(data), data=data))
-    return _finish_sample(key, tuple(sorted(members, key=lambda m: m.ext)), split, where, config)
+    return _finish_sample(name, tuple(members), Origin(label, files, where, uris), where, config,
+                          {**extra, "split": split})
 
 
 def _file_member(value: str, base: Location, column: str,
@@ -396,26 +529,30 @@ def _file_member(value: str, base: Location, column: str,
     ext = posixpath.splitext(location.path)[1].lower().lstrip(".")
     if ext not in allowed:
         raise _RowError(f"{column}: {value!r} has extension {ext!r}, not one of "
-                        f"{'|'.join(allowed)}")
+                        f"{'|'.join(allowed)}", location.uri)
     info = location.fs.get_file_info(location.path)
     if info.type != pafs.FileType.File:
-        raise _RowError(f"{column}: file {location} not found")
+        raise _RowError(f"{column}: file {location} not found", location.uri)
     return MemberRef(ext, info.size, location)
 
 
 def _plan_shards(source: Location, config: IngestConfig, _fmt: str,
                  ) -> Iterator[PlannedSample | Rejected]:
-    for info in source.files((".tar",)):
-        shard = Location(source.fs, info.path, source.join(source.relative(info.path)).uri)
-        yield from _index_shard(shard, info.size, config)
+    if source.is_file():  # one shard, named relative to its folder
+        shards = [(source, posixpath.basename(source.path), source.size())]
+    else:
+        shards = [(Location(source.fs, i.path, source.join(source.relative(i.path)).uri),
+                   source.relative(i.path), i.size) for i in source.files((".tar",))]
+    for shard, rel, size in shards:
+        yield from _index_shard(shard, rel, size, config)
 
 
-def _index_shard(shard: Location, size: int, config: IngestConfig,
+def _index_shard(shard: Location, rel: str, size: int, config: IngestConfig,
                  ) -> Iterator[PlannedSample | Rejected]:
     """Group a shard's members by key from its headers (seeking over the data), merging
     out-of-order runs of a key; members are read later by byte range."""
     groups: dict[str, list[tarfile.TarInfo]] = {}
-    errors: dict[str, str] = {}
+    errors: dict[str, tuple[str, str]] = {}  # key -> (reason, origin)
     infos: list[tarfile.TarInfo] = []
     with shard.fs.open_input_file(shard.path) as handle:
         try:
@@ -424,13 +561,14 @@ def _index_shard(shard: Location, size: int, config: IngestConfig,
             problem = _end_problem(tar, infos[-1].name if infos else None)
         except (tarfile.TarError, OSError, EOFError) as err:
             if not infos:
-                yield Rejected("", shard.uri, f"shard is not a readable tar: {err}")
+                yield Rejected("", shard.uri, f"shard is not a readable tar: {err}", shard.uri)
                 return
             problem = f"shard truncated or corrupt after member {infos[-1].name!r}: {err}"
     for info in infos:
         key, ext = split_name(info.name)
         if key is None:
-            yield Rejected(info.name, shard.uri, f"member {info.name!r} has no extension")
+            yield Rejected(info.name, shard.uri, f"member {info.name!r} has no extension",
+                           f"{shard.uri}#{info.name}")
             continue
         members = groups.setdefault(key, [])
         bad = (_member_problem(info, ext, {split_name(m.name)[1]: b"" for m in members}, size + 1)
@@ -438,41 +576,84 @@ def _index_shard(shard: Location, size: int, config: IngestConfig,
                    and f"member {info.name!r} is cut off by the end of the file")
                or key_problem(key))
         if bad and key not in errors:
-            errors[key] = bad
+            errors[key] = (bad, f"{shard.uri}#{info.name}")
         members.append(info)
     if problem and infos:  # the last sample may have lost members
-        errors.setdefault(split_name(infos[-1].name)[0] or infos[-1].name, problem)
+        errors.setdefault(split_name(infos[-1].name)[0] or infos[-1].name,
+                          (problem, f"{shard.uri}#{infos[-1].name}"))
     for key, infos_of_key in groups.items():
         if key in errors:
-            yield Rejected(key, shard.uri, errors[key])
-            continue
-        refs = tuple(MemberRef(split_name(i.name)[1], i.size, shard, i.offset_data)
-                     for i in sorted(infos_of_key, key=lambda i: split_name(i.name)[1]))
-        yield _finish_sample(key, refs, None, shard.uri, config)
-
-
-def _finish_sample(key: str, members: tuple[MemberRef, ...], split: str | None, where: str,
-                   config: IngestConfig) -> PlannedSample | Rejected:
-    """Check the key, read the split from the json member (adding one if absent)."""
-    if problem := key_problem(key):
-        return Rejected(key, where, problem)
-    if not members:
-        return Rejected(key, where, "no members")
-    if split is None:
-        meta = next((m for m in members if m.ext == "json"), None)
-        split = config.default_split
-        if meta is None:
-            data = json.dumps({"split": split}).encode()
-            members = (*members, MemberRef("json", len(data), data=data))
+            yield Rejected(key, shard.uri, *errors[key])
         else:
-            try:
-                parsed = json.loads(_read_member(meta))
-                split = str(parsed.get("split", split))
-            except (ValueError, AttributeError) as err:
-                return Rejected(key, where, f"json: does not parse ({err})")
+            yield _shard_sample(shard, rel, key, infos_of_key, config)
+
+
+def _shard_sample(shard: Location, rel: str, key: str, infos: list[tarfile.TarInfo],
+                  config: IngestConfig) -> PlannedSample | Rejected:
+    """One key's members of an input shard -> its sample, or why not."""
+    named = sorted((split_name(i.name)[1], i.name, i) for i in infos)
+    if clash := _clash(key, [(ext, name) for ext, name, _ in named]):
+        reason, culprit = clash
+        return Rejected(key, shard.uri, reason, f"{shard.uri}#{culprit}")
+    refs = tuple(MemberRef(ext, i.size, shard, i.offset_data) for ext, _, i in named)
+    origin = Origin(rel, {ext: f"{rel}#{name}" for ext, name, _ in named}, f"{shard.uri}#{key}",
+                    {ext: f"{shard.uri}#{name}" for ext, name, _ in named})
+    return _finish_sample(key, refs, origin, shard.uri, config)
+
+
+def _finish_sample(name: str, members: tuple[MemberRef, ...], origin: Origin, where: str,
+                   config: IngestConfig, metadata: dict[str, Any] | None = None,
+                   ) -> PlannedSample | Rejected:
+    """Check the key, take the split from the json metadata, and write the json member with
+    the origin record.
+
+    ``metadata`` is a manifest row's json; for folders and shards it is the sample's json
+    member, or ``{"split": default_split}`` for a sample without one.
+    """
+    key, problem = _key_of(name)
+    if problem:
+        return Rejected(key, where, problem, origin.where)
+    blame = origin.uris.get("json", origin.where)  # json and split problems are the json's
+    if metadata is None:
+        try:
+            metadata = _member_metadata(members, config)
+        except _BadJson as err:
+            return Rejected(key, where, f"json: {err}", blame)
+    split = str(metadata.get("split", config.default_split))
     if not _SPLIT_NAME.match(split):
-        return Rejected(key, where, f"split {split!r} is not a plain name ([A-Za-z0-9_-]+)")
-    return PlannedSample(key, split, members, where)
+        return Rejected(key, where, f"split {split!r} is not a plain name ([A-Za-z0-9_-]+)",
+                        blame)
+    data = _json_bytes({**metadata, ORIGIN_FIELD: origin.record()})
+    members = (*(m for m in members if m.ext != "json"), MemberRef("json", len(data), data=data))
+    return PlannedSample(key, split, tuple(sorted(members, key=lambda m: m.ext)), where,
+                         origin.where)
+
+
+def _member_metadata(members: tuple[MemberRef, ...], config: IngestConfig) -> dict[str, Any]:
+    """The sample's json member as an object (:class:`_BadJson` saying why it is not one)."""
+    ref = next((m for m in members if m.ext == "json"), None)
+    if ref is None:
+        return {"split": config.default_split}
+    try:
+        parsed = json.loads(_read_member(ref))
+    except (ValueError, RecursionError) as err:
+        raise _BadJson(f"does not parse ({err})") from err
+    if not isinstance(parsed, dict):
+        raise _BadJson(f"does not parse (a {type(parsed).__name__}, not an object)")
+    return parsed
+
+
+class _BadJson(ValueError):
+    """A sample's json member is not a JSON object; the message says why."""
+
+
+def _json_bytes(value: dict[str, Any]) -> bytes:
+    """Sorted keys and UTF-8 as written, so captions stay readable and the bytes are the same
+    on every run; a lone surrogate (which UTF-8 cannot hold) is kept as a ``\\u`` escape."""
+    try:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, sort_keys=True).encode()
 
 
 def _read_member(ref: MemberRef) -> bytes:
@@ -574,14 +755,18 @@ def write_shard(plan: ShardPlan, stream: IO[bytes]) -> dict[str, Any]:
             "modalities": dict(sorted(modalities.items()))}
 
 
-def ingest(config: IngestConfig, out: str | Location,
+def ingest(config: IngestConfig, out: str | os.PathLike[str] | Location,
            on_shard: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Ingest ``config.source`` into shards under ``out``; resumes a previous partial run.
+
+    A call that fails leaves nothing behind in a folder it created. One that is interrupted
+    (Ctrl-C, a killed worker) keeps the shards it committed, which a rerun resumes from.
 
     Parameters
     ----------
     config : what to read and how to shard it.
-    out : output directory, a path or URI.
+    out : output directory, a path or URI. It must be new, empty, or hold an earlier ingest of
+        the same source, unless ``config.overwrite``.
     on_shard : called with each shard's record after it is committed (progress, tests).
 
     Returns
@@ -591,22 +776,48 @@ def ingest(config: IngestConfig, out: str | Location,
     Raises
     ------
     IngestError
-        In strict mode, at the first rejected sample, naming its source, key and reason.
+        In strict mode, at the first rejected sample, naming its source, key and reason; for a
+        missing or unreadable source; for an ``out`` holding something else, naming it, the
+        source it holds and the new source.
     """
-    out = resolve(out) if not isinstance(out, Location) else out
+    if not config.source:
+        raise IngestError("ingest.source is empty: name a folder, CSV/JSONL manifest or shards")
+    out = out if isinstance(out, Location) else _resolve(out, "ingest output")
+    _check_output(out, config)
+    created = _outermost_missing(out)
     out.mkdir()
-    planned, rejected = [], []
-    for item in plan_samples(config):
-        if isinstance(item, Rejected):
-            if config.strict:
-                raise IngestError(f"{item.source}, key {item.key!r}: {item.reason}")
-            rejected.append(item)
-        else:
-            planned.append(item)
+    try:
+        return _ingest_into(out, config, on_shard)
+    except BaseException as err:
+        # Shards committed before an interruption are the rerun's head start; after a failure
+        # (or with nothing committed yet) folders of our making would only mislead.
+        if created and (isinstance(err, Exception) or not _known_shards(out)):
+            created.delete()
+        raise
+
+
+def _outermost_missing(out: Location) -> Location | None:
+    """The outermost folder on the way to ``out`` that does not exist yet (the one ``mkdir``
+    creates along with everything below it), or None if ``out`` exists."""
+    missing = None
+    while not out.exists():
+        missing, parent = out, out.parent()
+        if parent.path in ("", out.path):
+            break
+        out = parent
+    return missing
+
+
+def _ingest_into(out: Location, config: IngestConfig,
+                 on_shard: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    planned, rejected = _plan(config)
     plans = pack(planned, config.max_samples_per_shard, config.max_bytes_per_shard)
     known = _known_shards(out)
     journal = out.join(JOURNAL)
-    journal_lines = []
+    # The first line says which source the folder holds, so a rerun of another source is
+    # refused from the moment the first shard is written, not only once a manifest exists.
+    journal_lines = [json.dumps({"source": config.source}, sort_keys=True)]
+    write_bytes_atomically(journal, (journal_lines[0] + "\n").encode())
     records = []
     for plan in plans:
         record = known.get(plan.path)
@@ -630,6 +841,70 @@ def ingest(config: IngestConfig, out: str | Location,
     return manifest
 
 
+def _plan(config: IngestConfig) -> tuple[list[PlannedSample], list[Rejected]]:
+    planned, rejected = [], []
+    for item in plan_samples(config):
+        if isinstance(item, Rejected):
+            if config.strict:
+                raise IngestError(f"{item.source}, key {item.key!r}: {item.reason}")
+            rejected.append(item)
+        else:
+            planned.append(item)
+    return planned, rejected
+
+
+def _check_output(out: Location, config: IngestConfig) -> None:
+    """Refuse an ``out`` whose files this run would replace but another run or tool wrote.
+
+    Rerunning the same source resumes (or re-cuts) in place; another source's shards would be
+    deleted, and a folder that is not ingest output would get shards mixed into it.
+    """
+    if config.overwrite or not out.exists():
+        return
+    if out.is_file():
+        raise IngestError(f"ingest output {out} is a file, not a folder")
+    if not out.fs.get_file_info(pafs.FileSelector(out.path)):
+        return  # empty
+    hint = "choose another --out, or pass --overwrite (ingest.overwrite) to replace it"
+    recorded = _recorded_sources(out)
+    if not recorded:
+        raise IngestError(f"ingest output {out} is not empty and holds no `mmvq ingest` output "
+                          f"(no {MANIFEST} or journal naming a source): {hint}")
+    for source in recorded:
+        if not _same_place(source, config.source):
+            raise IngestError(f"ingest output {out} holds shards ingested from {source}; "
+                              f"ingesting {config.source} there would delete them: {hint}")
+
+
+def _recorded_sources(out: Location) -> list[str]:
+    """The sources named by ``out``'s manifest and journal (an unreadable one names none)."""
+    sources = []
+    lines = []
+    for name in (MANIFEST, JOURNAL):
+        if out.join(name).is_file():
+            text = out.join(name).read_bytes().decode("utf-8", "replace")
+            lines.extend([text] if name == MANIFEST else text.splitlines())
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("source"), str):
+            sources.append(record["source"])
+    return sources
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two sources name one place (a path and its file:// URI do)."""
+    if a == b:
+        return True
+    try:
+        x, y = resolve(a), resolve(b)
+    except ValueError:
+        return False
+    return x.fs.type_name == y.fs.type_name and x.path.rstrip("/") == y.path.rstrip("/")
+
+
 def _known_shards(out: Location) -> dict[str, dict[str, Any]]:
     """Shard records of an earlier run: its manifest if it finished, else its journal."""
     known: dict[str, dict[str, Any]] = {}
@@ -646,7 +921,7 @@ def _known_shards(out: Location) -> dict[str, dict[str, Any]]:
                 record = json.loads(line)
                 known[record["path"]] = record
             except (ValueError, KeyError, TypeError):
-                continue
+                continue  # the source line, or a damaged one
     return known
 
 
@@ -660,12 +935,17 @@ def _remove_strays(out: Location, keep: set[str]) -> None:
             out.fs.delete_file(info.path)
 
 
+_QUARANTINE_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()),
+                                ("stage", pa.string()), ("reason", pa.string()),
+                                ("origin", pa.string())])
+
+
 def _quarantine_table(rejected: list[Rejected]) -> pa.Table:
     return pa.table({"key": [r.key for r in rejected], "shard": [r.source for r in rejected],
                      "stage": ["ingest"] * len(rejected),
-                     "reason": [r.reason for r in rejected]},
-                    schema=pa.schema([("key", pa.string()), ("shard", pa.string()),
-                                      ("stage", pa.string()), ("reason", pa.string())]))
+                     "reason": [r.reason for r in rejected],
+                     "origin": [r.origin or r.source for r in rejected]},
+                    schema=_QUARANTINE_SCHEMA)
 
 
 def _manifest(config: IngestConfig, records: list[dict[str, Any]],
@@ -693,8 +973,6 @@ def run(config: IngestConfig, ctx: StageContext) -> dict[str, Any]:
     config, which survives a killed run (the runner discards the stage's own temporary
     directory); a rerun continues there and the finished files are moved into the output.
     """
-    if not config.source:
-        raise IngestError("ingest.source is empty: name a folder, CSV/JSONL manifest or shards")
     digest = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()
     work = ctx.output_dir.parent / f".ingest-resume-{digest[:16]}"
     manifest = ingest(config, str(work))
@@ -725,18 +1003,27 @@ def run(config: IngestConfig, ctx: StageContext) -> dict[str, Any]:
 # The parser lives in pipeline.cli (so `mmvq --help` imports none of this); this runs it.
 
 def cmd_ingest(args: Any) -> int:
-    config = IngestConfig(source=args.source, format=args.format,
-                          max_samples_per_shard=args.max_samples,
-                          max_bytes_per_shard=args.max_bytes, default_split=args.default_split,
-                          strict=args.strict)
+    """Run ``mmvq ingest``; an error is printed to stderr and gives exit status 1."""
+    try:
+        config = IngestConfig(source=args.source, format=args.format,
+                              max_samples_per_shard=args.max_samples,
+                              max_bytes_per_shard=args.max_bytes,
+                              default_split=args.default_split, strict=args.strict,
+                              overwrite=args.overwrite)
+    except ValueError as err:  # a flag value out of range: a message, not a traceback
+        return _fail(err)
     try:
         manifest = ingest(config, args.out)
     except IngestError as err:
-        print(f"mmvq ingest: {err}")
-        return 1
+        return _fail(err)
     counts = manifest["counts"]
     print(f"wrote {len(manifest['shards'])} shards to {args.out}: splits {counts['splits']}, "
           f"modalities {counts['modalities']}")
     print(f"in {counts['in']} = out {counts['out']} + quarantined {counts['quarantined']}"
           + (f" (reasons in {args.out}/{QUARANTINE})" if counts["quarantined"] else ""))
     return 0
+
+
+def _fail(err: Exception) -> int:
+    print(f"mmvq ingest: {err}", file=sys.stderr)
+    return 1

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import re
+import shutil
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,10 +74,14 @@ class PreprocessConfig:
     required: tuple[str, ...] = ("image", "audio", "text")
     default_split: str = "train"  # for samples whose json names no split
     batch_size: int = 128  # rows per map_batches call: fewer, larger Ray tasks (bench-data)
-    num_actors: int = 2  # preprocessing actor pool size
+    num_actors: int = 2  # preprocessing actors at most (the pool starts with one and grows)
     strict: bool = False  # fail on the first bad sample instead of quarantining it
     # Images with more pixels are refused before decoding (a 100 kB PNG can claim 10 Gpx).
     max_image_pixels: int = MAX_IMAGE_PIXELS
+
+    def min_resources(self) -> dict[str, float]:
+        """What Ray must have for the first preprocessing actor (read tasks take no CPU)."""
+        return {"CPU": 1.0}
 
     def __post_init__(self) -> None:
         if self.bpe_vocab_size <= VOCAB_SIZE:
@@ -249,6 +254,36 @@ def preprocess_sample(sample: dict[str, Any], config: PreprocessConfig,
             "split": str(split)}
 
 
+# The json field in which `mmvq ingest` records each sample's original files (pipeline.ingest).
+ORIGIN_FIELD = "mmvq_origin"
+_MODALITY_EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS,
+                        "text": TEXT_EXTENSIONS, "json": ("json",)}
+
+
+def sample_origin(sample: dict[str, Any], status: str) -> str:
+    """The user's original file behind a sample (for quarantine tables), best effort.
+
+    Shards written by ``mmvq ingest`` carry ``mmvq_origin`` in their json: the source (folder
+    stem, manifest row, shard) and the original file of each member. A reason that starts with
+    a modality ("image: cannot decode") names that member's file; otherwise the source. Shards
+    from other tools have no such record: the shard and key are what is known.
+    """
+    fallback = f"{sample.get('__url__', '')}#{sample.get('__key__', '')}"
+    raw = sample.get("json")
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        return fallback
+    try:
+        record = json.loads(bytes(raw)).get(ORIGIN_FIELD) or {}
+        files = record.get("files") or {}
+        modality = status.split(":", 1)[0] if ":" in status else ""
+        for ext in _MODALITY_EXTENSIONS.get(modality, ()):
+            if files.get(ext):
+                return str(files[ext])
+        return str(record.get("source") or fallback)
+    except (ValueError, AttributeError, TypeError):
+        return fallback
+
+
 class Preprocessor:
     """Ray Data actor: maps a batch of raw webdataset rows to preprocessed rows.
 
@@ -277,6 +312,7 @@ class Preprocessor:
                 row["status"] = str(err)
             row["key"] = str(key)
             row["source_shard"] = shard
+            row["origin"] = sample_origin(sample, row["status"])
             rows.append(row)
         return {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
 
@@ -331,8 +367,11 @@ class ShardDatasource(FileBasedDatasource):
 
 
 def shard_paths(location: str | Path) -> tuple[list[str], Any]:
-    """All ``.tar`` shards under a directory path or URI, sorted: (paths, pyarrow filesystem)."""
+    """All ``.tar`` shards under a directory path or URI (or that one ``.tar`` file), sorted:
+    (paths, pyarrow filesystem)."""
     source = resolve(str(location))
+    if source.is_file() and source.path.endswith(".tar"):
+        return [source.path], source.fs
     paths = [info.path for info in source.files((".tar",))] if source.is_dir() else []
     if not paths:
         raise FileNotFoundError(f"no .tar shards under {location}")
@@ -360,9 +399,11 @@ def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessCo
     """The stage's lazy Ray Data pipeline: shards -> :class:`Preprocessor` actor pool.
 
     Every input sample comes out as one row with its ``status`` ("ok" or the reason); the stage
-    materializes it, ``pipeline.bench.dataplane`` times it as is.
+    streams it into per-split parquet, ``pipeline.bench.dataplane`` times it as is.
     """
     import ray
+
+    from pipeline.raydata import actor_pool
 
     # Reading a tar costs little next to decoding it, so the read tasks reserve no CPU: with a
     # pool holding every CPU (num_actors == num_cpus, e.g. 2 actors on a 2-core machine) 1-CPU
@@ -372,23 +413,29 @@ def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessCo
                                    concurrency=max(1, config.num_actors))
     return raw.map_batches(
         Preprocessor, fn_constructor_args=(config, vocab), batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.num_actors), batch_format="numpy",
-    )
+        batch_format="numpy", **actor_pool(config.num_actors))
 
 
 def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
-    """Read the ``synth`` (or ``ingest``) shards, preprocess them, write parquet per split."""
-    from ray.data.expressions import col
+    """Read the ``synth`` or ``ingest`` shards (or any webdataset shards), preprocess them and
+    stream the rows into parquet per split; quarantine what is bad; check the counts.
+
+    Nothing decoded is held: rows go to disk as the actors produce them
+    (:class:`pipeline.sinks.SplitParquetSink`), and the accounting afterwards reads only keys
+    and reasons. A key read more than once (its members were scattered, or two samples share
+    it) is found from those keys and removed from the files it reached: some readers would pair
+    the wrong files, so every occurrence is quarantined.
+    """
+    from pipeline.sinks import SplitParquetSink, drop_keys, read_status, rows_in
+    from pipeline.text_vocab import describe, fit_text_vocab
 
     paths, filesystem = shard_paths(ctx.inputs["shards"])
     # Text vocabulary first (a BPE trains on the train captions, text_vocab.json in the output).
-    from pipeline.text_vocab import describe, fit_text_vocab
     vocab = fit_text_vocab(paths, config.text_vocab, config.bpe_vocab_size,
                            config.default_split, ctx.output_dir)
-    processed = preprocessed_dataset(paths, filesystem, config, vocab).materialize()
-    statuses = processed.select_columns(["key", "split", "status", "source_shard"]).to_pandas()
-    # A key read more than once is never passed on: its members were scattered (some readers
-    # would pair the wrong files) or two samples share it; every occurrence is quarantined.
+    preprocessed_dataset(paths, filesystem, config, vocab).write_datasink(
+        SplitParquetSink(ctx.output_dir))
+    statuses = read_status(ctx.output_dir).to_pandas()
     repeated = repeated_keys(statuses["key"])
     again = statuses["key"].isin(list(repeated))
     statuses.loc[again, "status"] = [
@@ -399,19 +446,26 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
     if config.strict and not ok.all():
         first = statuses.loc[~ok].iloc[0]
         raise BadSample(f"shard {first['source_shard']}, key {first['key']}: {first['status']}")
-    quarantine = statuses.loc[~ok, ["key", "source_shard", "status"]].rename(
+    splits = sorted(p.name for p in ctx.output_dir.iterdir()
+                    if p.is_dir() and not p.name.startswith("."))
+    if repeated:
+        drop_keys(ctx.output_dir, splits, set(repeated))
+        for split in [s for s in splits if not any((ctx.output_dir / s).glob("*.parquet"))]:
+            (ctx.output_dir / split).rmdir()  # every row of it was a repeated key
+            splits.remove(split)
+    quarantine = statuses.loc[~ok, ["key", "source_shard", "status", "origin"]].rename(
         columns={"source_shard": "shard", "status": "reason"}).assign(stage="preprocess")
     pq.write_table(pa.Table.from_pandas(quarantine, preserve_index=False),
                    ctx.output_dir / "quarantine.parquet")
+    shutil.rmtree(ctx.output_dir / ".status")
 
     counts: dict[str, Any] = {"in": len(statuses), "quarantined": int((~ok).sum())}
-    for split in sorted(statuses.loc[ok, "split"].unique()):
-        keep = (col("status") == "ok") & (col("split") == split)
-        if repeated:
-            keep = keep & col("key").not_in(list(repeated))
-        part = processed.filter(expr=keep)
-        part.drop_columns(["status"]).write_parquet(str(ctx.output_dir / split))
+    for split in splits:
         counts[f"out/{split}"] = int((ok & (statuses["split"] == split)).sum())
+        written = rows_in(ctx.output_dir / split)
+        if written != counts[f"out/{split}"]:  # what is on disk is what the counts say
+            raise RuntimeError(f"preprocess wrote {written} rows to {split}/ but counted "
+                               f"{counts[f'out/{split}']}")
     counts["out"] = int(ok.sum())
     if counts["in"] != counts["out"] + counts["quarantined"]:
         raise RuntimeError(f"preprocess lost samples: {counts}")
@@ -421,5 +475,6 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
         ctx.logger.metrics({f"samples/{k}": v for k, v in counts.items()}, step=0)
         if len(quarantine):
             ctx.logger.artifact(ctx.output_dir / "quarantine.parquet")
-    return {"counts": counts, "splits": sorted(k[4:] for k in counts if k.startswith("out/")),
+    return {"counts": counts, "splits": splits,
             "text_vocab": describe(vocab)}
+

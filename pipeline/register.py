@@ -29,8 +29,8 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 
+from pipeline.checkpoint import TOKENIZER_DIR
 from pipeline.stage import StageContext
-from pipeline.train import TOKENIZER_DIR
 
 ARTIFACT = "tokenizer"  # key of the tokenizer directory in the pyfunc model's artifacts
 METRIC_TAG_PREFIX = "eval/"  # version tag per trained metric: eval/image/psnr = 21.3

@@ -55,6 +55,7 @@ class StageContext:
     logger: RunLogger | None = None  # this stage's MLflow run (None when run without tracking)
     tracking_uri: str | None = None  # for processes (train workers) that log on their own
     progress: bool = True  # show progress bars
+    verbose: bool = False  # Ray's own INFO lines on the console too (mmvq --verbose)
     # Where output_dir is renamed to when run() returns, for records that must name the place
     # the data will stay (lineage); None: output_dir is already final (a direct call).
     committed_dir: Path | None = None
@@ -217,7 +218,7 @@ def run_committed(spec: StageSpec, config: Any, data_root: Path, fp: str,
                   inputs: Mapping[str, Path], record: Mapping[str, Any],
                   logger: RunLogger | None = None, tracking_uri: str | None = None,
                   progress: bool = True, name: str | None = None,
-                  replace: bool = False) -> tuple[Path, dict[str, Any]]:
+                  replace: bool = False, verbose: bool = False) -> tuple[Path, dict[str, Any]]:
     """Run ``spec`` into a temporary directory, then commit it atomically under ``fp``.
 
     Call it holding :func:`output_lock` for the same output when other runs may write it.
@@ -237,7 +238,8 @@ def run_committed(spec: StageSpec, config: Any, data_root: Path, fp: str,
     tmp.mkdir(parents=True)
     try:
         ctx = StageContext(output_dir=tmp, inputs=dict(inputs), logger=logger,
-                           tracking_uri=tracking_uri, progress=progress, committed_dir=final)
+                           tracking_uri=tracking_uri, progress=progress, committed_dir=final,
+                           verbose=verbose)
         summary = spec.run(config, ctx)
         full_record = {**record, "summary": summary}
         (tmp / STAGE_RECORD).write_text(json.dumps(full_record, indent=2, default=str))
@@ -259,7 +261,8 @@ def commit_stage(spec: StageSpec, config: Any, data_root: Path, fp: str,
                  inputs: Mapping[str, Path], record: Mapping[str, Any], *,
                  name: str | None = None, force: bool = False,
                  logger: RunLogger | None = None, tracking_uri: str | None = None,
-                 progress: bool = True, on_wait: Callable[[], None] | None = None,
+                 progress: bool = True, verbose: bool = False,
+                 on_wait: Callable[[], None] | None = None,
                  on_run: Callable[[], None] | None = None,
                  ) -> tuple[Path, dict[str, Any], bool]:
     """Reuse the committed output of ``fp`` or run the stage into it, under the output's lock.
@@ -284,7 +287,8 @@ def commit_stage(spec: StageSpec, config: Any, data_root: Path, fp: str,
             on_run()
         output, summary = run_committed(spec, config, data_root, fp, inputs, record,
                                         logger=logger, tracking_uri=tracking_uri,
-                                        progress=progress, name=name, replace=force)
+                                        progress=progress, name=name, replace=force,
+                                        verbose=verbose)
         return output, {**record, "summary": summary}, False
 
 

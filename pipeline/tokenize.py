@@ -1,7 +1,9 @@
 """Tokenize stage: the trained tokenizer over every split, written as a parquet token dataset.
 
-A pool of Ray Data actors each loads the tokenizer once and encodes batches of preprocessed
-rows. The output has one directory per split (``tokens/train``, ``tokens/val``) with the
+One Ray Data pipeline reads every split, a pool of actors (growing from one to ``num_actors``)
+each loads the tokenizer once and encodes batches of preprocessed rows, and the rows stream into
+one parquet directory per split (:class:`pipeline.sinks.SplitParquetSink`). The output has one
+directory per split (``tokens/train``, ``tokens/val``) with the
 DESIGN.md token schema, and ``manifest.json`` describing the unified vocabulary that
 ``interleaved_tokens`` uses, so a downstream language model can read the dataset without mmvq.
 """
@@ -20,8 +22,10 @@ import pyarrow.parquet as pq
 import torch
 
 from mmvq.vocabulary import interleave
+from pipeline.checkpoint import TOKENIZER_DIR
+from pipeline.raydata import actor_pool, read_parquet
+from pipeline.sinks import SplitParquetSink, rows_in
 from pipeline.stage import StageContext
-from pipeline.train import TOKENIZER_DIR
 
 TOKENS_DIR = "tokens"
 MANIFEST = "manifest.json"
@@ -40,7 +44,7 @@ TOKEN_SCHEMA = pa.schema([
 @dataclass(frozen=True)
 class TokenizeConfig:
     batch_size: int = 64  # rows per encode call
-    num_actors: int = 2  # actors holding a model copy each
+    num_actors: int = 2  # actors holding a model copy each, at most (the pool starts with one)
     use_gpu: bool = False  # one GPU per actor when true
     # Residual (rvq) audio only: levels kept per frame, i.e. the audio bitrate
     # (levels x log2 K bits per frame); None keeps all. Must be 1 or None for one-level audio.
@@ -49,6 +53,15 @@ class TokenizeConfig:
     # loaders that stream tar files; parquet is always written.
     webdataset: bool = False
     samples_per_shard: int = 1000  # rows per webdataset shard
+
+    def min_resources(self) -> dict[str, float]:
+        """What Ray must have for the first actor: one GPU or one CPU."""
+        return {"GPU" if self.use_gpu else "CPU": 1.0}
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "num_actors", "samples_per_shard"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"tokenize.{name} must be >= 1, got {getattr(self, name)}")
 
 
 class TokenizeActor:
@@ -141,7 +154,6 @@ def _as_list(codes: np.ndarray | None) -> list[int]:
 
 def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     """Encode every preprocessed split with the trained tokenizer; write tokens + manifest."""
-    import ray.data
 
     from mmvq import MultimodalTokenizer
 
@@ -155,18 +167,21 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     weights_hash = model.weights_hash()
     tokenizer_id = f"local:{weights_hash[:16]}"
     data_dir = Path(ctx.inputs["data"])
-    splits = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
-    counts: dict[str, int] = {}
-    for split in splits:
-        tokens = ray.data.read_parquet(str(data_dir / split)).map_batches(
-            TokenizeActor, fn_constructor_args=(str(model_dir), layout, tokenizer_id,
-                                                config.use_gpu, config.audio_levels),
-            batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-            num_gpus=1 if config.use_gpu else 0, batch_format="numpy")
-        out = ctx.output_dir / TOKENS_DIR / split
-        tokens.write_parquet(str(out))
-        counts[split] = pq.ParquetDataset(str(out)).read(columns=["key"]).num_rows
+    splits = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    tokens_dir = ctx.output_dir / TOKENS_DIR
+    # One pipeline over all splits: the actors start (and load the model) once, not per split.
+    # Rows carry their split, and the sink files them under tokens/SPLIT as they arrive.
+    rows = read_parquet([str(data_dir / split) for split in splits])
+    rows.map_batches(
+        TokenizeActor, fn_constructor_args=(str(model_dir), layout, tokenizer_id,
+                                            config.use_gpu, config.audio_levels),
+        batch_size=config.batch_size, batch_format="numpy",
+        **actor_pool(config.num_actors, use_gpu=config.use_gpu),
+    ).write_datasink(SplitParquetSink(tokens_dir))
+    counts = {split: rows_in(tokens_dir / split) for split in splits}
+    expected = {split: rows_in(data_dir / split) for split in splits}
+    if counts != expected:  # every preprocessed row becomes exactly one token row
+        raise RuntimeError(f"tokenize wrote {counts} rows per split, the data has {expected}")
     shard_counts: dict[str, int] = {}  # source shard -> rows it contributed
     for split in splits:
         for shard in pq.ParquetDataset(str(ctx.output_dir / TOKENS_DIR / split)).read(

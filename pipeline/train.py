@@ -154,7 +154,7 @@ def default_run_name(config: TrainConfig, ctx: StageContext) -> str:
 
 def _datasets(data_dir: Path, config: TrainConfig) -> dict[str, Any]:
     """The train split (and the val split when there is one), only the model's columns."""
-    import ray.data
+    from pipeline.raydata import read_parquet
 
     datasets = {}
     for split in ("train", "val"):
@@ -162,8 +162,7 @@ def _datasets(data_dir: Path, config: TrainConfig) -> dict[str, Any]:
             continue
         # Read tasks reserve no CPU: the workers hold theirs for the whole run, and on a
         # machine with exactly num_workers CPUs a 1-CPU read would never be scheduled.
-        dataset = ray.data.read_parquet(str(data_dir / split), columns=list(MODEL_COLUMNS),
-                                        num_cpus=0)
+        dataset = read_parquet(str(data_dir / split), columns=list(MODEL_COLUMNS))
         # One data progress bar per epoch per worker buries the training progress line.
         dataset.context.enable_progress_bars = False
         datasets[split] = dataset
@@ -172,6 +171,7 @@ def _datasets(data_dir: Path, config: TrainConfig) -> dict[str, Any]:
 
 def _trainer(config: TrainConfig, ctx: StageContext, datasets: dict[str, Any], storage: str,
              name: str, text_vocab: Any) -> Any:
+    import ray
     import ray.train
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -197,6 +197,9 @@ def _trainer(config: TrainConfig, ctx: StageContext, datasets: dict[str, Any], s
             placement_strategy=config.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
+            # Worker-group start-up, device moves and checkpoint paths are Ray Train's INFO
+            # lines; the console keeps the trainer's own progress lines unless --verbose.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if ctx.verbose else "WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.keep_checkpoints, checkpoint_score_attribute=metric,

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, apply_overrides, flatten, from_dict, load_yaml, to_dict
+from pipeline.raydata import local_ray_environment
 from pipeline.stage import (
     commit_stage,
     committed_dir,
@@ -273,7 +274,7 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
             inputs = input_locations(planned, data_root)
             results[planned.name] = _run_stage(planned, inputs, data_root, client,
                                                experiment_id, parent_id, tracking_uri,
-                                               progress=progress)
+                                               progress=progress, verbose=verbose)
         headline = _headline(results)
         if headline:
             parent_log.metrics(headline, step=0)
@@ -285,7 +286,7 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
 
 def _run_stage(planned: PlannedStage, inputs: Mapping[str, Path], data_root: Path,
                client: MlflowClient, experiment_id: str, parent_id: str, tracking_uri: str,
-               progress: bool) -> StageResult:
+               progress: bool, verbose: bool = False) -> StageResult:
     name, fp = planned.name, planned.fingerprint
     spec = STAGES[planned.stage]
     run = client.create_run(experiment_id, run_name=name, tags={
@@ -303,7 +304,7 @@ def _run_stage(planned: PlannedStage, inputs: Mapping[str, Path], data_root: Pat
                     "inputs": {k: str(v) for k, v in inputs.items()},
                     "mlflow_run_id": run.info.run_id},
             name=name, force=planned.forced, logger=logger, tracking_uri=tracking_uri,
-            progress=progress,
+            progress=progress, verbose=verbose,
             on_wait=lambda: print(f"[{name}] waiting: another run is writing {planned.output}",
                                   flush=True),
             on_run=lambda: print(f"[{name}] run {fp}: {planned.reason}", flush=True))
@@ -375,7 +376,7 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
     try:
         result = _run_stage(planned, {slot: path for slot, (path, _) in upstream.items()},
                             data_root, client, experiment_id, parent.info.run_id,
-                            tracking_uri, progress=progress)
+                            tracking_uri, progress=progress, verbose=verbose)
         status = "FINISHED"
         return result
     finally:
@@ -582,6 +583,7 @@ def _init_ray(config: RayConfig, progress: bool, verbose: bool = False) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
+            os.environ.update(local_ray_environment(verbose))
             # The dashboard also serves the state API that Ray Train's controller polls.
             ray.init(num_cpus=config.num_cpus, include_dashboard=True,
                      dashboard_host="127.0.0.1", **kwargs)
@@ -591,7 +593,14 @@ def _init_ray(config: RayConfig, progress: bool, verbose: bool = False) -> None:
     context.enable_operator_progress_bars = verbose
     context.print_on_execution_start = verbose
     if not verbose:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # This process configured Ray Data's logging when it imported ray.data, before the
+        # environment above: its console handler goes to WARNING here (the file keeps all),
+        # and "Progress bars disabled" is not worth a line.
+        for handler in logging.getLogger("ray.data").handlers:
+            if type(handler).__name__ != "SessionFileHandler":
+                handler.setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 class ResourceError(ConfigError):

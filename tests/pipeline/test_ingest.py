@@ -101,19 +101,23 @@ def test_csv_and_jsonl_manifests_with_bad_rows_quarantined(tmp_path):
     for name, extra in (("index.csv", 0), ("index.jsonl", 1)):
         out = tmp_path / f"out-{name}"
         manifest = ingest(IngestConfig(source=str(tmp_path / name)), out)
-        assert manifest["counts"] == {"in": 7 + extra, "out": 2, "quarantined": 5 + extra,
-                                      "splits": {"train": 1, "val": 1},
-                                      "modalities": {"image": 2, "json": 2, "text": 2}}
+        assert manifest["counts"] == {"in": 7 + extra, "out": 3, "quarantined": 4 + extra,
+                                      "splits": {"train": 2, "val": 1},
+                                      "modalities": {"image": 3, "json": 3, "text": 3}}
         reasons = {r["key"]: r["reason"] for r in
                    pq.read_table(out / "quarantine.parquet").to_pylist()}
         assert reasons["a"].startswith("duplicate key 'a' (first taken from")
         assert "media/missing.png not found" in reasons["c"]
-        assert "contains '.'" in reasons["d.e"] and "'..' component" in reasons["../f"]
+        assert "d.e" not in reasons and "'..' component" in reasons["../f"]
         assert "extension 'txt', not one of" in reasons["g"]
         samples = {s["__key__"]: s for s in wds.WebDataset(
             [str(p) for p in sorted(out.rglob("*.tar"))], shardshuffle=False)}
         assert samples["a"]["txt"] == b"inline caption"
-        assert json.loads(samples["a"]["json"]) == {"license": "CC0", "split": "val"}
+        assert samples["d_e"]["txt"] == b"dot in key"  # '.' in a key maps to '_'
+        meta = json.loads(samples["a"]["json"])
+        assert meta.pop("mmvq_origin") == {"source": f"{name} row 1",
+                                           "files": {"png": "media/0.png"}}
+        assert meta == {"license": "CC0", "split": "val"}
         assert samples["b"]["txt"] == b"from a file" and samples["b"]["png"] == _png(40)
     with pytest.raises(IngestError, match=r"index.csv row 3, key 'a': duplicate key"):
         ingest(IngestConfig(source=str(tmp_path / "index.csv"), strict=True), tmp_path / "s")

@@ -1,0 +1,75 @@
+"""How the stages use Ray Data: parquet reads that reserve no CPU, and actor pools that size
+themselves.
+
+Reads: a read task costs little next to the work downstream of it, so it reserves no CPU.
+Otherwise a stage whose workers or actors hold every CPU (2 train workers on a 2-CPU machine)
+waits for ever for a CPU to read with. Ray 2.58's new parquet path adds a file-listing task that
+always asks for one CPU, whatever the read's ``num_cpus``; :func:`read_parquet` takes the
+classic path, whose one read task per file group honours ``num_cpus=0``.
+
+Actor pools:
+every pool starts with one actor and grows to its configured size as work queues up
+(``min_size=1``): a cluster with fewer free CPUs or GPUs than ``num_actors`` still makes
+progress, and Ray Data does not warn that the pool's fixed size cannot be met.
+
+Restarts: Ray Data makes its actors restartable, and Ray then logs an ERROR line for every pool
+("has constructor arguments in the object store and max_restarts > 0", ray-project/ray#57733)
+although Ray Data holds those arguments for the pool's lifetime. On the embedded in-process Ray
+an actor dies only with the machine's memory, where a restart on the same machine does not help,
+so there restarts are off and the line is never printed; on a cluster a dead node's actors are
+restarted elsewhere, which is worth the line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+# Set by the runner when it starts Ray in this process (workflows.runner._init_ray).
+LOCAL_RAY_ENV = "MMVQ_LOCAL_RAY"
+
+
+def read_parquet(paths: str | list[str], columns: list[str] | None = None) -> Any:
+    """``ray.data.read_parquet`` of ``paths`` whose tasks reserve no CPU (see above)."""
+    import ray.data
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(paths, columns=columns, num_cpus=0)
+    finally:
+        context.use_datasource_v2 = previous
+
+
+def actor_pool(num_actors: int, use_gpu: bool = False) -> dict[str, Any]:
+    """``map_batches`` keyword arguments for a pool of 1..``num_actors`` actors.
+
+    Each actor holds one CPU, or one GPU when ``use_gpu``.
+    """
+    import ray.data
+
+    options: dict[str, Any] = {
+        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_actors)),
+        "num_gpus": 1 if use_gpu else 0,
+    }
+    if os.environ.get(LOCAL_RAY_ENV) == "1":
+        options["max_restarts"] = 0
+    return options
+
+
+
+def local_ray_environment(verbose: bool) -> dict[str, str]:
+    """Environment for an in-process Ray, set before ``ray.init`` so every worker inherits it.
+
+    - ``MMVQ_LOCAL_RAY``: :func:`actor_pool` turns actor restarts off (see above).
+    - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: the watcher follows node drains (spot
+      preemption), which one machine does not have; creating it logs the same false ERROR.
+    - ``RAY_DATA_LOGGING_CONFIG`` (not with ``verbose``): Ray Data's own logging config with the
+      console at WARNING (``ray_data_logging.yaml``); its log file keeps everything.
+    """
+    env = {LOCAL_RAY_ENV: "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    if not verbose:
+        env["RAY_DATA_LOGGING_CONFIG"] = str(Path(__file__).with_name("ray_data_logging.yaml"))
+    return env
