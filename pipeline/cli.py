@@ -261,6 +261,9 @@ def _add_ingest_command(sub: argparse._SubParsersAction) -> None:
                         "(default: 256MiB)")
     parser.add_argument("--default-split", default="train",
                         help="split of samples that name none (default: %(default)s)")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="of the samples that name no split, this fraction goes to val, "
+                        "chosen by a hash of the key (default: %(default)s)")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first sample that would be quarantined, naming its "
                         "source, key and reason")

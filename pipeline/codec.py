@@ -1,17 +1,25 @@
 """Files <-> tokens with a trained tokenizer: the ``mmvq encode`` / ``mmvq decode`` commands.
 
 ``encode`` reads a file or a folder of images, audio and text, groups files by stem into samples
-(``cat.png``, ``cat.wav`` and ``cat.txt`` are one sample, as in a webdataset shard), prepares
-them with the preprocess stage's own pure functions (so the model sees exactly what training
-saw: EXIF-upright RGB center crop, mono resampled clip of fixed length, byte ids) and encodes
-them with the tokenize stage's actor code, so the rows equal the token dataset's rows for the
-same inputs. Output is JSON or parquet.
+(``cat.png``, ``cat.wav``, ``cat.txt`` and ``cat.json`` are one sample, as in a webdataset
+shard), prepares them with the preprocess stage's own pure functions (so the model sees exactly
+what training saw: EXIF-upright RGB center crop, mono resampled clip of fixed length, byte ids)
+and encodes them with the tokenize stage's actor code, so the rows equal the token dataset's
+rows for the same inputs. ``cat.json`` is the sample's metadata: its ``split`` becomes the
+row's split (``train`` when it names none); a json without media of its stem is no sample.
+Output is JSON or parquet.
 
 ``decode`` reads tokens (that JSON or parquet, or a token dataset written by tokenize) and
 writes ``KEY.png``, ``KEY.wav`` and ``KEY.txt`` per sample.
 
+A bad sample (a file that does not decode, is missing or unreadable, two images of one stem)
+or a token row that does not decode never costs the others: each is reported on stderr as
+``FILE: reason``, the rest is written, and the command exits 1 (0 with ``--skip-bad``). Exit 2
+means nothing was done: no model, no inputs, an unreadable token file.
+
 The model is a tokenizer directory (``config.json`` + ``model.safetensors``), a committed train
-output (its ``tokenizer/`` subdirectory), or ``models:/NAME/VERSION`` from an MLflow registry.
+output (its ``tokenizer/`` subdirectory), or ``models:/NAME/VERSION`` from an MLflow registry,
+looked up and downloaded through ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) only.
 """
 
 from __future__ import annotations
@@ -19,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -48,8 +59,27 @@ REGISTERED_TOKENIZER = "artifacts/tokenizer"
 # Parquet schema metadata key holding the vocabulary layout, so a parquet file from encode is
 # self-describing like a token dataset with its manifest.
 LAYOUT_KEY = b"mmvq.vocabulary"
+# "json" is the sample's metadata (its split), not a modality the model encodes.
 EXTENSIONS = {**{e: "image" for e in IMAGE_EXTENSIONS}, **{e: "audio" for e in AUDIO_EXTENSIONS},
-              **{e: "text" for e in TEXT_EXTENSIONS}}
+              **{e: "text" for e in TEXT_EXTENSIONS}, "json": "json"}
+MODALITIES = ("image", "audio", "text")
+# PIL and libsndfile put the stream's repr in their messages ("<_io.BytesIO object at 0x7f..>"):
+# meaningless to a user, so it is replaced by the file's name.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+# MLflow retries a dead tracking server 7 times with exponential backoff (minutes); a command
+# line user wants the error now. Used only where the user has not set them.
+_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+class BadInput(ValueError):
+    """A sample (encode) or token row (decode) that was not converted.
+
+    The message is one line, ``WHERE: reason``, where WHERE is the sample's file(s), or the
+    token file, row and key.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -60,19 +90,23 @@ def resolve_model(spec: str, tracking_uri: str | None = None) -> Path:
     Parameters
     ----------
     spec : a tokenizer directory, a committed train output (holding ``tokenizer/``), or
-        ``models:/NAME/VERSION`` (downloaded from the MLflow registry)
-    tracking_uri : the registry's tracking server for ``models:/``; default
-        ``MLFLOW_TRACKING_URI``
+        ``models:/NAME/VERSION`` (also ``models:/NAME@ALIAS``, ``models:/NAME/latest``)
+    tracking_uri : the MLflow tracking server, which is also the registry, for ``models:/``;
+        default ``MLFLOW_TRACKING_URI``. Both the version lookup and the artifact download use
+        it; MLflow's process-wide default (``./mlflow.db``) is never consulted.
+
+    Raises
+    ------
+    ValueError
+        One line naming ``spec``: not a tokenizer, no tracking URI, a registry that does not
+        exist or cannot be reached, an unknown model or version.
     """
     if spec.startswith("models:/"):
-        import mlflow.artifacts
-
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise ValueError(f"{spec}: a registered model needs --tracking-uri or "
                              "MLFLOW_TRACKING_URI")
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=uri,
-                                                         registry_uri=uri))
+        local = _download_registered(spec, uri)
         if not (local / REGISTERED_TOKENIZER / "config.json").is_file():
             raise ValueError(f"{spec}: not an mmvq tokenizer model (no {REGISTERED_TOKENIZER}/"
                              "config.json in its artifacts)")
@@ -83,6 +117,70 @@ def resolve_model(spec: str, tracking_uri: str | None = None) -> Path:
             return candidate
     raise ValueError(f"{spec}: not a tokenizer (expected a directory with config.json and "
                      "model.safetensors, a train output with tokenizer/, or models:/NAME/VERSION)")
+
+
+def _download_registered(spec: str, uri: str) -> Path:
+    """The local copy of the model version's artifacts, found and fetched through ``uri`` only.
+
+    ``mlflow.artifacts.download_artifacts("models:/...", registry_uri=...)`` does not use its
+    registry_uri for the lookup (``ModelsArtifactRepository._get_model_uri_infos`` asks
+    ``mlflow.get_registry_uri()``, which defaults to ``sqlite:///mlflow.db`` in the working
+    directory, creating it), so the version is resolved here with an explicit client and only
+    its storage location is downloaded.
+    """
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    from sqlalchemy.exc import SQLAlchemyError  # a SQL store that is no MLflow database
+
+    _require_store(spec, uri)
+    try:
+        with _http_limits():
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            found = get_model_name_and_version(client, spec)
+            if len(found) == 1:  # models:/m-<id>, a logged model rather than a version
+                source = client.get_logged_model(found[0]).artifact_location
+            else:
+                source = client.get_model_version_download_uri(*found)
+            return Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=source, tracking_uri=uri, registry_uri=uri))
+    except (MlflowException, OSError, SQLAlchemyError) as err:  # requests' errors are OSErrors
+        raise ValueError(f"{spec}: {_one_line(err)} (tracking URI {uri})") from err
+
+
+def _require_store(spec: str, uri: str) -> None:
+    """Refuse a SQLite or file store that does not exist: MLflow would create an empty one
+    there (a typo would leave a stray database) and then report the model as unknown."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = unquote(parsed.path.removeprefix("/"))  # sqlite:////abs, sqlite:///rel
+    elif parsed.scheme == "file" or not (parsed.scheme or uri.startswith("databricks")):
+        path = unquote(parsed.path)
+    else:
+        return
+    if path and not Path(path).exists():
+        raise ValueError(f"{spec}: no MLflow store at {uri} ({path} does not exist)")
+
+
+@contextmanager
+def _http_limits() -> Iterator[None]:
+    """Cap MLflow's HTTP retries for one block, then put the environment back as it was."""
+    added = [name for name in _HTTP_LIMITS if name not in os.environ]
+    os.environ.update({name: _HTTP_LIMITS[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error message, without object reprs, at most ``limit`` characters
+    (MLflow's connection errors run to kilobytes of nested reprs)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = _OBJECT_REPR.sub("the file", lines[0] if lines else type(err).__name__)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Codec:
@@ -108,38 +206,61 @@ class Codec:
             audio_samples=cfg.audio.num_samples, text_max_len=cfg.text.max_len, required=())
         self.resample = Resamplers(cfg.audio.sample_rate)
 
-    def encode(self, samples: Sequence[Mapping[str, Any]]) -> pa.Table:
-        """Token rows (the token dataset schema) for raw samples.
+    def prepare(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """One raw sample -> the preprocessed row that :meth:`encode_rows` takes.
 
         Parameters
         ----------
-        samples : dicts with ``key``, optional ``source`` and any of ``image`` / ``audio``
-            (encoded file bytes: PNG, JPEG, WAV, FLAC, ...) and ``text`` (str or UTF-8 bytes)
+        sample : ``key``, optional ``source``, any of ``image`` / ``audio`` (encoded file bytes:
+            PNG, JPEG, WAV, FLAC, ...), ``text`` (str or UTF-8 bytes) and ``json`` (metadata
+            bytes; its ``split`` is the row's), and optionally ``{member}_file``, the file each
+            came from (see :func:`collect_samples`), named in errors
 
         Raises
         ------
-        ValueError
-            If a sample has no modality or a file does not decode, naming the key.
+        BadInput
+            If the sample has no image, audio or text, or a member does not decode; the
+            message starts with the member's file (or the sample's key when there are none).
         """
-        rows = []
-        for sample in samples:
-            raw = {"png": sample.get("image"), "wav": sample.get("audio"),
-                   "txt": _text_bytes(sample.get("text"))}
-            raw = {ext: bytes(v) for ext, v in raw.items() if v is not None}
-            if not raw:
-                raise ValueError(f"sample {sample['key']!r}: no image, audio or text")
-            try:
-                row = preprocess_sample(raw, self.preprocess, self.resample,
-                                        self.model.text_vocab)
-            except BadSample as err:
-                raise ValueError(f"sample {sample['key']!r} ({sample.get('source', '')}): "
-                                 f"{err}") from err
-            rows.append({**row, "key": str(sample["key"]), "split": "",
-                         "source_shard": str(sample.get("source", ""))})
+        raw = {"png": _member_bytes(sample.get("image")), "wav": _member_bytes(sample.get("audio")),
+               "txt": _text_bytes(sample.get("text")), "json": _member_bytes(sample.get("json"))}
+        raw = {ext: value for ext, value in raw.items() if value is not None}
+        if not set(raw) - {"json"}:
+            raise BadInput(_where(sample), "no image, audio or text")
+        try:
+            row = preprocess_sample(raw, self.preprocess, self.resample, self.model.text_vocab)
+        except BadSample as err:
+            raise _bad_sample(sample, str(err)) from err
+        return {**row, "key": str(sample["key"]), "source_shard": str(sample.get("source", ""))}
+
+    def encode_rows(self, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+        """Token rows (the token dataset schema) for rows from :meth:`prepare`."""
         if not rows:
             return TOKEN_SCHEMA.empty_table()
         batch = {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
         return self.encoder(batch)
+
+    def encode(self, samples: Sequence[Mapping[str, Any]]) -> pa.Table:
+        """Token rows (the token dataset schema) for raw samples, all or nothing.
+
+        Parameters
+        ----------
+        samples : as :meth:`prepare` takes them
+
+        Raises
+        ------
+        BadInput
+            (a ValueError) for the first bad sample. ``mmvq encode`` prepares samples one by one
+            instead, to keep the good ones.
+        """
+        return self.encode_rows([self.prepare(sample) for sample in samples])
+
+    def check_tokenizer(self, rows: Mapping[str, Sequence[Any]]) -> None:
+        """Raise ValueError if the rows were written by another tokenizer (``tokenizer``)."""
+        ids = {str(t) for t in _column(rows, "tokenizer", None) if t} - {self.tokenizer_id}
+        if ids:
+            raise ValueError(f"tokens were written by tokenizer {sorted(ids)}, this model is "
+                             f"{self.tokenizer_id}: decode them with the model that wrote them")
 
     def decode(self, rows: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
         """Per row: ``key`` and the decoded ``image`` (H, W, 3) uint8, ``audio`` float32 clip
@@ -148,114 +269,182 @@ class Codec:
         Raises
         ------
         ValueError
-            If the rows were written by another tokenizer (``tokenizer`` column differs).
+            If the rows were written by another tokenizer (``tokenizer`` column differs), or
+            a row's codes do not fit the model (count, or a code outside the codebook).
         """
-        ids = set(rows.get("tokenizer", [])) - {self.tokenizer_id}
-        if ids:
-            raise ValueError(f"tokens were written by tokenizer {sorted(ids)}, this model is "
-                             f"{self.tokenizer_id}: decode them with the model that wrote them")
+        self.check_tokenizer(rows)
+        n = len(rows["key"])
+        out: list[dict[str, Any]] = [{"key": str(k)} for k in rows["key"]]
+        for modality in MODALITIES:
+            column = _column(rows, f"{modality}_tokens", None)
+            have = [i for i in range(n) if column[i] is not None and len(column[i])]
+            if have:
+                self._decode_modality(modality, rows, have, out)
+        return out
+
+    def _decode_modality(self, modality: str, rows: Mapping[str, Sequence[Any]],
+                         have: list[int], out: list[dict[str, Any]]) -> None:
+        """Decode one modality of rows ``have`` into ``out`` (their dicts)."""
         from mmvq.text_vocab import decode_ids
         from mmvq.vocabulary import split_interleaved
 
-        n = len(rows["key"])
-        out: list[dict[str, Any]] = [{"key": str(k)} for k in rows["key"]]
+        column = f"{modality}_tokens"
+        size = self.layout["codebook_sizes"][modality]
+        subset = {name: [rows[name][i] for i in have]
+                  for name in (column, "audio_levels") if name in rows}
+        for codes in subset[column]:
+            # The embedding lookup would fail with "index out of range in self", or a
+            # scalar quantizer decode garbage: say which code is wrong instead.
+            wrong = [c for c in codes if not (isinstance(c, int | np.integer) and 0 <= c < size)]
+            if wrong:
+                raise ValueError(f"{column}: code {wrong[0]!r} is not in the codebook "
+                                 f"[0, {size})")
         shapes = self.model.token_shapes()
+        codes = model_codes(subset, {modality: shapes[modality]})
+        with torch.no_grad():
+            decoded = self.model.decode(codes)
         hop = self.model.config.audio.hop
-        for modality in ("image", "audio", "text"):
-            column = f"{modality}_tokens"
-            have = [i for i in range(n) if len(rows[column][i])]
-            if not have:
-                continue
-            subset = {name: [rows[name][i] for i in have]
-                      for name in (column, "audio_levels") if name in rows}
-            codes = model_codes(subset, {modality: shapes[modality]})
-            with torch.no_grad():
-                decoded = self.model.decode(codes)
-            for j, i in enumerate(have):
-                if modality == "image":
-                    pixels = (decoded["image"][j] + 1) * 127.5  # (3, H, W) in [-1, 1] -> [0, 255]
-                    out[i]["image"] = pixels.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-                elif modality == "audio":
-                    frames = int(rows["audio_frames"][i]) or shapes["audio"][0]
-                    out[i]["audio"] = decoded["audio"][j][:frames * hop].clamp(-1, 1).numpy()
-                else:
-                    stream = rows.get("interleaved_tokens", [[]] * n)[i]
-                    # The interleaved text run holds exactly the real characters.
-                    run = split_interleaved(np.asarray(stream), self.layout).get("text")
-                    length = len(run) if run is not None else len(rows[column][i])
-                    out[i]["text"] = decode_ids(decoded["text_ids"][j].numpy(), length,
-                                                self.model.text_vocab)
-        return out
+        frames_column = _column(rows, "audio_frames", 0)
+        streams = _column(rows, "interleaved_tokens", None)
+        for j, i in enumerate(have):
+            if modality == "image":
+                pixels = (decoded["image"][j] + 1) * 127.5  # (3, H, W) in [-1, 1] -> [0, 255]
+                out[i]["image"] = pixels.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            elif modality == "audio":
+                frames = int(frames_column[i] or 0) or shapes["audio"][0]
+                out[i]["audio"] = decoded["audio"][j][:frames * hop].clamp(-1, 1).numpy()
+            else:
+                # The interleaved text run holds exactly the real characters.
+                stream = [] if streams[i] is None else streams[i]
+                run = split_interleaved(np.asarray(stream, np.int64), self.layout).get("text")
+                length = len(run) if run is not None else len(rows[column][i])
+                out[i]["text"] = decode_ids(decoded["text_ids"][j].numpy(), length,
+                                            self.model.text_vocab)
+
+
+def _column(rows: Mapping[str, Sequence[Any]], name: str, fill: Any) -> Sequence[Any]:
+    """``rows[name]``, or ``fill`` for every row when the column is absent (hand-made JSON)."""
+    values = rows.get(name)
+    return [fill] * len(rows["key"]) if values is None else values
+
+
+def _member_bytes(value: Any) -> bytes | None:
+    # Anything that is not bytes is absent: pandas fills a missing member with None or NaN.
+    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else None
 
 
 def _text_bytes(text: str | bytes | None) -> bytes | None:
-    if text is None or (isinstance(text, float) and np.isnan(text)):  # pandas' missing value
-        return None
-    return text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if isinstance(text, str):
+        return text.encode("utf-8")
+    return _member_bytes(text)
+
+
+def _files(sample: Mapping[str, Any]) -> list[str]:
+    """The files a sample was read from, in member order."""
+    return [str(sample[f"{m}_file"]) for m in (*MODALITIES, "json") if f"{m}_file" in sample]
+
+
+def _where(sample: Mapping[str, Any]) -> str:
+    return ", ".join(_files(sample)) or f"sample {sample.get('key')!r}"
+
+
+def _bad_sample(sample: Mapping[str, Any], reason: str) -> BadInput:
+    """The preprocess reason ("image: cannot decode (...)") under the file it concerns."""
+    member = reason.split(":", 1)[0]
+    file = sample.get(f"{member}_file")
+    where = str(file) if file else _where(sample)
+    name = repr(Path(file).name) if file else "the file"
+    return BadInput(where, _OBJECT_REPR.sub(name, reason))
 
 
 # ----------------------------------------------------------------------------- files
 
-def collect_samples(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Group input files by stem into samples: ``{"key", "source", "image"/"audio"/"text"}``.
+def collect_samples(inputs: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[BadInput]]:
+    """Group input files by stem into samples, without reading them.
 
     Each input is a file or a folder (searched recursively); files with other extensions are
-    skipped. The key is the path relative to the folder without extension, so ``a/cat.png``
+    skipped, and so is a ``.json`` with no image, audio or text of its stem (it describes
+    nothing). The key is the path relative to the folder without extension, so ``a/cat.png``
     and ``b/cat.png`` stay apart.
 
-    Raises
-    ------
-    ValueError
-        If no usable file is found, or a sample has two files of one modality.
+    Returns
+    -------
+    samples : ``{"key", "source", "image_file" / "audio_file" / "text_file" / "json_file"}``,
+        sorted by key; :func:`read_sample` loads their bytes
+    bad : inputs that do not exist, and samples with two files of one modality (which one is
+        meant is a guess that could pair the wrong files)
     """
     samples: dict[str, dict[str, Any]] = {}
-    for item in inputs:
-        item = Path(item)
+    bad: dict[str, BadInput] = {}
+    for item in map(Path, inputs):
         if not item.exists():
-            raise ValueError(f"{item}: no such file or folder")
+            bad[str(item)] = BadInput(str(item), "no such file or folder")
+            continue
         files = sorted(p for p in item.rglob("*") if p.is_file()) if item.is_dir() else [item]
         for file in files:
-            modality = EXTENSIONS.get(file.suffix.lower().lstrip("."))
-            if modality is None:
+            member = EXTENSIONS.get(file.suffix.lower().lstrip("."))
+            if member is None:
                 continue
             key = (file.relative_to(item).with_suffix("") if item.is_dir()
                    else Path(file.stem)).as_posix()
             sample = samples.setdefault(key, {"key": key, "source": str(item)})
-            if modality in sample:
-                raise ValueError(f"sample {key!r}: two {modality} files ({sample[modality + '_file']}"
-                                 f" and {file})")
-            sample[modality] = file.read_bytes()
-            sample[modality + "_file"] = str(file)
-    if not samples:
-        raise ValueError(f"no image ({', '.join(IMAGE_EXTENSIONS)}), audio "
-                         f"({', '.join(AUDIO_EXTENSIONS)}) or text (txt) files in "
-                         f"{', '.join(map(str, inputs))}")
-    return [samples[k] for k in sorted(samples)]
+            if sample.get(f"{member}_file") == str(file):  # the same file named twice
+                continue
+            if f"{member}_file" in sample:
+                bad[key] = BadInput(f"{sample[member + '_file']}, {file}",
+                                    f"two {member} files for sample {key!r}")
+            sample[f"{member}_file"] = str(file)
+    good = [samples[k] for k in sorted(samples) if k not in bad
+            and any(f"{m}_file" in samples[k] for m in MODALITIES)]
+    return good, list(bad.values())
+
+
+def read_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """``sample`` with each ``{member}_file``'s bytes under ``{member}``.
+
+    Raises
+    ------
+    BadInput
+        If a file cannot be read (vanished, permissions), naming it.
+    """
+    loaded = dict(sample)
+    for member in (*MODALITIES, "json"):
+        if f"{member}_file" in sample:
+            file = Path(sample[f"{member}_file"])
+            try:
+                loaded[member] = file.read_bytes()
+            except OSError as err:
+                raise BadInput(str(file), f"cannot read ({err.strerror or err})") from err
+    return loaded
 
 
 def write_tokens(table: pa.Table, codec: Codec, path: Path) -> None:
     """Write token rows as ``.json`` (with the vocabulary) or ``.parquet`` (layout in metadata)."""
+    if path.suffix not in (".json", ".parquet"):
+        raise ValueError(f"{path}: output must end in .json or .parquet")
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"vocabulary": codec.layout, "token_shapes": {
         k: list(v) for k, v in codec.model.token_shapes().items()},
         "audio_hop_samples": codec.model.config.audio.hop, "tokenizer": codec.tokenizer_id}
     if path.suffix == ".json":
-        path.write_text(json.dumps({**header, "samples": table.to_pylist()}, indent=1))
-    elif path.suffix == ".parquet":
+        path.write_text(json.dumps({**header, "samples": table.to_pylist()}, indent=1,
+                                   ensure_ascii=False), encoding="utf-8")
+    else:
         metadata = {**(table.schema.metadata or {}), LAYOUT_KEY: json.dumps(header).encode()}
         pq.write_table(table.replace_schema_metadata(metadata), path)
-    else:
-        raise ValueError(f"{path}: output must end in .json or .parquet")
 
 
 def read_tokens(path: str | Path, split: str | None = None) -> dict[str, list]:
     """Token rows as columns from an encode ``.json`` / ``.parquet`` or a token dataset."""
     path = Path(path)
     if path.suffix == ".json":
-        samples = json.loads(path.read_text()).get("samples")
-        if samples is None:
+        try:
+            samples = json.loads(path.read_text(encoding="utf-8")).get("samples")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise ValueError(f"{path}: not an mmvq encode output ({_one_line(err)})") from err
+        if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
             raise ValueError(f"{path}: not an mmvq encode output (no 'samples' list)")
-        names = list(samples[0]) if samples else ["key"]
+        names = list(dict.fromkeys(["key", *(n for s in samples for n in s)]))
         return {name: [s.get(name) for s in samples] for name in names}
     if path.suffix == ".parquet":
         return pq.read_table(path).to_pydict()
@@ -266,23 +455,32 @@ def read_tokens(path: str | Path, split: str | None = None) -> dict[str, list]:
                      "directory (tokenize output, its tokens/ or a split)")
 
 
-def write_files(decoded: Sequence[Mapping[str, Any]], sample_rate: int,
-                out_dir: Path) -> list[Path]:
-    """``KEY.png`` / ``KEY.wav`` / ``KEY.txt`` per decoded sample; returns the files written."""
-    written = []
-    for sample in decoded:
-        base = out_dir / sample["key"]
-        base.parent.mkdir(parents=True, exist_ok=True)
-        if "image" in sample:
-            Image.fromarray(sample["image"]).save(base.with_name(base.name + ".png"))
-            written.append(base.with_name(base.name + ".png"))
-        if "audio" in sample:
-            soundfile.write(base.with_name(base.name + ".wav"), sample["audio"], sample_rate)
-            written.append(base.with_name(base.name + ".wav"))
-        if "text" in sample:
-            base.with_name(base.name + ".txt").write_text(sample["text"] + "\n")
-            written.append(base.with_name(base.name + ".txt"))
-    return written
+def write_sample(sample: Mapping[str, Any], sample_rate: int, out_dir: Path) -> list[Path]:
+    """``KEY.png`` / ``KEY.wav`` / ``KEY.txt`` for one decoded sample; returns the files.
+
+    Raises
+    ------
+    ValueError
+        If the key would leave ``out_dir`` (absolute, ``..``) or a target is a link: token
+        files come from others, and a key must not choose where its files land.
+    """
+    key = PurePosixPath(str(sample["key"]))
+    if key.is_absolute() or not key.parts or ".." in key.parts:
+        raise ValueError(f"key {str(key)!r} is not a relative path inside the output folder")
+    base = out_dir.joinpath(*key.parts)
+    targets = {m: base.with_name(f"{base.name}.{ext}")
+               for m, ext in (("image", "png"), ("audio", "wav"), ("text", "txt")) if m in sample}
+    for target in targets.values():
+        if target.is_symlink():
+            raise ValueError(f"{target} is a link; refusing to write through it")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    if "image" in targets:
+        Image.fromarray(sample["image"]).save(targets["image"])
+    if "audio" in targets:
+        soundfile.write(targets["audio"], sample["audio"], sample_rate)
+    if "text" in targets:
+        targets["text"].write_text(sample["text"] + "\n", encoding="utf-8")
+    return list(targets.values())
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -292,42 +490,118 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 # ----------------------------------------------------------------------------- commands
 # The parsers live in pipeline.cli (so `mmvq --help` imports none of this); these run them.
+# Exit codes: 0 done; 1 done, but some samples or rows were bad (0 with --skip-bad);
+# 2 nothing done (no model, no inputs, unreadable token file).
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    """Run ``mmvq encode``; returns the exit code."""
     try:
         return _encode(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"mmvq encode: {err}", file=sys.stderr)
+        print(f"mmvq encode: {_one_line(err, 600)}", file=sys.stderr)
         return 2
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    """Run ``mmvq decode``; returns the exit code."""
     try:
         return _decode(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"mmvq decode: {err}", file=sys.stderr)
+        print(f"mmvq decode: {_one_line(err, 600)}", file=sys.stderr)
         return 2
 
 
 def _encode(args: argparse.Namespace) -> int:
+    if args.out.suffix not in (".json", ".parquet"):  # before minutes of encoding, not after
+        raise ValueError(f"{args.out}: output must end in .json or .parquet")
     codec = Codec(resolve_model(args.model, args.tracking_uri))
-    samples = collect_samples(args.inputs)
-    tables = [codec.encode(chunk) for chunk in _chunks(samples, args.batch_size)]
+    samples, bad = collect_samples(args.inputs)
+    _report("encode", bad)
+    if not samples:
+        raise ValueError(f"no image ({', '.join(IMAGE_EXTENSIONS)}), audio "
+                         f"({', '.join(AUDIO_EXTENSIONS)}) or text (txt) files to encode in "
+                         f"{', '.join(map(str, args.inputs))}")
+    tables = []
+    for chunk in _chunks(samples, args.batch_size):
+        rows, failed = [], []
+        for sample in chunk:
+            try:
+                rows.append(codec.prepare(read_sample(sample)))
+            except BadInput as err:
+                failed.append(err)
+        _report("encode", failed)
+        bad += failed
+        tables.append(codec.encode_rows(rows))
     table = pa.concat_tables(tables)
     write_tokens(table, codec, args.out)
-    print(f"encoded {table.num_rows} samples with {codec.tokenizer_id} -> {args.out}")
-    return 0
+    print(f"encoded {table.num_rows} samples{_bad_note(bad)} with {codec.tokenizer_id} "
+          f"-> {args.out}")
+    return 1 if bad and not args.skip_bad else 0
 
 
 def _decode(args: argparse.Namespace) -> int:
     codec = Codec(resolve_model(args.model, args.tracking_uri))
     columns = read_tokens(args.tokens, args.split)
+    if "key" not in columns:
+        raise ValueError(f"{args.tokens}: no 'key' column; not a token file")
+    codec.check_tokenizer(columns)  # the wrong model is the user's mistake, not a bad row
     n = len(columns["key"]) if args.limit is None else min(args.limit, len(columns["key"]))
-    written = []
+    rate = codec.model.config.audio.sample_rate
+    source = str(args.tokens)
+    written: list[Path] = []
+    bad: list[BadInput] = []
     for start in range(0, n, args.batch_size):
-        stop = min(start + args.batch_size, n)
-        rows = {name: values[start:stop] for name, values in columns.items()}
-        written += write_files(codec.decode(rows), codec.model.config.audio.sample_rate,
-                               args.out)
-    print(f"decoded {n} samples into {len(written)} files under {args.out}")
-    return 0
+        rows = {name: values[start:min(start + args.batch_size, n)]
+                for name, values in columns.items()}
+        decoded, failed = _decode_rows(codec, rows, start, source)
+        for row, sample in decoded:
+            try:
+                written += write_sample(sample, rate, args.out)
+            except (ValueError, OSError) as err:
+                failed.append((row, BadInput(_row_name(source, row, sample["key"]),
+                                             _one_line(err))))
+        failed.sort(key=lambda item: item[0])
+        _report("decode", [err for _, err in failed])
+        bad += [err for _, err in failed]
+    print(f"decoded {n - len(bad)} samples{_bad_note(bad)} into {len(written)} files "
+          f"under {args.out}")
+    return 1 if bad and not args.skip_bad else 0
+
+
+# What a malformed row raises somewhere in decoding (counts, ranges, None codes, torch).
+_ROW_ERRORS = (ValueError, TypeError, IndexError, KeyError, RuntimeError)
+
+
+def _decode_rows(codec: Codec, rows: Mapping[str, Sequence[Any]], start: int, source: str,
+                 ) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, BadInput]]]:
+    """(row number, decoded sample) for the rows that decode, (row number, error) for the rest.
+
+    The batch is decoded at once; only if that fails is each row decoded alone, to tell the
+    bad rows from the good ones.
+    """
+    try:
+        return list(enumerate(codec.decode(rows), start)), []
+    except _ROW_ERRORS:
+        pass
+    decoded, bad = [], []
+    for i, key in enumerate(rows["key"]):
+        try:
+            decoded.append((start + i, codec.decode({k: v[i:i + 1] for k, v in rows.items()})[0]))
+        except _ROW_ERRORS as err:
+            # model_codes numbers rows within its batch: alone, every row is "row 0".
+            reason = re.sub(r" of row \d+", "", _one_line(err))
+            bad.append((start + i, BadInput(_row_name(source, start + i, key), reason)))
+    return decoded, bad
+
+
+def _row_name(source: str, row: int, key: Any) -> str:
+    return f"{source} row {row} (key {str(key)!r})"
+
+
+def _report(command: str, bad: Sequence[BadInput]) -> None:
+    for err in bad:
+        print(f"mmvq {command}: {_one_line(err)}", file=sys.stderr)
+
+
+def _bad_note(bad: Sequence[BadInput]) -> str:
+    return f", {len(bad)} bad (reasons above)" if bad else ""

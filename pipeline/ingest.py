@@ -59,6 +59,7 @@ import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, Literal
 
 import pyarrow as pa
@@ -108,6 +109,9 @@ class IngestConfig:
     # from object stores; a single larger sample gets a shard of its own.
     max_bytes_per_shard: int = 256 * 1024 * 1024
     default_split: str = "train"  # for samples whose row/json names no split
+    # Of the samples that name no split, this fraction goes to "val" (by a hash of the key), so
+    # a folder of photos gets a held-out split for train's validation and the evaluate stage.
+    val_fraction: float = 0.0
     strict: bool = False  # fail on the first sample that would be quarantined
     # Write into an output folder that holds another source's shards or unrelated files. Off by
     # default because writing there deletes the old shards: a mistyped --out must not.
@@ -119,6 +123,8 @@ class IngestConfig:
                              f"{self.max_samples_per_shard}")
         if self.max_bytes_per_shard < 0:
             raise ValueError(f"max_bytes_per_shard must be >= 0, got {self.max_bytes_per_shard}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not _SPLIT_NAME.match(self.default_split):
             raise ValueError(f"default_split {self.default_split!r} is not a plain name")
 
@@ -515,12 +521,12 @@ def _row_sample(row: dict[str, Any], base: Location, where: str, label: str,
         if any(m.ext == "txt" for m in members):
             raise _RowError("both text and text_path are given")
         members.append(MemberRef("txt", len(text.encode()), data=text.encode()))
-    split = str(row.get("split") or "").strip() or config.default_split
+    split = str(row.get("split") or "").strip()
     extra = {k: v for k, v in row.items()
              if k not in ("key", "image", "audio", "text", "text_path", "split")
              and v not in (None, "")}
     return _finish_sample(name, tuple(members), Origin(label, files, where, uris), where, config,
-                          {**extra, "split": split})
+                          {**extra, "split": split} if split else extra)
 
 
 def _file_member(value: str, base: Location, column: str,
@@ -619,21 +625,32 @@ def _finish_sample(name: str, members: tuple[MemberRef, ...], origin: Origin, wh
             metadata = _member_metadata(members, config)
         except _BadJson as err:
             return Rejected(key, where, f"json: {err}", blame)
-    split = str(metadata.get("split", config.default_split))
+    split = str(metadata["split"]) if "split" in metadata else _unnamed_split(key, config)
     if not _SPLIT_NAME.match(split):
         return Rejected(key, where, f"split {split!r} is not a plain name ([A-Za-z0-9_-]+)",
                         blame)
-    data = _json_bytes({**metadata, ORIGIN_FIELD: origin.record()})
+    data = _json_bytes({**metadata, "split": split, ORIGIN_FIELD: origin.record()})
     members = (*(m for m in members if m.ext != "json"), MemberRef("json", len(data), data=data))
     return PlannedSample(key, split, tuple(sorted(members, key=lambda m: m.ext)), where,
                          origin.where)
+
+
+def _unnamed_split(key: str, config: IngestConfig) -> str:
+    """The split of a sample that names none: ``val`` for a ``val_fraction`` of keys, chosen by
+    a hash of the key (the same on every run and machine, and stable as data is added),
+    ``default_split`` for the rest."""
+    if config.val_fraction > 0:
+        draw = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+        if draw < config.val_fraction:
+            return "val"
+    return config.default_split
 
 
 def _member_metadata(members: tuple[MemberRef, ...], config: IngestConfig) -> dict[str, Any]:
     """The sample's json member as an object (:class:`_BadJson` saying why it is not one)."""
     ref = next((m for m in members if m.ext == "json"), None)
     if ref is None:
-        return {"split": config.default_split}
+        return {}
     try:
         parsed = json.loads(_read_member(ref))
     except (ValueError, RecursionError) as err:
@@ -957,7 +974,11 @@ def _manifest(config: IngestConfig, records: list[dict[str, Any]],
         for name, n in record["modalities"].items():
             modalities[name] = modalities.get(name, 0) + n
     out = sum(splits.values())
+    # source_path: where the relative origins of the samples' mmvq_origin resolve, whatever
+    # the working directory of the reader (a local source as an absolute path).
+    local = "://" not in config.source
     return {"version": MANIFEST_VERSION, "source": config.source, "config": to_dict(config),
+            "source_path": str(Path(config.source).resolve()) if local else config.source,
             "shards": records,
             "counts": {"in": out + len(rejected), "out": out, "quarantined": len(rejected),
                        "splits": dict(sorted(splits.items())),
@@ -1009,6 +1030,7 @@ def cmd_ingest(args: Any) -> int:
                               max_samples_per_shard=args.max_samples,
                               max_bytes_per_shard=args.max_bytes,
                               default_split=args.default_split, strict=args.strict,
+                              val_fraction=args.val_fraction,
                               overwrite=args.overwrite)
     except ValueError as err:  # a flag value out of range: a message, not a traceback
         return _fail(err)

@@ -284,6 +284,31 @@ def sample_origin(sample: dict[str, Any], status: str) -> str:
         return fallback
 
 
+def origin_root(shards: str | Path) -> str | None:
+    """The folder that ``mmvq ingest``'s relative origins are relative to, for shards it wrote.
+
+    Its manifest names the source: a folder (origins are below it), or a manifest/shard file
+    (origins are beside it). None for shards no ingest wrote.
+    """
+    manifest = resolve(str(shards)).join("manifest.json")
+    try:
+        record = json.loads(manifest.read_bytes())
+        source = str(record.get("source_path") or record.get("source") or "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not source:
+        return None
+    place = resolve(source)
+    return (place.parent() if place.is_file() else place).uri
+
+
+def absolute_origin(origin: str, root: str | None) -> str:
+    """``origin`` joined to ``root`` unless it already is absolute (or there is no root)."""
+    if root is None or "://" in origin or origin.startswith("/"):
+        return origin
+    return f"{root.rstrip('/')}/{origin}"
+
+
 class Preprocessor:
     """Ray Data actor: maps a batch of raw webdataset rows to preprocessed rows.
 
@@ -455,6 +480,8 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
             splits.remove(split)
     quarantine = statuses.loc[~ok, ["key", "source_shard", "status", "origin"]].rename(
         columns={"source_shard": "shard", "status": "reason"}).assign(stage="preprocess")
+    root = origin_root(ctx.inputs["shards"])
+    quarantine["origin"] = [absolute_origin(o, root) for o in quarantine["origin"]]
     pq.write_table(pa.Table.from_pandas(quarantine, preserve_index=False),
                    ctx.output_dir / "quarantine.parquet")
     shutil.rmtree(ctx.output_dir / ".status")

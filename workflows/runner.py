@@ -37,6 +37,7 @@ from pipeline.stage import (
 )
 from pipeline.stages import STAGES
 from pipeline.tracking import RunLogger, default_tracking_uri, ensure_experiment
+from workflows.accounting import chain_counts, chain_metrics
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +277,10 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
                                                experiment_id, parent_id, tracking_uri,
                                                progress=progress, verbose=verbose)
         headline = _headline(results)
-        if headline:
-            parent_log.metrics(headline, step=0)
+        chain = chain_counts(plan)  # every sample accounted along the chain (accounting.py)
+        for line in chain:
+            print(f"[samples] {line.text()}", flush=True)
+        parent_log.metrics({**headline, **chain_metrics(chain)}, step=0)
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status)

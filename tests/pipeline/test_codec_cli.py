@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import skimage.data
 import soundfile
 import torch
 from PIL import Image
@@ -102,5 +103,35 @@ def test_errors_name_the_problem(model_dir, inputs, tmp_path, capsys, monkeypatc
     (tmp_path / "dup").mkdir()
     for ext in ("png", "jpg"):
         Image.new("RGB", (8, 8)).save(tmp_path / "dup" / f"x.{ext}")
-    with pytest.raises(ValueError, match="two image files"):
-        collect_samples([tmp_path / "dup"])
+    samples, bad = collect_samples([tmp_path / "dup"])
+    twins = f"{tmp_path / 'dup' / 'x.jpg'}, {tmp_path / 'dup' / 'x.png'}"
+    assert samples == [] and [str(b) for b in bad] == [f"{twins}: two image files for sample 'x'"]
+
+
+def test_split_from_the_samples_json_reaches_json_and_parquet_rows(model_dir, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "night").mkdir(parents=True)
+    rate = 44100
+    t = np.arange(rate // 2) / rate
+    stereo = 0.3 * np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)], 1)
+    Image.fromarray(skimage.data.astronaut()).save(folder / "cat.png")
+    soundfile.write(folder / "cat.flac", stereo, rate)
+    (folder / "cat.txt").write_text("一只猫 🐱 café", encoding="utf-8")
+    (folder / "cat.json").write_text(json.dumps({"split": "val", "license": "CC0"}))
+    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.jpg")
+    (folder / "coffee.json").write_text(json.dumps({"source": "skimage"}))  # names no split
+    Image.fromarray(skimage.data.camera()).save(folder / "night" / "camera.png")
+    (folder / "night" / "camera.json").write_text(json.dumps({"split": "test"}))
+    (folder / "orphan.json").write_text(json.dumps({"split": "val"}))  # describes nothing
+    expected = {"cat": "val", "coffee": "train", "night/camera": "test"}
+    for name in ("t.json", "t.parquet"):
+        assert main(["encode", str(folder), "--model", str(model_dir),
+                     "--out", str(tmp_path / name)]) == 0
+    rows = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["samples"]
+    assert {r["key"]: r["split"] for r in rows} == expected
+    table = pq.read_table(tmp_path / "t.parquet", columns=["key", "split"]).to_pydict()
+    assert dict(zip(table["key"], table["split"], strict=True)) == expected
+    # The caption survived: its interleaved text run has one id per UTF-8 byte.
+    parts = split_interleaved(np.asarray(rows[0]["interleaved_tokens"]),
+                              Codec(model_dir / "tokenizer").layout)
+    assert len(parts["text"]) == len("一只猫 🐱 café".encode())
