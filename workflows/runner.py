@@ -280,7 +280,8 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
         chain = chain_counts(plan)  # every sample accounted along the chain (accounting.py)
         for line in chain:
             print(f"[samples] {line.text()}", flush=True)
-        parent_log.metrics({**headline, **chain_metrics(chain)}, step=0)
+        if headline or chain:
+            parent_log.metrics({**headline, **chain_metrics(chain)}, step=0)
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status)
@@ -626,11 +627,11 @@ def check_resources(name: str, config: Any) -> None:
     for resource, amount in needs().items():
         have = total.get(resource, 0.0)
         if amount > have:
+            cluster = ", ".join(f"{k} {total.get(k, 0.0):g}" for k in ("CPU", "GPU"))
             raise ResourceError(
                 f"stage {name} needs {amount:g} {resource} but this Ray cluster has {have:g} "
-                f"in all ({', '.join(f'{k} {v:g}' for k, v in sorted(total.items()) if k in ('CPU', 'GPU'))}); "
-                f"lower its num_workers/num_actors or give Ray more (ray.num_cpus in the "
-                "workflow, --num-cpus for mmvq stage)")
+                f"in all ({cluster}); lower its num_workers/num_actors or give Ray more "
+                "(ray.num_cpus in the workflow, --num-cpus for mmvq stage)")
 
 
 def _evaluation(results: Sequence[StageResult]) -> dict[str, Any] | None:

@@ -51,3 +51,27 @@ def test_code_version_depends_on_the_named_modules_only():
         StageSpec("b", Cfg, _writer, code=("pipeline.config",)).code_version()
     assert StageSpec("a", Cfg, _writer, code=("pipeline.config",)).code_version() != \
         StageSpec("a", Cfg, _writer, code=("pipeline.tracking",)).code_version()
+
+
+def test_code_version_covers_library_versions(monkeypatch):
+    import importlib.metadata
+
+    spec = StageSpec("w", Cfg, _writer, code=("pipeline.stage",), libraries=("torch", "pillow"))
+    before = spec.code_version()
+    assert set(spec.library_versions()) >= {"mmvq", "numpy", "pyarrow", "torch", "pillow"}
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "99.0" if name == "pillow" else real(name))
+    assert spec.library_versions()["pillow"] == "99.0"
+    assert spec.code_version() != before  # a Pillow upgrade reruns the stage
+
+
+def test_every_stage_declares_the_libraries_that_change_its_output():
+    from pipeline.stages import STAGES
+
+    wanted = {"preprocess": {"torch", "torchaudio", "pillow", "soundfile", "numpy", "pyarrow",
+                             "mmvq"},
+              "train": {"torch", "torchvision", "torchaudio", "numpy", "mmvq"},
+              "tokenize": {"torch", "torchvision", "torchaudio", "pyarrow", "mmvq"}}
+    for name, libraries in wanted.items():
+        assert libraries <= set(STAGES[name].library_versions()), name
