@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mmvq-installed
 DEMO_ROOT ?= runs/demo
 UI_PORT ?= 5000
 
-.PHONY: demo test bench bench-data bench-gpu services-up services-down status lint ui clean help
+.PHONY: demo test bench bench-data bench-scale bench-gpu services-up services-down status lint ui clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,6 +37,12 @@ bench: $(STAMP)  ## the benchmark-marked checks, then the quantizer and data-pla
 DATA_BENCH_ARGS ?= --samples 768 --image-size 64 256 --passes 3
 bench-data: $(STAMP)  ## data plane: pure-function floor vs webdataset+DataLoader vs our Ray Data path
 	$(BIN)/python -m pipeline.bench.dataplane $(DATA_BENCH_ARGS) --out runs/bench/dataplane.json
+
+# Generates each size's samples once into runs/bench/scale-data-N-px64 (16k: about a minute), then
+# reuses them; each size runs ingest + preprocess + tokenize in a fresh process with in-process Ray.
+SCALE_BENCH_ARGS ?= --sizes 1000 4000 16000 --image-size 64
+bench-scale: $(STAMP)  ## scaling: ingest+preprocess+tokenize at 1k/4k/16k samples, s/sample and peak memory
+	$(BIN)/python -m pipeline.bench.scale $(SCALE_BENCH_ARGS) --out runs/bench/scale.json
 
 # e.g. make bench-gpu GPU_BENCH_ARGS="--device cpu --small" for the seconds-long CPU version.
 GPU_BENCH_ARGS ?= --device cuda

@@ -55,8 +55,8 @@ print("REPORT " + json.dumps(report))
 def test_each_stage_alone_on_two_cpus(tmp_path):
     # A process of its own: this one's Ray (the session fixture) has 4 CPUs.
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], check=False,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("REPORT "))
     report = json.loads(line[len("REPORT "):])
