@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import realcorpus
 
 TINY = ["train.steps=2", "train.batch_size=2", "train.max_failures=0", "train.log_every=1",
-        "train.val_every=0", "train.checkpoint_every=0", "tokenize.batch_size=8", "evaluate.batch_size=8"]
+        "train.val_every=0", "train.checkpoint_every=0", "tokenize.batch_size=8",
+        "evaluate.batch_size=8"]
 
 
 def _token_keys(tokenize_output: Path) -> set[str]:
