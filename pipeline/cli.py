@@ -401,7 +401,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.synth import run as synth_run
 
     manifest = synth_run(SynthConfig(num_samples=args.num_samples, seed=args.seed,
-                                     image_size=args.image_size), args.out)
+                                     image_size=args.image_size), args.out,
+                         progress=sys.stderr.isatty())
     print(f"wrote {manifest.get('counts')} samples to {args.out}")
     return 0
 

@@ -3,8 +3,8 @@
 Pure functions turn one raw sample (member bytes by extension) into the preprocessed columns of
 DESIGN.md, or raise :class:`BadSample` with a reason. :class:`Preprocessor` is the thin Ray Data
 actor around them: it builds its resamplers once and maps whole batches. The stage reads the
-shards with :class:`ShardDatasource` (a Ray Data file datasource over
-:func:`pipeline.ingest.read_shard`), not ``ray.data.read_webdataset``: that reader groups
+shards with :class:`pipeline.shard_source.ShardDatasource` (a Ray Data file datasource over
+:func:`pipeline.ingest.read_shard`, in a module of its own so read tasks import no torch), not ``ray.data.read_webdataset``: that reader groups
 *consecutive* members only, so out-of-order members silently become two samples with one key, a
 truncated tar ends the shard early without a word, and a duplicate member kills the read task.
 Ours marks all of those, and a key seen twice anywhere in the input is quarantined in every
@@ -21,10 +21,9 @@ import math
 import re
 import shutil
 import unicodedata
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,23 +32,14 @@ import soundfile
 import torch
 import torchaudio
 from PIL import Image, ImageOps
-from ray.data.datasource import FileBasedDatasource
 
 from mmvq.config_io import ConfigError
 from mmvq.text_vocab import BYTES, VOCAB_SIZE, TextVocab, encode_text
-from pipeline.ingest import (
-    AUDIO_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    TEXT_EXTENSIONS,
-    RawSample,
-    read_shard,
-)
+from pipeline.ingest import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, TEXT_EXTENSIONS
 from pipeline.stage import StageContext
 from pipeline.storage import resolve
 
 MODALITIES = ("image", "audio", "text")
-# The member columns the shard reader produces (anything else in a sample is not used here).
-MEMBER_COLUMNS = (*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, *TEXT_EXTENSIONS, "json")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a split becomes a directory name
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
@@ -352,45 +342,6 @@ class Preprocessor:
 
 # ----------------------------------------------------------------------------- reading shards
 
-_ROW_SCHEMA = pa.schema([("__key__", pa.string()), ("__url__", pa.string()),
-                         ("__error__", pa.string()),
-                         *((name, pa.binary()) for name in MEMBER_COLUMNS)])
-
-
-def samples_to_table(samples: list[RawSample]) -> pa.Table:
-    """Raw samples -> one Arrow block with a fixed schema (absent members are null)."""
-    columns: dict[str, list[Any]] = {
-        "__key__": [s.key for s in samples], "__url__": [s.shard for s in samples],
-        "__error__": [s.error for s in samples]}
-    for name in MEMBER_COLUMNS:
-        columns[name] = [s.members.get(name) for s in samples]
-    return pa.table(columns, schema=_ROW_SCHEMA)
-
-
-class ShardDatasource(FileBasedDatasource):
-    """Ray Data source of webdataset shards, read with the checks of :func:`read_shard`.
-
-    One read task streams whole tars (a shard is never split), so the contiguity check sees
-    every member of a shard in order. Blocks are cut every ``rows_per_block`` samples.
-    """
-
-    _FILE_EXTENSIONS: ClassVar[list[str]] = ["tar"]  # what the base class lists in a folder
-
-    def __init__(self, paths: list[str], rows_per_block: int = 32, **kwargs: Any) -> None:
-        super().__init__(paths, **kwargs)
-        self.rows_per_block = rows_per_block
-
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        batch: list[RawSample] = []
-        for sample in read_shard(f, path):
-            batch.append(sample)
-            if len(batch) == self.rows_per_block:
-                yield samples_to_table(batch)
-                batch = []
-        if batch:
-            yield samples_to_table(batch)
-
-
 def shard_paths(location: str | Path) -> tuple[list[str], Any]:
     """All ``.tar`` shards under a directory path or URI (or that one ``.tar`` file), sorted:
     (paths, pyarrow filesystem)."""
@@ -429,6 +380,7 @@ def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessCo
     import ray
 
     from pipeline.raydata import actor_pool
+    from pipeline.shard_source import ShardDatasource
 
     # Reading a tar costs little next to decoding it, so the read tasks reserve no CPU: with a
     # pool holding every CPU (num_actors == num_cpus, e.g. 2 actors on a 2-core machine) 1-CPU

@@ -68,9 +68,13 @@ def test_each_stage_alone_on_two_cpus(tmp_path):
     assert "stage train needs 3 CPU but this Ray cluster has 2" in message
     assert seconds < 30  # refused before any worker is requested
     assert time.perf_counter() - started < 900
-    # A normal run is quiet: none of Ray's ERROR lines (ray-project/ray#57733) or INFO chatter.
-    assert " E " not in result.stderr and "core_worker.cc" not in result.stderr
-    assert "Started training worker group" not in result.stdout + result.stderr
+    # A normal run is quiet: not the false ERROR line of every restartable actor
+    # (ray-project/ray#57733), nor Ray Train's and Ray Data's INFO chatter.
+    output = result.stdout + result.stderr
+    assert "constructor arguments in the object store" not in output
+    for chatter in ("Started training worker group", "Moving model to device",
+                    "Progress bars disabled", "execution finished in"):
+        assert chatter not in output, chatter
 
 
 def test_unplaceable_request_names_the_numbers(ray_local):

@@ -1,0 +1,63 @@
+"""Ray Data source of webdataset shards: whole tars read with the checks of
+:func:`pipeline.ingest.read_shard`, cut into Arrow blocks of raw member bytes.
+
+A module of its own, importing only pyarrow, Ray Data's datasource base and the tar reader: the
+read tasks that unpickle it must not pay for torch, torchaudio and Pillow, which only the
+preprocessing actors use (:mod:`pipeline.preprocess`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from ray.data.datasource import FileBasedDatasource
+
+from pipeline.ingest import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    TEXT_EXTENSIONS,
+    RawSample,
+    read_shard,
+)
+
+# The member columns the reader produces (anything else in a sample is not used downstream).
+MEMBER_COLUMNS = (*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, *TEXT_EXTENSIONS, "json")
+_ROW_SCHEMA = pa.schema([("__key__", pa.string()), ("__url__", pa.string()),
+                         ("__error__", pa.string()),
+                         *((name, pa.binary()) for name in MEMBER_COLUMNS)])
+
+
+def samples_to_table(samples: list[RawSample]) -> pa.Table:
+    """Raw samples -> one Arrow block with a fixed schema (absent members are null)."""
+    columns: dict[str, list[Any]] = {
+        "__key__": [s.key for s in samples], "__url__": [s.shard for s in samples],
+        "__error__": [s.error for s in samples]}
+    for name in MEMBER_COLUMNS:
+        columns[name] = [s.members.get(name) for s in samples]
+    return pa.table(columns, schema=_ROW_SCHEMA)
+
+
+class ShardDatasource(FileBasedDatasource):
+    """Ray Data source of webdataset shards, read with the checks of :func:`read_shard`.
+
+    One read task streams whole tars (a shard is never split), so the contiguity check sees
+    every member of a shard in order. Blocks are cut every ``rows_per_block`` samples.
+    """
+
+    _FILE_EXTENSIONS: ClassVar[list[str]] = ["tar"]  # what the base class lists in a folder
+
+    def __init__(self, paths: list[str], rows_per_block: int = 32, **kwargs: Any) -> None:
+        super().__init__(paths, **kwargs)
+        self.rows_per_block = rows_per_block
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        batch: list[RawSample] = []
+        for sample in read_shard(f, path):
+            batch.append(sample)
+            if len(batch) == self.rows_per_block:
+                yield samples_to_table(batch)
+                batch = []
+        if batch:
+            yield samples_to_table(batch)
