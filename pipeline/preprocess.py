@@ -379,7 +379,7 @@ def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessCo
     """
     import ray
 
-    from pipeline.raydata import actor_pool
+    from pipeline.raydata import actor_pool, bounded
     from pipeline.shard_source import ShardDatasource
 
     # Reading a tar costs little next to decoding it, so the read tasks reserve no CPU: with a
@@ -388,9 +388,9 @@ def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessCo
     # object store from filling with raw shards the actors cannot keep up with.
     raw = ray.data.read_datasource(ShardDatasource(paths, filesystem=filesystem), num_cpus=0,
                                    concurrency=max(1, config.num_actors))
-    return raw.map_batches(
+    return bounded(raw.map_batches(
         Preprocessor, fn_constructor_args=(config, vocab), batch_size=config.batch_size,
-        batch_format="numpy", **actor_pool(config.num_actors))
+        batch_format="numpy", **actor_pool(config.num_actors)), config.num_actors)
 
 
 def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:

@@ -30,17 +30,42 @@ from typing import Any
 LOCAL_RAY_ENV = "MMVQ_LOCAL_RAY"
 
 
-def read_parquet(paths: str | list[str], columns: list[str] | None = None) -> Any:
-    """``ray.data.read_parquet`` of ``paths`` whose tasks reserve no CPU (see above)."""
+def read_parquet(paths: str | list[str], columns: list[str] | None = None,
+                 concurrency: int = 2) -> Any:
+    """``ray.data.read_parquet`` of ``paths`` whose tasks reserve no CPU (see above).
+
+    A task that reserves no CPU is never held back by the CPU count, so without a cap Ray
+    Data starts one read task, each in a worker process of its own (~130 MB), per file group at
+    once: the benchmark's 16k-sample tokenize had 36 of them. ``concurrency`` caps them.
+    """
     import ray.data
     from ray.data import DataContext
 
     context = DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(paths, columns=columns, num_cpus=0)
+        return ray.data.read_parquet(paths, columns=columns, num_cpus=0,
+                                     concurrency=max(1, concurrency))
     finally:
         context.use_datasource_v2 = previous
+
+
+# Object-store bytes a stage's pipeline may hold in flight, per actor (and at least twice
+# that). Ray Data's default budget is a share of the whole store (GBs), which a small input
+# never reaches and a large one fills, so memory grew with the input; a budget that follows the
+# pool, not the data, keeps it flat. 128 MiB is ~10 preprocessed blocks of 128 rows at 64 px,
+# or 3 at the base workflow's 256 px: enough to keep each actor fed.
+OBJECT_STORE_BYTES_PER_ACTOR = 128 * 1024 * 1024
+
+
+def bounded(dataset: Any, num_actors: int) -> Any:
+    """``dataset`` with its execution capped at a budget of the object store that follows its
+    actor pool's size (:data:`OBJECT_STORE_BYTES_PER_ACTOR`)."""
+    object_store_bytes = OBJECT_STORE_BYTES_PER_ACTOR * max(2, num_actors)
+    options = dataset.context.execution_options
+    options.resource_limits = options.resource_limits.copy(
+        object_store_memory=object_store_bytes)
+    return dataset
 
 
 def actor_pool(num_actors: int, use_gpu: bool = False) -> dict[str, Any]:

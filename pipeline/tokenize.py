@@ -23,7 +23,7 @@ import torch
 
 from mmvq.vocabulary import interleave
 from pipeline.checkpoint import TOKENIZER_DIR
-from pipeline.raydata import actor_pool, read_parquet
+from pipeline.raydata import actor_pool, bounded, read_parquet
 from pipeline.sinks import SplitParquetSink, rows_in
 from pipeline.stage import StageContext
 
@@ -171,13 +171,14 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     tokens_dir = ctx.output_dir / TOKENS_DIR
     # One pipeline over all splits: the actors start (and load the model) once, not per split.
     # Rows carry their split, and the sink files them under tokens/SPLIT as they arrive.
-    rows = read_parquet([str(data_dir / split) for split in splits])
-    rows.map_batches(
+    rows = read_parquet([str(data_dir / split) for split in splits],
+                        concurrency=config.num_actors)
+    bounded(rows.map_batches(
         TokenizeActor, fn_constructor_args=(str(model_dir), layout, tokenizer_id,
                                             config.use_gpu, config.audio_levels),
         batch_size=config.batch_size, batch_format="numpy",
         **actor_pool(config.num_actors, use_gpu=config.use_gpu),
-    ).write_datasink(SplitParquetSink(tokens_dir))
+    ), config.num_actors).write_datasink(SplitParquetSink(tokens_dir))
     counts = {split: rows_in(tokens_dir / split) for split in splits}
     expected = {split: rows_in(data_dir / split) for split in splits}
     if counts != expected:  # every preprocessed row becomes exactly one token row

@@ -603,8 +603,19 @@ def _init_ray(config: RayConfig, progress: bool, verbose: bool = False) -> None:
         for handler in logging.getLogger("ray.data").handlers:
             if type(handler).__name__ != "SessionFileHandler":
                 handler.setLevel(logging.WARNING)
+                handler.addFilter(_no_false_cpu_warning)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+
+def _no_false_cpu_warning(record: logging.LogRecord) -> bool:
+    """Drop Ray Data's "does not have any available CPUs ... will hang" warning.
+
+    It fires whenever actors hold every CPU, as an actor pool or train workers sized to the
+    machine do; our read tasks reserve no CPU (pipeline.raydata), so nothing waits on one, and
+    :func:`check_resources` already refuses what could really never be placed.
+    """
+    return "does not have any available CPUs" not in record.getMessage()
 
 
 class ResourceError(ConfigError):
