@@ -109,8 +109,10 @@ def test_tree_sample_reads_this_process_and_pss_only_when_asked():
     assert cheap["pss"] is None and cheap["rss"] >= cheap["anon"] > 0
     full = bench.tree_sample(os.getpid(), with_pss=True)
     assert full["rss"] >= full["pss"] > 0
-    (entry,) = full["by_process"].values()  # no children here
-    assert entry["processes"] == 1 and entry["bytes"] > 0
+    # In a full test run this process has children (an mlflow server, Ray): count them all.
+    entries = list(full["by_process"].values())
+    assert sum(e["processes"] for e in entries) >= 1 and all(e["bytes"] >= 0 for e in entries)
+    assert sum(e["bytes"] for e in entries) > 0
 
 
 def _run(n, seconds_by_stage, memory):
