@@ -15,7 +15,11 @@ preprocessed data (what the train stage would write; not timed).
 
 Time: each stage's own seconds (``StageResult.seconds``: the stage's work and its MLflow
 bookkeeping; not ``ray.init``, which the first call pays once and which is reported apart), summed
-over the three stages, per sample. Memory: this process samples the child's whole process tree
+over the three stages, per sample. CPU seconds: the user + system time of the child's process
+tree over each stage call, reaped processes included (ingest's call also starts Ray): the work
+done, which other users' load on a shared machine changes far less than the seconds.
+
+Memory: this process samples the child's whole process tree
 (the driver, Ray's daemons, workers and actors) every ``--interval`` seconds; the child polls the
 object store's bytes in use (Ray 2.58's raylet ``FormatGlobalMemoryInfo`` reply, ``store_stats``:
 what ``ray memory --stats-only`` prints) on the same clock. The peak memory is the largest
@@ -263,6 +267,7 @@ def run_child(n: int, settings: ScaleSettings, out: Path) -> None:
     data_root, ray = work / "data", RayConfig(num_cpus=settings.cores)
     pre = preprocess_config(settings.image_size, settings.cores)
     poller = StorePoller(settings.interval_s)
+    load_start = os.getloadavg()
     poller.start()  # polls from the first stage call on, which starts Ray
     try:
         ingest = _timed_stage("ingest", {"source": str(source)}, {}, data_root, ray)
@@ -277,7 +282,8 @@ def run_child(n: int, settings: ScaleSettings, out: Path) -> None:
     if not settings.keep_outputs:
         shutil.rmtree(work, ignore_errors=True)
     record = {"samples": n, "stages": [ingest, preprocess, tokenize], "store": poller.samples,
-              "store_error": poller.error}
+              "store_error": poller.error, "load_start": load_start,
+              "load_end": os.getloadavg()}
     out.write_text(json.dumps(record) + "\n")
 
 
@@ -302,9 +308,15 @@ def _pss(pid: int) -> int:
     raise ValueError(f"no Pss in /proc/{pid}/smaps_rollup")
 
 
-def _descendants(root: int) -> list[int]:
-    """``root`` and every process below it, from the parent ids in ``/proc/PID/stat``."""
+def _descendants(root: int, seen: dict[int, int] | None = None) -> tuple[list[int], float]:
+    """``root`` and every process below it (from the parent ids in ``/proc/PID/stat``), and the
+    CPU seconds the tree has used: user + system time of each process, counted at the last
+    reading it was alive in. ``seen`` carries those last readings from one call to the next, so
+    a process that exited (an actor of the previous stage) keeps what it used and the total
+    never falls; its reaped children's times (cutime) are not added, which would count them
+    twice."""
     children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -312,14 +324,18 @@ def _descendants(root: int) -> list[int]:
             stat = Path(f"/proc/{entry.name}/stat").read_text()
         except OSError:  # exited meanwhile
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ")"
-        children.setdefault(ppid, []).append(int(entry.name))
+        fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces and ")"
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
         tree.append(pid)
         todo += children.get(pid, [])
-    return tree
+    seen = {} if seen is None else seen
+    for pid in tree:
+        seen[pid] = max(seen.get(pid, 0), ticks.get(pid, 0))
+    return tree, sum(seen.values()) / os.sysconf("SC_CLK_TCK")
 
 
 def _label(pid: int) -> str:
@@ -341,15 +357,17 @@ def _label(pid: int) -> str:
     return head[:48]
 
 
-def tree_sample(root_pid: int, with_pss: bool = False) -> dict[str, Any] | None:
-    """One reading of the process tree under ``root_pid``: time, summed RSS, anonymous, file and
-    shared-memory RSS (and PSS if ``with_pss``, else None), and anonymous RSS and the count of
-    processes by label; None once the root has exited."""
+def tree_sample(root_pid: int, with_pss: bool = False,
+                seen: dict[int, int] | None = None) -> dict[str, Any] | None:
+    """One reading of the process tree under ``root_pid``: time, CPU seconds used so far, summed
+    RSS, anonymous, file and shared-memory RSS (and PSS if ``with_pss``, else None), and
+    anonymous RSS and the count of processes by label; None once the root has exited."""
     if not Path(f"/proc/{root_pid}").exists():
         return None
-    total: dict[str, Any] = {"t": time.time(), "rss": 0, "anon": 0, "file": 0, "shmem": 0,
-                             "pss": 0 if with_pss else None, "by_process": {}}
-    for pid in _descendants(root_pid):
+    pids, cpu = _descendants(root_pid, seen)
+    total: dict[str, Any] = {"t": time.time(), "cpu": cpu, "rss": 0, "anon": 0, "file": 0,
+                             "shmem": 0, "pss": 0 if with_pss else None, "by_process": {}}
+    for pid in pids:
         try:
             fields = _status(pid)
             pss = _pss(pid) if with_pss else 0
@@ -378,11 +396,12 @@ class TreeSampler:
         self.readings: list[dict[str, Any]] = []
         self.seconds = 0.0  # spent reading /proc (CPU taken from what is measured)
         self._next_pss = 0.0
+        self._seen: dict[int, int] = {}  # pid -> its CPU ticks when last seen alive
 
     def tick(self) -> None:
         began = time.time()
         with_pss = began >= self._next_pss
-        reading = tree_sample(self.root_pid, with_pss)
+        reading = tree_sample(self.root_pid, with_pss, self._seen)
         took = time.time() - began
         if with_pss:
             self._next_pss = began + took / self.pss_share
@@ -449,17 +468,26 @@ def summarize(record: dict[str, Any], readings: list[dict[str, Any]],
     stages = []
     for s in record["stages"]:
         top = peak(readings, s["start"], s["end"])
+        cpu = cpu_seconds(readings, s["start"], s["end"])
         stages.append({**{k: v for k, v in s.items() if k != "output"},
                        "seconds_per_sample": s["seconds"] / n,
+                       "cpu_seconds": cpu, "cpu_seconds_per_sample": None if cpu is None
+                       else cpu / n,
                        "peak_memory_bytes": top["memory"] if top else None,
                        "peak_store_bytes": max((r["store"] for r in readings
                                                 if s["start"] <= r["t"] <= s["end"]), default=0),
                        "peak_by_process": _by_process(top)})
     seconds = sum(s["seconds"] for s in stages)
+    cpu = [s["cpu_seconds"] for s in stages]
+    cpu_total = None if None in cpu else sum(cpu)
     top = peak(readings)
     spilled = max((s[2] for s in record["store"]), default=None)
     return {
         "samples": n, "seconds": seconds, "seconds_per_sample": seconds / n, "wall_seconds": wall,
+        "cpu_seconds": cpu_total,
+        "cpu_seconds_per_sample": None if cpu_total is None else cpu_total / n,
+        # Other users' load during this size: the stages' times are only as good as it is low.
+        "load_average": {"start": record.get("load_start"), "end": record.get("load_end")},
         "peak_memory_bytes": top["memory"] if top else None,
         "peak_pss_bytes": max((r["pss"] for r in readings if r["pss"] is not None),
                               default=None),
@@ -472,6 +500,13 @@ def summarize(record: dict[str, Any], readings: list[dict[str, Any]],
         "memory_samples": len(readings), "store_samples": len(record["store"]),
         "stages": stages,
     }
+
+
+def cpu_seconds(readings: list[dict[str, Any]], start: float, end: float) -> float | None:
+    """CPU seconds the tree used between the first and last reading in ``[start, end]`` (None
+    with fewer than two): the work done, less sensitive than seconds to others' load."""
+    window = [r for r in readings if start <= r["t"] <= end]
+    return window[-1]["cpu"] - window[0]["cpu"] if len(window) > 1 else None
 
 
 def _by_process(top: dict[str, Any] | None) -> dict[str, dict[str, int]]:
@@ -498,8 +533,12 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
     seconds = large["seconds_per_sample"] / small["seconds_per_sample"]
     memory = (large["peak_memory_bytes"] / small["peak_memory_bytes"]
               if small["peak_memory_bytes"] and large["peak_memory_bytes"] else None)
+    cpu = (large["cpu_seconds_per_sample"] / small["cpu_seconds_per_sample"]
+           if small.get("cpu_seconds_per_sample") and large.get("cpu_seconds_per_sample")
+           else None)
     return {"from": small["samples"], "to": large["samples"],
             "seconds_per_sample": seconds, "seconds_target": TARGET_SECONDS_RATIO,
+            "cpu_seconds_per_sample": cpu,  # no target; the same work measured without others' load
             "seconds_met": seconds <= TARGET_SECONDS_RATIO,
             "peak_memory": memory, "memory_target": TARGET_MEMORY_RATIO,
             "memory_met": memory is not None and memory <= TARGET_MEMORY_RATIO}
@@ -530,19 +569,24 @@ def run(settings: ScaleSettings) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """Per size and stage as Markdown, then the ratios against the targets."""
-    lines = [("| N | stage | s | ms/sample | in = out + quarantined | peak MiB | store peak MiB "
-              "| output MiB |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [("| N | stage | s | ms/sample | CPU ms/sample | in = out + quarantined | peak MiB "
+              "| store peak MiB | output MiB |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         for s in r["stages"]:
             lines.append(f"| {r['samples']} | {s['stage']} | {s['seconds']:.1f} "
                          f"| {1000 * s['seconds_per_sample']:.2f} "
+                         f"| {_ms(s.get('cpu_seconds_per_sample'))} "
                          f"| {s['in']} = {s['out']} + {s['quarantined']} "
                          f"| {_mib(s['peak_memory_bytes'])} | {_mib(s['peak_store_bytes'])} "
                          f"| {_mib(s['output_bytes'])} |")
+        load = r.get("load_average", {}).get("start")
         lines.append(f"| {r['samples']} | **total** | {r['seconds']:.1f} "
-                     f"| {1000 * r['seconds_per_sample']:.2f} | | {_mib(r['peak_memory_bytes'])} "
-                     f"(PSS {_mib(r['peak_pss_bytes'])}, at {r['peak_at']}) "
-                     f"| {_mib(r['peak_store_bytes'])} | wall {r['wall_seconds']:.0f} s |")
+                     f"| {1000 * r['seconds_per_sample']:.2f} "
+                     f"| {_ms(r.get('cpu_seconds_per_sample'))} | | "
+                     f"{_mib(r['peak_memory_bytes'])} (PSS {_mib(r['peak_pss_bytes'])}, at "
+                     f"{r['peak_at']}) | {_mib(r['peak_store_bytes'])} "
+                     f"| wall {r['wall_seconds']:.0f} s, load {_num(load and load[0])} |")
     q = result["ratios"]
     verdict = {True: "met", False: "missed"}
     lines += ["", f"| {q['to']} vs {q['from']} | ratio | target | verdict |",
@@ -551,7 +595,12 @@ def table(result: dict[str, Any]) -> str:
                  f"| <= {q['seconds_target']} | {verdict[q['seconds_met']]} |")
     lines.append(f"| peak memory | {_num(q['peak_memory'])} | <= {q['memory_target']} "
                  f"| {verdict[q['memory_met']]} |")
+    lines.append(f"| CPU seconds per sample | {_num(q.get('cpu_seconds_per_sample'))} | - | - |")
     return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1000 * seconds:.2f}"
 
 
 def _mib(value: int | None) -> str:

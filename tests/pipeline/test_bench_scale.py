@@ -3,6 +3,7 @@ arithmetic of its memory peaks, ratios and fit."""
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -44,6 +45,11 @@ def test_tiny_run_measures_every_stage_and_accounts_for_every_sample(tmp_path, c
     assert "python pipeline.bench.scale" in labels  # the child itself
     assert any(label.startswith("ray::") for label in labels)  # Ray's workers are in the tree
     assert run["spilled_bytes"] == 0
+    # The work in CPU seconds: Ray's actors in the tree used some (ingest may be too short).
+    for name in ("preprocess", "tokenize"):
+        assert 0 < stages[name]["cpu_seconds"] == pytest.approx(
+            24 * stages[name]["cpu_seconds_per_sample"])
+    assert len(run["load_average"]["start"]) == len(run["load_average"]["end"]) == 3
     q = result["ratios"]
     assert (q["from"], q["to"], q["seconds_per_sample"], q["peak_memory"]) == (24, 24, 1.0, 1.0)
     assert result["meta"]["settings"]["sizes"] == [24]
@@ -86,8 +92,8 @@ def test_sample_folder_is_generated_once_per_spec(tmp_path):
     assert json.loads((folder.parent / "spec.json").read_text())["seed"] == 1
 
 
-def _reading(t, anon, pss=None):
-    return {"t": t, "rss": anon, "anon": anon, "file": 0, "shmem": 0, "pss": pss,
+def _reading(t, anon, pss=None, cpu=0.0):
+    return {"t": t, "cpu": cpu, "rss": anon, "anon": anon, "file": 0, "shmem": 0, "pss": pss,
             "by_process": {}}
 
 
@@ -102,11 +108,19 @@ def test_peak_memory_adds_the_store_at_the_same_moment_not_the_separate_peaks():
     assert bench.combine([_reading(0.1, 100)], store)[0]["memory"] == 100  # before the store
 
 
+def test_cpu_seconds_of_a_window_are_the_difference_of_its_first_and_last_readings():
+    readings = [_reading(t, 1, cpu=c) for t, c in ((1.0, 5.0), (2.0, 6.5), (3.0, 9.0))]
+    assert bench.cpu_seconds(readings, 1.5, 3.0) == pytest.approx(2.5)
+    assert bench.cpu_seconds(readings, 0.0, 9.0) == pytest.approx(4.0)
+    assert bench.cpu_seconds(readings, 1.5, 2.5) is None  # one reading: no interval
+
+
 def test_tree_sample_reads_this_process_and_pss_only_when_asked():
     import os
 
     cheap = bench.tree_sample(os.getpid())
     assert cheap["pss"] is None and cheap["rss"] >= cheap["anon"] > 0
+    assert cheap["cpu"] >= time.process_time() - 0.5  # this process's user + system time
     full = bench.tree_sample(os.getpid(), with_pss=True)
     assert full["rss"] >= full["pss"] > 0
     # In a full test run this process has children (an mlflow server, Ray): count them all.
