@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     quarantine.add_argument("--csv", type=Path, help="also write the table to this CSV file")
     quarantine.add_argument("--limit", type=int, default=50,
                             help="rows to print (default: %(default)s; 0: all)")
-    quarantine.set_defaults(handler="workflows.accounting:cmd_quarantine")
+    quarantine.set_defaults(handler=_cmd_quarantine)
 
     synth = sub.add_parser("synth", help="generate the 'spoken scenes' demo shards",
                            description="Write webdataset shards of synthetic aligned "
@@ -353,6 +353,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
     workflow = _load_workflow(args)
     print(format_status(workflow, plan_workflow(workflow)))
     return 0
+
+
+def _cmd_quarantine(args: argparse.Namespace) -> int:
+    """Exit 0 when the counts add up along the chain, else 1."""
+    import csv
+
+    from workflows.accounting import (
+        COLUMNS,
+        chain_counts,
+        format_quarantine,
+        rejected_samples,
+    )
+    from workflows.runner import plan_workflow
+
+    plan = plan_workflow(_load_workflow(args))
+    rejected = rejected_samples(plan)
+    chain = chain_counts(plan)
+    print(format_quarantine(rejected, chain, args.limit))
+    if args.csv:
+        with open(args.csv, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(rejected.to_pylist())
+        print(f"wrote {rejected.num_rows} rows to {args.csv}")
+    return 0 if all(line.consistent for line in chain) else 1
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:

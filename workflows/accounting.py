@@ -12,13 +12,11 @@ counts in the stage records:
     preprocess  in 46 (= ingest out) = out 44 + quarantined 2
     tokenize    44 token rows (= preprocess out)
 
-``mmvq quarantine WORKFLOW`` prints both; the runner logs the chain to the parent MLflow run.
+``mmvq quarantine WORKFLOW`` (:mod:`pipeline.cli`) prints both; the runner logs the chain to the parent MLflow run.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,22 +147,3 @@ def chain_metrics(chain: Sequence[ChainLine]) -> dict[str, float]:
     if chain:
         metrics["samples/chain_consistent"] = float(all(line.consistent for line in chain))
     return metrics
-
-
-def cmd_quarantine(args: argparse.Namespace) -> int:
-    """``mmvq quarantine WORKFLOW``: exit 0 when the counts add up along the chain, else 1."""
-    from workflows.runner import load_workflow, plan_workflow
-
-    overrides = list(args.overrides) + ([f"data_root={args.data_root}"] if args.data_root
-                                        else [])
-    plan = plan_workflow(load_workflow(args.workflow, overrides))
-    rejected = rejected_samples(plan)
-    chain = chain_counts(plan)
-    print(format_quarantine(rejected, chain, args.limit))
-    if args.csv:
-        with open(args.csv, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
-            writer.writeheader()
-            writer.writerows(rejected.to_pylist())
-        print(f"wrote {rejected.num_rows} rows to {args.csv}")
-    return 0 if all(line.consistent for line in chain) else 1
