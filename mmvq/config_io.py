@@ -41,6 +41,10 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         return cls(**values)
     except TypeError as err:  # a required field was not given
         raise ConfigError(f"{path or '<root>'}: {err}") from err
+    except ConfigError as err:  # a range check of the config's __post_init__
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from err
+    except ValueError as err:
+        raise ConfigError(f"{path or '<root>'}: {err}") from err
 
 
 def to_dict(config: Any) -> Any:

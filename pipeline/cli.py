@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--python", default="python",
                         help="the cluster's Python interpreter (default: %(default)s)")
     submit.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
+    submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="also leave out files matching this gitignore-style pattern, "
+                        "relative to the repository (repeatable). Always left out: .gitignore'd "
+                        "files, build outputs and secrets (.env*, *.pem, *.key, basic_auth.ini, "
+                        "*.db, .mlflow*, .aws/ and other credential files, any file holding a "
+                        "PEM private key, links out of the repository)")
     submit.set_defaults(handler=_cmd_submit)
 
     stage = sub.add_parser(
@@ -271,6 +277,13 @@ def _add_ingest_command(sub: argparse._SubParsersAction) -> None:
                         help="write into an OUT that holds another source's shards (which are "
                         "deleted) or files that are not ingest output; without it such an OUT "
                         "is refused (rerunning the same source resumes without it)")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="let a CSV/JSONL manifest name files outside its own folder "
+                        "(absolute paths, '..', links leading out); without it each such row "
+                        "is quarantined naming the path")
+    parser.add_argument("--max-member-bytes", type=parse_size, default="256MiB",
+                        help="a file (or inline text, or shard member) larger than this is "
+                        "quarantined with its size, never read (default: 256MiB)")
     parser.set_defaults(handler="pipeline.ingest:cmd_ingest")
 
 
@@ -286,7 +299,8 @@ split and modality; in = out + quarantined). The output folder is what preproces
 _INGEST_EXAMPLES = """\
 manifest columns (CSV header or JSONL keys): key (required), image, audio (file paths, relative
 to the manifest), text (inline) or text_path, split; any other column goes into the sample's
-json metadata.
+json metadata. Paths must resolve (links included) inside the manifest's folder unless
+--allow-outside. A folder source's links are never followed: each is quarantined.
 
 examples:
   mmvq ingest data/pairs --out runs/shards                     # a.jpg a.flac a.txt a.json ...
@@ -386,7 +400,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return submit_workflow(
         args.workflow, args.overrides, address=args.address, data_root=args.data_root,
         only=args.only, from_=args.from_, force=args.force, wait=not args.no_wait,
-        python=args.python, submission_id=args.submission_id)
+        python=args.python, submission_id=args.submission_id, exclude=args.exclude)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:

@@ -10,7 +10,9 @@ row's split (``train`` when it names none); a json without media of its stem is 
 Output is JSON or parquet.
 
 ``decode`` reads tokens (that JSON or parquet, or a token dataset written by tokenize) and
-writes ``KEY.png``, ``KEY.wav`` and ``KEY.txt`` per sample.
+writes ``KEY.png``, ``KEY.wav`` and ``KEY.txt`` per sample, under ``--out`` only: a key that is
+absolute, climbs (``..``), holds a backslash or a control character, or leads out through a
+link is a bad row.
 
 A bad sample (a file that does not decode, is missing or unreadable, two images of one stem)
 or a token row that does not decode never costs the others: each is reported on stderr as
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -461,13 +464,10 @@ def write_sample(sample: Mapping[str, Any], sample_rate: int, out_dir: Path) -> 
     Raises
     ------
     ValueError
-        If the key would leave ``out_dir`` (absolute, ``..``) or a target is a link: token
-        files come from others, and a key must not choose where its files land.
+        If the key is not a safe relative path (:func:`key_path`) or a target is a link:
+        token files come from others, and a key must not choose where its files land.
     """
-    key = PurePosixPath(str(sample["key"]))
-    if key.is_absolute() or not key.parts or ".." in key.parts:
-        raise ValueError(f"key {str(key)!r} is not a relative path inside the output folder")
-    base = out_dir.joinpath(*key.parts)
+    base = key_path(str(sample["key"]), out_dir)
     targets = {m: base.with_name(f"{base.name}.{ext}")
                for m, ext in (("image", "png"), ("audio", "wav"), ("text", "txt")) if m in sample}
     for target in targets.values():
@@ -481,6 +481,42 @@ def write_sample(sample: Mapping[str, Any], sample_rate: int, out_dir: Path) -> 
     if "text" in targets:
         targets["text"].write_text(sample["text"] + "\n", encoding="utf-8")
     return list(targets.values())
+
+
+def key_path(key: str, out_dir: Path) -> Path:
+    """Where a token row's files go: ``out_dir / key`` (without extension).
+
+    Raises
+    ------
+    ValueError
+        Naming the key, if it holds a control character (NUL truncates a C path, a newline
+        forges report lines), a backslash (a separator on Windows: ``..\\x`` climbs there),
+        is absolute, empty or has a ``..`` component, or if its folder resolves outside
+        ``out_dir`` through a link already there.
+    """
+    if any(unicodedata.category(c) == "Cc" for c in key):
+        raise ValueError(f"key {key!r} contains a control character")
+    if "\\" in key:
+        raise ValueError(f"key {key!r} contains a backslash (a path separator on Windows)")
+    path = PurePosixPath(key)
+    parts = path.parts
+    if not parts or path.is_absolute() or ".." in parts:
+        raise ValueError(f"key {key!r} is not a relative path inside the output folder")
+    base = out_dir.joinpath(*parts)
+    if not base.parent.resolve().is_relative_to(out_dir.resolve()):
+        raise ValueError(f"key {key!r} leads outside the output folder (through the link "
+                         f"{_first_link(out_dir, parts)})")
+    return base
+
+
+def _first_link(out_dir: Path, parts: Sequence[str]) -> Path | None:
+    """The first symlink on the way from ``out_dir`` down ``parts``."""
+    path = out_dir
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            return path
+    return None
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -14,6 +14,7 @@ The task writes the output files; the driver logs them.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,15 @@ from mmvq import metrics as M
 from mmvq.text_vocab import TextVocab, decode_ids
 from pipeline import report
 from pipeline.checkpoint import TOKENIZER_DIR
+from pipeline.config import ConfigError, at_least, positive
 from pipeline.stage import StageContext
 from pipeline.tokenize import TOKENS_DIR
 
 MODALITY_CODES = {"image": "image_tokens", "audio": "audio_tokens", "text": "text_tokens"}
 CODE_COLUMNS = {**MODALITY_CODES, "joint": "joint_tokens"}  # joint: fusion models only
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,18 @@ class EvaluateConfig:
 
     def min_resources(self) -> dict[str, float]:
         return {"GPU": 1.0} if self.use_gpu else {"CPU": self.num_cpus}
+
+    def __post_init__(self) -> None:
+        at_least("evaluate", self, 1, "batch_size")
+        at_least("evaluate", self, 0, "grid_samples", "audio_samples", "seed")
+        positive("evaluate", self, "num_cpus")
+        if not _SPLIT_NAME.fullmatch(self.split):
+            raise ConfigError(f"evaluate.split {self.split!r} is not a split name (letters, "
+                              "digits, '-', '_')")
+
+    def required_splits(self) -> dict[str, str]:
+        """Input slot -> the split this stage reads from it (checked when planning)."""
+        return {"data": self.split}
 
 
 def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:

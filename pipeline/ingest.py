@@ -20,8 +20,19 @@ quarantines what does not decode). What it refuses: duplicate keys (the first is
 are quarantined naming the first's files), two files for one modality or extension of a sample
 (``y.jpg`` + ``y.JPG`` would be two members named ``y.jpg``; ``y.jpg`` + ``y.png`` leave readers
 to guess which is the image), unsafe member names (absolute or ``..``), missing or truncated
-files, links, duplicate members, json that does not parse, split names that are not plain words.
+files, links, duplicate members, json that does not parse, split names that are not plain words,
+members over ``max_member_bytes`` (256 MiB by default; refused from their size, never read).
 Members of one key that are scattered through an input shard are merged (repaired).
+
+Where files may come from. A folder (or folder of shards) is listed without following any
+symbolic link, not even one that stays inside it: following only the inner ones would mean
+resolving every target and still races a link swapped after the check, and a link is rarely
+what a user meant to ingest. A link (to a file or a folder), or anything that is not a regular
+file (a FIFO, a socket), is quarantined naming it; a sample with such a file is quarantined
+whole rather than taken without that member. The source named itself may be a link. A
+manifest's paths (relative, absolute or URIs) are resolved, links included, and must lie inside
+the manifest's folder; a path that leaves it is quarantined naming the path and where it
+resolved, unless ``allow_outside`` (``--allow-outside``) trusts the manifest to name any file.
 
 Accounting: every sample's json member records where it came from under :data:`ORIGIN_FIELD`,
 ``{"source": ..., "files": {ext: file}}``: the folder stem, manifest row (``index.csv row 3``)
@@ -116,6 +127,16 @@ class IngestConfig:
     # Write into an output folder that holds another source's shards or unrelated files. Off by
     # default because writing there deletes the old shards: a mistyped --out must not.
     overwrite: bool = False
+    # Let a CSV/JSONL manifest name files outside its own folder (absolute paths, "..", links
+    # leading out, other filesystems). Off by default: a manifest is data someone handed over,
+    # and one naming ~/.ssh/id_rsa would otherwise copy it into shards that get shared.
+    allow_outside: bool = False
+    # A member (file, inline text, shard member) larger than this is quarantined from its size,
+    # before it is read: writing a shard holds one member in memory at a time, so this bounds
+    # ingest's memory. 256 MiB is far above any image or clip the tokenizer trains on (preprocess
+    # crops and cuts them), the same as a shard's default byte budget, and below the shard
+    # reader's own 1 GiB limit, so what ingest writes preprocess can read.
+    max_member_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_samples_per_shard < 1:
@@ -123,6 +144,8 @@ class IngestConfig:
                              f"{self.max_samples_per_shard}")
         if self.max_bytes_per_shard < 0:
             raise ValueError(f"max_bytes_per_shard must be >= 0, got {self.max_bytes_per_shard}")
+        if self.max_member_bytes < 1:
+            raise ValueError(f"max_member_bytes must be >= 1, got {self.max_member_bytes}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not _SPLIT_NAME.match(self.default_split):
@@ -420,7 +443,16 @@ def _detect_format(fmt: str, source: Location) -> str:
 def _plan_folder(source: Location, config: IngestConfig, _fmt: str,
                  ) -> Iterator[PlannedSample | Rejected]:
     groups: dict[str, list[tuple[str, str, pafs.FileInfo]]] = {}  # stem -> (ext, name, info)
-    for info in source.files():
+    refused: dict[str, tuple[str, str]] = {}  # stem -> (its first link or special file, why)
+    files, entries = _listing(source)
+    for rel, reason, alone in entries:
+        stem = split_stem(rel)[0]
+        if alone or stem is None:
+            uri = source.join(rel).uri
+            yield Rejected(rel, uri, reason, uri)
+        else:
+            refused.setdefault(stem, (rel, reason))
+    for info in files:
         rel = source.relative(info.path)
         stem, ext = split_stem(rel)
         if stem is None:
@@ -428,8 +460,53 @@ def _plan_folder(source: Location, config: IngestConfig, _fmt: str,
             yield Rejected(rel, uri, f"file {rel!r} has no extension", uri)
             continue
         groups.setdefault(stem, []).append((ext, rel, info))
-    for stem in sorted(groups):
-        yield _folder_sample(source, stem, sorted(groups[stem], key=lambda f: f[:2]), config)
+    for stem in sorted(groups.keys() | refused.keys()):
+        if stem in refused:  # not taken without the member the user meant it to have
+            rel, reason = refused[stem]
+            yield Rejected(shard_key(stem), source.join(stem).uri, reason, source.join(rel).uri)
+        else:
+            yield _folder_sample(source, stem, sorted(groups[stem], key=lambda f: f[:2]), config)
+
+
+def _listing(source: Location, suffixes: tuple[str, ...] = (),
+             ) -> tuple[list[pafs.FileInfo], list[tuple[str, str, bool]]]:
+    """The regular files below ``source`` (sorted by path, hidden ones skipped, as
+    :meth:`Location.files`), and the entries refused: ``(relative path, why, alone)``.
+
+    On a local disk nothing is followed: a link is refused whatever it points at, a link to a
+    folder (or a dangling one) ``alone`` (it names no sample), and so is anything that is not a
+    regular file. Object stores have no links. ``suffixes`` filters files and file links.
+    """
+    if not isinstance(source.fs, pafs.LocalFileSystem):  # its paths are the disk's own
+        return source.files(suffixes), []
+    files: list[pafs.FileInfo] = []
+    refused: list[tuple[str, str, bool]] = []
+    pending = [source.path]
+    while pending:
+        with os.scandir(pending.pop()) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = source.relative(entry.path)
+            wanted = not suffixes or entry.name.endswith(suffixes)
+            if entry.is_symlink():
+                folder = entry.is_dir() or not os.path.exists(entry.path)
+                if wanted or folder:
+                    why = (f"{rel!r} is a symbolic link to {os.readlink(entry.path)!r}: ingest "
+                           "never follows links (copy what it points at into the source folder)")
+                    refused.append((rel, why, folder))
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+            elif not entry.is_file(follow_symlinks=False):
+                if wanted:
+                    why = f"{rel!r} is not a regular file (a FIFO, socket or device)"
+                    refused.append((rel, why, False))
+            elif wanted:
+                stat = entry.stat(follow_symlinks=False)
+                files.append(pafs.FileInfo(entry.path, pafs.FileType.File, size=stat.st_size,
+                                           mtime_ns=stat.st_mtime_ns))
+    return sorted(files, key=lambda i: i.path), sorted(refused)
 
 
 def _folder_sample(source: Location, stem: str, files: list[tuple[str, str, pafs.FileInfo]],
@@ -514,7 +591,7 @@ def _row_sample(row: dict[str, Any], base: Location, where: str, label: str,
     for column, allowed in (("image", IMAGE_EXTENSIONS), ("audio", AUDIO_EXTENSIONS),
                             ("text_path", TEXT_EXTENSIONS)):
         if value := str(row.get(column) or "").strip():
-            ref = _file_member(value, base, column, allowed)
+            ref = _file_member(value, base, column, allowed, config.allow_outside)
             members.append(ref)
             files[ref.ext], uris[ref.ext] = value, str(ref.location)
     if text := str(row.get("text") or ""):
@@ -529,9 +606,11 @@ def _row_sample(row: dict[str, Any], base: Location, where: str, label: str,
                           {**extra, "split": split} if split else extra)
 
 
-def _file_member(value: str, base: Location, column: str,
-                 allowed: tuple[str, ...]) -> MemberRef:
+def _file_member(value: str, base: Location, column: str, allowed: tuple[str, ...],
+                 allow_outside: bool) -> MemberRef:
     location = resolve(value) if "://" in value or value.startswith("/") else base.join(value)
+    if not allow_outside:
+        location = _confined(location, base, f"{column}: {value!r}")
     ext = posixpath.splitext(location.path)[1].lower().lstrip(".")
     if ext not in allowed:
         raise _RowError(f"{column}: {value!r} has extension {ext!r}, not one of "
@@ -542,13 +621,40 @@ def _file_member(value: str, base: Location, column: str,
     return MemberRef(ext, info.size, location)
 
 
+def _confined(location: Location, root: Location, what: str) -> Location:
+    """``location`` resolved (``..`` and, on a local disk, every link), if it lies inside
+    ``root``; the resolved path is the one read, so the file checked is the file taken.
+
+    Raises
+    ------
+    _RowError
+        If it resolves outside ``root`` or onto another filesystem, naming both.
+    """
+    if isinstance(location.fs, pafs.LocalFileSystem) and isinstance(root.fs, pafs.LocalFileSystem):
+        path, top = os.path.realpath(location.path), os.path.realpath(root.path)
+        inside = os.path.commonpath([path, top]) == top
+    else:
+        path, top = posixpath.normpath(location.path), posixpath.normpath(root.path)
+        inside = (location.fs.type_name == root.fs.type_name and location.fs.equals(root.fs)
+                  and (path == top or path.startswith(top.rstrip("/") + "/")))
+    if not inside:
+        raise _RowError(f"{what} resolves to {path}, outside {top} (the manifest's folder); "
+                        "pass --allow-outside (ingest.allow_outside) to let a manifest name "
+                        "files anywhere", location.uri)
+    return Location(location.fs, path, location.uri)
+
+
 def _plan_shards(source: Location, config: IngestConfig, _fmt: str,
                  ) -> Iterator[PlannedSample | Rejected]:
     if source.is_file():  # one shard, named relative to its folder
         shards = [(source, posixpath.basename(source.path), source.size())]
     else:
+        files, refused = _listing(source, (".tar",))
+        for rel, reason, _ in refused:
+            uri = source.join(rel).uri
+            yield Rejected(rel, uri, reason, uri)
         shards = [(Location(source.fs, i.path, source.join(source.relative(i.path)).uri),
-                   source.relative(i.path), i.size) for i in source.files((".tar",))]
+                   source.relative(i.path), i.size) for i in files]
     for shard, rel, size in shards:
         yield from _index_shard(shard, rel, size, config)
 
@@ -619,6 +725,12 @@ def _finish_sample(name: str, members: tuple[MemberRef, ...], origin: Origin, wh
     key, problem = _key_of(name)
     if problem:
         return Rejected(key, where, problem, origin.where)
+    for member in members:  # before the json is read, and never read at all
+        if member.size > config.max_member_bytes:
+            culprit = origin.uris.get(member.ext, f"{origin.where} ({member.ext})")
+            return Rejected(key, where, f"{culprit} has {member.size} bytes, over the "
+                            f"max_member_bytes limit of {config.max_member_bytes} "
+                            "(ingest.max_member_bytes, --max-member-bytes)", culprit)
     blame = origin.uris.get("json", origin.where)  # json and split problems are the json's
     if metadata is None:
         try:
@@ -1031,7 +1143,8 @@ def cmd_ingest(args: Any) -> int:
                               max_bytes_per_shard=args.max_bytes,
                               default_split=args.default_split, strict=args.strict,
                               val_fraction=args.val_fraction,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, allow_outside=args.allow_outside,
+                              max_member_bytes=args.max_member_bytes)
     except ValueError as err:  # a flag value out of range: a message, not a traceback
         return _fail(err)
     try:

@@ -29,8 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
-import torch
-import torchaudio
+import soxr
 from PIL import Image, ImageOps
 
 from mmvq.config_io import ConfigError
@@ -44,6 +43,20 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a split becomes a directory nam
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
+# Audio sample rates outside this range are refused from the header. 1 kHz keeps 500 Hz of
+# bandwidth, about the least a clip of sound can carry (the corpus' slowest valid file is an
+# hour at 1 kHz); 384 kHz is the highest rate of standard PCM (DXD, 8 x 48 kHz): a header with
+# 1 Hz or 10 MHz is broken or hostile, and resampling it would give nothing worth training on.
+MIN_AUDIO_RATE, MAX_AUDIO_RATE = 1000, 384_000
+# Audio with more channels is refused from the header. 22.2 surround (24) is the widest layout
+# in use; more is a microphone array or a stack of stems, whose average is no meaningful mono.
+MAX_AUDIO_CHANNELS = 32
+# Captions longer than this many bytes are refused before decoding: the longest dense image
+# captions run to a few KiB, and decoding text (str, NFC, word split) costs ~14x its size.
+MAX_TEXT_BYTES = 64 << 10
+# Frames per read while downmixing, so that the multichannel buffer is this many frames x the
+# channels (1 MiB at 32 channels), never the whole clip x the channels.
+_READ_BLOCK_FRAMES = 8192
 
 
 class BadSample(ValueError):
@@ -68,6 +81,22 @@ class PreprocessConfig:
     strict: bool = False  # fail on the first bad sample instead of quarantining it
     # Images with more pixels are refused before decoding (a 100 kB PNG can claim 10 Gpx).
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    # Audio whose rate is outside [min_audio_rate, max_audio_rate] Hz is quarantined from its
+    # header (see MIN_AUDIO_RATE): any rate inside is resampled at a cost that grows with the
+    # clip only (soxr), so the range says what is audio, not what is affordable.
+    min_audio_rate: int = MIN_AUDIO_RATE
+    max_audio_rate: int = MAX_AUDIO_RATE
+    # Audio with more channels is quarantined from its header, not downmixed (see
+    # MAX_AUDIO_CHANNELS); up to the cap it is downmixed a block at a time, so a wide file
+    # costs one block x its channels on top of the mono clip.
+    max_audio_channels: int = MAX_AUDIO_CHANNELS
+    # Text members larger than this are quarantined before decoding (a 50 MB member cost
+    # ~500 MB to decode). Inclusive; 64 KiB is ten times the longest captions in use.
+    max_text_bytes: int = MAX_TEXT_BYTES
+    # Shards compressed with gzip, bzip2 or xz are quarantined (one row naming the shard)
+    # unless this is set: 300 KiB of gzip can expand to 300 MiB of members, and webdataset
+    # shards are plain tars. Set it only for shards from a source you trust.
+    allow_compressed_shards: bool = False
 
     def min_resources(self) -> dict[str, float]:
         """What Ray must have for the first preprocessing actor (read tasks take no CPU)."""
@@ -77,6 +106,17 @@ class PreprocessConfig:
         if self.bpe_vocab_size <= VOCAB_SIZE:
             raise ConfigError(f"preprocess.bpe_vocab_size must exceed the {VOCAB_SIZE} byte "
                               f"ids, got {self.bpe_vocab_size}")
+        for name in ("min_audio_rate", "max_audio_channels", "max_text_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"preprocess.{name} must be at least 1, got "
+                                  f"{getattr(self, name)}")
+        if self.max_audio_rate < self.min_audio_rate:
+            raise ConfigError(f"preprocess.max_audio_rate ({self.max_audio_rate}) is below "
+                              f"preprocess.min_audio_rate ({self.min_audio_rate})")
+        if not self.min_audio_rate <= self.sample_rate <= self.max_audio_rate:
+            raise ConfigError(f"preprocess.sample_rate {self.sample_rate} is outside the "
+                              f"accepted audio rates {self.min_audio_rate}..{self.max_audio_rate}"
+                              " (preprocess.min_audio_rate, max_audio_rate)")
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -121,30 +161,60 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_audio(data: bytes, keep_seconds: float | None = None) -> tuple[np.ndarray, int]:
+def decode_audio(data: bytes, keep_seconds: float | None = None, *,
+                 rates: tuple[int, int] = (MIN_AUDIO_RATE, MAX_AUDIO_RATE),
+                 max_channels: int = MAX_AUDIO_CHANNELS) -> tuple[np.ndarray, int]:
     """Audio bytes -> (float32 mono waveform, sample rate), channels averaged.
 
     libsndfile (soundfile) decodes WAV, FLAC, OGG/Vorbis/Opus and MP3, detected from the content.
     With ``keep_seconds`` only that much (plus a little for the resampler) is decoded, so an
-    hours-long file costs what a clip costs and never fills memory.
+    hours-long file costs what a clip costs and never fills memory. A rate outside ``rates``
+    (inclusive) or more than ``max_channels`` channels is refused from the header; channels are
+    averaged a block at a time, so a wide file never holds the clip in all its channels.
     """
     if not data:
         raise BadSample("audio: empty file")
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as sound:
+            rate = int(sound.samplerate)
+            _check_audio_header(rate, sound.channels, rates, max_channels)
             frames = -1
             if keep_seconds is not None:  # 10 ms extra keeps the resampler's edge off the clip
-                frames = math.ceil((keep_seconds + 0.01) * sound.samplerate)
-            wave = sound.read(frames, dtype="float32", always_2d=True)  # (frames, channels)
-            rate = sound.samplerate
+                frames = math.ceil((keep_seconds + 0.01) * rate)
+            mono = _read_mono(sound, frames)
+    except BadSample:
+        raise
     except Exception as err:
         raise BadSample(f"audio: cannot decode ({type(err).__name__}: {err})") from err
-    if wave.shape[0] == 0:
+    if mono.size == 0:
         raise BadSample("audio: zero samples")
-    mono = wave.mean(axis=1)  # (frames, channels) -> (frames,)
     if not np.isfinite(mono).all():
         raise BadSample("audio: non-finite samples (NaN or inf)")
-    return mono.astype(np.float32), int(rate)
+    return mono, rate
+
+
+def _check_audio_header(rate: int, channels: int, rates: tuple[int, int],
+                        max_channels: int) -> None:
+    low, high = rates
+    if not low <= rate <= high:
+        raise BadSample(f"audio: sample rate {rate} Hz is outside the {low}..{high} Hz range "
+                        "(preprocess.min_audio_rate, max_audio_rate)")
+    if channels > max_channels:
+        raise BadSample(f"audio: {channels} channels, over the {max_channels}-channel limit "
+                        "(preprocess.max_audio_channels)")
+
+
+def _read_mono(sound: soundfile.SoundFile, frames: int) -> np.ndarray:
+    """Up to ``frames`` frames (all for -1) of ``sound``, averaged over channels block by block."""
+    left = frames if frames >= 0 else math.inf
+    parts = []
+    while left > 0:
+        block = sound.read(min(_READ_BLOCK_FRAMES, left), dtype="float32", always_2d=True)
+        if not len(block):
+            break
+        parts.append(block.mean(axis=1, dtype=np.float32))  # (n, channels) -> (n,)
+        left -= len(block)
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def fit_length(wave: np.ndarray, num_samples: int) -> tuple[np.ndarray, int]:
@@ -155,9 +225,13 @@ def fit_length(wave: np.ndarray, num_samples: int) -> tuple[np.ndarray, int]:
     return out, length
 
 
-def decode_text(data: bytes) -> str:
+def decode_text(data: bytes, max_bytes: int = MAX_TEXT_BYTES) -> str:
     """UTF-8 bytes -> normalised text: NFC (one code point sequence per character, so equal
-    captions give equal ids) and runs of whitespace collapsed to one space."""
+    captions give equal ids) and runs of whitespace collapsed to one space. More than
+    ``max_bytes`` bytes is refused before anything is decoded."""
+    if len(data) > max_bytes:
+        raise BadSample(f"text: {len(data)} bytes, over the {max_bytes}-byte limit "
+                        "(preprocess.max_text_bytes)")
     try:
         text = unicodedata.normalize("NFC", data.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -182,23 +256,42 @@ def member(sample: dict[str, Any], extensions: tuple[str, ...]) -> bytes | None:
 
 
 class Resamplers:
-    """One ``torchaudio.transforms.Resample`` per source rate, built on first use.
+    """Resamples mono clips from any rate to ``target_rate`` with soxr (libsoxr).
 
-    Building the resampling kernel costs more than applying it to a short clip, so an actor
-    keeps them for its lifetime.
+    soxr designs its polyphase filter from the ratio's value, so time and memory grow with the
+    clip alone. torchaudio's ``Resample``, used before, builds a kernel of
+    ``target / gcd x source / gcd`` taps: 44101 Hz -> 16 kHz asked for 5.6 GB while building
+    a 2.8 GB kernel, for a 172-byte WAV. "HQ" is soxr's default (20-bit, flat to ~91 % of the lower Nyquist rate).
+    Stateless; the class keeps the interface that callers hold one of.
     """
 
-    def __init__(self, target_rate: int) -> None:
+    def __init__(self, target_rate: int, quality: str = "HQ") -> None:
         self.target_rate = target_rate
-        self._by_rate: dict[int, torchaudio.transforms.Resample] = {}
+        self.quality = quality
 
     def __call__(self, wave: np.ndarray, rate: int) -> np.ndarray:
         if rate == self.target_rate:
             return wave
-        if rate not in self._by_rate:
-            self._by_rate[rate] = torchaudio.transforms.Resample(rate, self.target_rate)
-        with torch.no_grad():
-            return self._by_rate[rate](torch.from_numpy(wave)).numpy()
+        return soxr.resample(wave, rate, self.target_rate, quality=self.quality)
+
+
+# What a resampler raises on data it cannot take (a buffer too large for memory, a ratio outside
+# its range): one sample's problem, quarantined. Anything else is a bug and stops the stage.
+_RESAMPLE_FAILURES = (RuntimeError, MemoryError)
+
+
+def resample_clip(resample: Resamplers, wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """``resample(wave, rate)``, with a resampler failure or an empty result a :class:`BadSample`
+    that names the rates and the cause."""
+    try:
+        out = resample(wave, rate)
+    except _RESAMPLE_FAILURES as err:
+        raise BadSample(f"audio: cannot resample from {rate} Hz to {target} Hz "
+                        f"({type(err).__name__}: {err})") from err
+    if len(out) == 0:
+        raise BadSample(f"audio: {len(wave)} samples at {rate} Hz resample to none at "
+                        f"{target} Hz")
+    return out
 
 
 def preprocess_sample(sample: dict[str, Any], config: PreprocessConfig,
@@ -208,7 +301,8 @@ def preprocess_sample(sample: dict[str, Any], config: PreprocessConfig,
     Raises
     ------
     BadSample
-        With the reason, for anything that must not reach training.
+        With the reason, for anything that must not reach training: a member that does not
+        decode or resample, is over a cap of ``config``, or a reader's error for the sample.
     """
     if error := sample.get("__error__"):
         raise BadSample(str(error))
@@ -234,10 +328,13 @@ def preprocess_sample(sample: dict[str, Any], config: PreprocessConfig,
     if raw["image"] is not None:
         image = decode_image(raw["image"], size, config.max_image_pixels)
     if raw["audio"] is not None:
-        wave, rate = decode_audio(raw["audio"], keep_seconds=n / config.sample_rate)
-        audio, audio_len = fit_length(resample(wave, rate), n)
+        wave, rate = decode_audio(raw["audio"], keep_seconds=n / config.sample_rate,
+                                  rates=(config.min_audio_rate, config.max_audio_rate),
+                                  max_channels=config.max_audio_channels)
+        audio, audio_len = fit_length(resample_clip(resample, wave, rate, config.sample_rate), n)
     if raw["text"] is not None:
-        text_ids, text_len = encode_text(decode_text(raw["text"]), config.text_max_len, vocab)
+        text = decode_text(raw["text"], config.max_text_bytes)
+        text_ids, text_len = encode_text(text, config.text_max_len, vocab)
     return {"image": image, "audio": audio, "audio_len": audio_len, "text_ids": text_ids,
             "text_len": text_len, "has_image": raw["image"] is not None,
             "has_audio": raw["audio"] is not None, "has_text": raw["text"] is not None,
@@ -303,7 +400,9 @@ class Preprocessor:
     """Ray Data actor: maps a batch of raw webdataset rows to preprocessed rows.
 
     Every input row comes out: valid ones with ``status == "ok"``, bad ones with the reason in
-    ``status`` and zero-filled tensors (they are split off into the quarantine table).
+    ``status`` and zero-filled tensors (they are split off into the quarantine table). Only
+    :class:`BadSample` is the data's fault; any other exception is a bug and stops the stage,
+    with the shard and key added to its notes.
     """
 
     def __init__(self, config: PreprocessConfig, vocab: TextVocab = BYTES) -> None:
@@ -325,6 +424,9 @@ class Preprocessor:
                     raise BadSample(f"shard {shard}, key {key}: {err}") from err
                 row = self._placeholder()
                 row["status"] = str(err)
+            except Exception as err:
+                err.add_note(f"while preprocessing shard {shard}, key {key}")
+                raise
             row["key"] = str(key)
             row["source_shard"] = shard
             row["origin"] = sample_origin(sample, row["status"])
@@ -379,15 +481,16 @@ def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessCo
     """
     import ray
 
-    from pipeline.raydata import actor_pool, bounded
+    from pipeline.raydata import actor_pool, bounded, io_tasks
     from pipeline.shard_source import ShardDatasource
 
     # Reading a tar costs little next to decoding it, so the read tasks reserve no CPU: with a
     # pool holding every CPU (num_actors == num_cpus, e.g. 2 actors on a 2-core machine) 1-CPU
-    # reads were never scheduled and the stage hung. At most one read per actor keeps the
-    # object store from filling with raw shards the actors cannot keep up with.
-    raw = ray.data.read_datasource(ShardDatasource(paths, filesystem=filesystem), num_cpus=0,
-                                   concurrency=max(1, config.num_actors))
+    # reads were never scheduled and the stage hung. One read per 8 actors keeps them fed
+    # (pipeline.raydata.io_tasks) and the object store from filling with raw shards.
+    source = ShardDatasource(paths, filesystem=filesystem,
+                             allow_compressed=config.allow_compressed_shards)
+    raw = ray.data.read_datasource(source, num_cpus=0, concurrency=io_tasks(config.num_actors))
     return bounded(raw.map_batches(
         Preprocessor, fn_constructor_args=(config, vocab), batch_size=config.batch_size,
         batch_format="numpy", **actor_pool(config.num_actors)), config.num_actors)
@@ -403,6 +506,7 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
     it) is found from those keys and removed from the files it reached: some readers would pair
     the wrong files, so every occurrence is quarantined.
     """
+    from pipeline.raydata import io_tasks, write
     from pipeline.sinks import SplitParquetSink, drop_keys, read_status, rows_in
     from pipeline.text_vocab import describe, fit_text_vocab
 
@@ -410,8 +514,8 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
     # Text vocabulary first (a BPE trains on the train captions, text_vocab.json in the output).
     vocab = fit_text_vocab(paths, config.text_vocab, config.bpe_vocab_size,
                            config.default_split, ctx.output_dir)
-    preprocessed_dataset(paths, filesystem, config, vocab).write_datasink(
-        SplitParquetSink(ctx.output_dir))
+    write(preprocessed_dataset(paths, filesystem, config, vocab),
+          SplitParquetSink(ctx.output_dir), concurrency=io_tasks(config.num_actors))
     statuses = read_status(ctx.output_dir).to_pandas()
     repeated = repeated_keys(statuses["key"])
     again = statuses["key"].isin(list(repeated))

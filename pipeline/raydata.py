@@ -7,6 +7,12 @@ waits for ever for a CPU to read with. Ray 2.58's new parquet path adds a file-l
 always asks for one CPU, whatever the read's ``num_cpus``; :func:`read_parquet` takes the
 classic path, whose one read task per file group honours ``num_cpus=0``.
 
+Writes: the same, for the same reason, and more. A write task that asks for a CPU waits while
+the pool holds them all; the pool's actors then stop, backpressured by the unwritten blocks,
+until Ray Data's autoscaler retires one as idle (~30 s), which frees a CPU for the writes, and
+then starts it again (importing torch). The scale benchmark's 4k-sample preprocess spent most of
+its 119 s in that cycle (1k: 15 s); :func:`write` reserves no CPU and caps the writes instead.
+
 Actor pools:
 every pool starts with one actor and grows to its configured size as work queues up
 (``min_size=1``): a cluster with fewer free CPUs or GPUs than ``num_actors`` still makes
@@ -22,12 +28,28 @@ restarted elsewhere, which is worth the line.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-# Set by the runner when it starts Ray in this process (workflows.runner._init_ray).
-LOCAL_RAY_ENV = "MMVQ_LOCAL_RAY"
+# Whether this process started the Ray it uses (the embedded in-process Ray): set by
+# :func:`in_process_ray_env`, which the runner calls before ``ray.init``. A flag of this
+# process, not an environment variable: the environment is inherited by every child process,
+# including a test's or a user's own Ray cluster started from it.
+_in_process_ray = False
+
+
+# Actors one read or write task keeps busy. Reading a shard costs ~0.5 ms a sample and writing
+# parquet less, against ~9 CPU-ms to preprocess and ~3 to tokenize one (make bench-scale), so one
+# I/O task keeps well over 8 actors fed; each one more is a worker process of ~250-400 MB. With
+# one I/O task per actor, memory grew with the number of shards read at once (1k samples = 1
+# shard = 1 reader; 16k = 2 readers) rather than with the work.
+ACTORS_PER_IO_TASK = 8
+
+
+def io_tasks(num_actors: int) -> int:
+    """Read (or write) tasks to run at once for a pool of ``num_actors`` actors."""
+    return max(1, -(-num_actors // ACTORS_PER_IO_TASK))
 
 
 def read_parquet(paths: str | list[str], columns: list[str] | None = None,
@@ -50,6 +72,13 @@ def read_parquet(paths: str | list[str], columns: list[str] | None = None,
         context.use_datasource_v2 = previous
 
 
+def write(dataset: Any, sink: Any, concurrency: int = 2) -> None:
+    """``dataset.write_datasink(sink)`` with write tasks that reserve no CPU, at most
+    ``concurrency`` at a time (see above)."""
+    dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0},
+                           concurrency=max(1, concurrency))
+
+
 # Object-store bytes a stage's pipeline may hold in flight, per actor (and at least twice
 # that). Ray Data's default budget is a share of the whole store (GBs), which a small input
 # never reaches and a large one fills, so memory grew with the input; a budget that follows the
@@ -60,11 +89,18 @@ OBJECT_STORE_BYTES_PER_ACTOR = 128 * 1024 * 1024
 
 def bounded(dataset: Any, num_actors: int) -> Any:
     """``dataset`` with its execution capped at a budget of the object store that follows its
-    actor pool's size (:data:`OBJECT_STORE_BYTES_PER_ACTOR`)."""
+    actor pool's size (:data:`OBJECT_STORE_BYTES_PER_ACTOR`), and a pool that does not shrink
+    while there is work."""
     object_store_bytes = OBJECT_STORE_BYTES_PER_ACTOR * max(2, num_actors)
     options = dataset.context.execution_options
     options.resource_limits = options.resource_limits.copy(
         object_store_memory=object_store_bytes)
+    # A pool that grew stays until its inputs are consumed. Ray Data retires an actor whenever
+    # its utilization dips to half, which a pipeline waiting on a write does for a moment, and
+    # then starts a new one (torch import, model load) a second later: the scale benchmark's
+    # tokenize flapped like this. The pool still shrinks when the inputs run out.
+    dataset.context.autoscaling_config = dataclasses.replace(
+        dataset.context.autoscaling_config, actor_pool_util_downscaling_threshold=-1.0)  # never
     return dataset
 
 
@@ -79,22 +115,50 @@ def actor_pool(num_actors: int, use_gpu: bool = False) -> dict[str, Any]:
         "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_actors)),
         "num_gpus": 1 if use_gpu else 0,
     }
-    if os.environ.get(LOCAL_RAY_ENV) == "1":
+    if _in_process_ray:
         options["max_restarts"] = 0
     return options
 
 
 
-def local_ray_environment(verbose: bool) -> dict[str, str]:
-    """Environment for an in-process Ray, set before ``ray.init`` so every worker inherits it.
+def init_single_node(**init_kwargs: Any) -> None:
+    """``ray.init(**init_kwargs)`` of a Ray on this machine alone, every port on 127.0.0.1.
 
-    - ``MMVQ_LOCAL_RAY``: :func:`actor_pool` turns actor restarts off (see above).
+    Ray's servers (GCS, raylet, workers, the dashboard agent whose job API runs shell commands)
+    bind the node's address, and every interface unless that address is loopback; ``ray.init``
+    turns an explicit ``_node_ip_address="127.0.0.1"`` back into the machine's network address.
+    Ray's own switch for a single-machine Ray (the default on macOS and Windows) is
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: the node then takes 127.0.0.1 and everything binds
+    loopback. Ray reads it into a constant when imported, so it is set on that constant while
+    the node starts, not in the environment, which every child process would inherit (a
+    multi-node cluster started from one refuses to start). The constant is private Ray API:
+    ``tests/infra/test_loopback.py`` reads the kernel's socket table to catch a Ray that
+    changes it.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(**init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
+def in_process_ray_env(verbose: bool) -> dict[str, str]:
+    """Mark this process as running the embedded Ray and return the environment variables its
+    workers need: pass them as ``ray.init(runtime_env={"env_vars": ...})``, which sets them in
+    every worker of this job and nowhere else (this process's own environment is left alone).
+
     - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: the watcher follows node drains (spot
       preemption), which one machine does not have; creating it logs the same false ERROR.
     - ``RAY_DATA_LOGGING_CONFIG`` (not with ``verbose``): Ray Data's own logging config with the
       console at WARNING (``ray_data_logging.yaml``); its log file keeps everything.
     """
-    env = {LOCAL_RAY_ENV: "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    global _in_process_ray
+    _in_process_ray = True
+    env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     if not verbose:
         env["RAY_DATA_LOGGING_CONFIG"] = str(Path(__file__).with_name("ray_data_logging.yaml"))
     return env

@@ -1,10 +1,13 @@
 """Register stage: the trained tokenizer as an MLflow pyfunc model, tagged with its evaluation.
 
-The model is :class:`TokenizerModel`, a ``mlflow.pyfunc.PythonModel`` whose artifact is the
-tokenizer directory (``config.json`` + ``model.safetensors``). ``load_context`` loads
-:class:`mmvq.MultimodalTokenizer` from it and ``predict`` encodes a DataFrame of raw samples
-(image / audio file bytes, caption text) into token rows, through :class:`pipeline.codec.Codec`,
-so a registered version gives exactly the tokens ``mmvq encode`` and the tokenize stage give.
+The model is logged as code (MLflow's models-from-code), so a registry entry holds no pickle:
+:mod:`pipeline.tokenizer_model` is the model file (its ``TokenizerModel`` loads
+:class:`mmvq.MultimodalTokenizer` and encodes a DataFrame of raw samples into token rows, the
+rows ``mmvq encode`` and the tokenize stage give), the tokenizer directory (``config.json`` +
+``model.safetensors``) is its ``tokenizer`` artifact, and the ``mmvq`` and ``pipeline``
+packages travel as ``code_paths``. ``mlflow.pyfunc.load_model("models:/NAME/VERSION")`` then
+works without this repository on ``sys.path`` and with
+``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 
 Each registered version carries tags: the evaluate stage's trained metrics (``eval/image/psnr``
 ...), the weights sha256 and the ``local:<hash>`` id that the token dataset's ``tokenizer``
@@ -15,8 +18,8 @@ registry maps a version to that hash (search ``tags.tokenizer_id = 'local:...'``
 from __future__ import annotations
 
 import json
-import math
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,18 +29,12 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import TOKENIZER_DIR
 from pipeline.stage import StageContext
 
-ARTIFACT = "tokenizer"  # key of the tokenizer directory in the pyfunc model's artifacts
 METRIC_TAG_PREFIX = "eval/"  # version tag per trained metric: eval/image/psnr = 21.3
-INPUT_COLUMNS = ("key", "image", "audio", "text")
-TOKEN_COLUMNS = ("image_tokens", "image_grid", "audio_tokens", "text_tokens", "joint_tokens",
-                 "interleaved_tokens")
-OUTPUT_COLUMNS = ("key", *TOKEN_COLUMNS, "audio_frames", "tokenizer")  # predict's, in order
 
 
 @dataclass(frozen=True)
@@ -46,46 +43,12 @@ class RegisterConfig:
     model_path: str = "tokenizer"  # name of the logged model inside the register run
 
 
-class TokenizerModel(PythonModel):
-    """pyfunc wrapper: a DataFrame of raw samples in, one token row per sample out.
-
-    Input columns (each optional per row; a row needs at least one modality): ``key`` str,
-    ``image`` encoded image bytes (PNG, JPEG, WebP), ``audio`` encoded audio bytes (WAV, FLAC,
-    OGG, MP3), ``text`` str. Output columns: the token dataset's (``image_tokens``,
-    ``audio_tokens``, ``text_tokens``, ``interleaved_tokens`` ...) as lists of ints.
-    """
-
-    def load_context(self, context: Any) -> None:
-        from pipeline.codec import Codec
-
-        self.codec = Codec(context.artifacts[ARTIFACT])
-
-    def predict(self, context: Any, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
-        unknown = sorted(set(model_input.columns) - set(INPUT_COLUMNS))
-        if unknown:
-            raise ValueError(f"unknown input columns {unknown}; expected {list(INPUT_COLUMNS)}")
-        samples = []
-        for i, row in enumerate(model_input.to_dict("records")):
-            sample = {"key": row.get("key") or str(i)}
-            for name in ("image", "audio", "text"):
-                if _present(row.get(name)):
-                    sample[name] = row[name]
-            samples.append(sample)
-        table = self.codec.encode(samples)
-        return pd.DataFrame(table.select(list(OUTPUT_COLUMNS)).to_pylist())
-
-
-def _present(value: Any) -> bool:
-    if value is None:
-        return False
-    return not (isinstance(value, float) and math.isnan(value))  # pandas' missing value
-
-
 def signature() -> Any:
     """Input: optional key/image/audio/text columns; output: the token columns as int lists."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    from pipeline.tokenizer_model import TOKEN_COLUMNS  # the served model's columns
 
     inputs = Schema([ColSpec(DataType.string, "key", required=False),
                      ColSpec(DataType.binary, "image", required=False),
@@ -139,6 +102,7 @@ def previous_version(tracking_uri: str, name: str) -> dict[str, Any] | None:
 def run(config: RegisterConfig, ctx: StageContext) -> dict[str, Any]:
     """Log the tokenizer as a pyfunc model, register it, tag the version with eval metrics."""
     from mmvq import MultimodalTokenizer
+    from pipeline import tokenizer_model  # here: importing this stage (plans do) loads no torch
 
     if ctx.logger is None or not ctx.tracking_uri:
         raise ValueError("register needs MLflow tracking (run it from a workflow or mmvq stage)")
@@ -152,10 +116,12 @@ def run(config: RegisterConfig, ctx: StageContext) -> dict[str, Any]:
     tags = {**{f"{METRIC_TAG_PREFIX}{k}": repr(float(v)) for k, v in trained.items()},
             "tokenizer_id": f"local:{weights[:16]}", "weights_sha256": weights,
             "source_run": ctx.logger.run_id}
-    with _fluent_uris(ctx.tracking_uri), mlflow.start_run(run_id=ctx.logger.run_id):
+    with (_fluent_uris(ctx.tracking_uri), _sys_path_kept(),
+          mlflow.start_run(run_id=ctx.logger.run_id)):
         info = mlflow.pyfunc.log_model(
-            name=config.model_path, python_model=TokenizerModel(),
-            artifacts={ARTIFACT: str(model_dir)}, signature=signature(),
+            name=config.model_path, python_model=tokenizer_model.__file__,
+            artifacts={tokenizer_model.ARTIFACT: str(model_dir)}, code_paths=_code_paths(),
+            signature=signature(),
             input_example=input_example(model.config.image.image_size,
                                         model.config.audio.sample_rate),
             registered_model_name=config.name, pip_requirements=_requirements())
@@ -196,10 +162,31 @@ def _fluent_uris(uri: str) -> Iterator[None]:
 _URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
+@contextmanager
+def _sys_path_kept() -> Iterator[None]:
+    """Undo what ``log_model`` does to ``sys.path``: it loads the new model once to check the
+    input example, and loading prepends the model's (temporary) code directory for good."""
+    saved = list(sys.path)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _code_paths() -> list[str]:
+    """The packages the model file imports, copied into the model (``code/``), so loading needs
+    neither this repository on ``sys.path`` nor an installed mmvq."""
+    import mmvq
+    import pipeline
+
+    return [str(Path(package.__file__).parent) for package in (mmvq, pipeline)]
+
+
 def _requirements() -> list[str]:
-    """Pinned to this environment; explicit, so MLflow does not load the model to infer them."""
+    """What the model file and the code it carries import, pinned to this environment;
+    explicit, so MLflow does not load the model to infer them."""
     from importlib.metadata import version
 
     names = ("torch", "torchaudio", "torchvision", "numpy", "pandas", "pyarrow", "safetensors",
-             "einops", "soundfile", "pillow", "mlflow")
+             "einops", "soundfile", "soxr", "pillow", "pyyaml", "mlflow")
     return [f"{n}=={version(n)}" for n in names]

@@ -24,7 +24,7 @@ def _synth(config: SynthConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 # Distributions whose versions enter each stage's fingerprint (besides mmvq, numpy, pyarrow).
-_DECODERS = ("pillow", "soundfile", "torch", "torchaudio")  # image/audio decode and resample
+_DECODERS = ("pillow", "soundfile", "soxr")  # image/audio decode and resample
 _MODEL = ("torch", "torchvision", "torchaudio", "safetensors")  # the network and its weights
 
 STAGES: dict[str, StageSpec] = {
@@ -50,6 +50,7 @@ STAGES: dict[str, StageSpec] = {
                           libraries=_MODEL),
     "register": StageSpec("register", register.RegisterConfig, register.run,
                           inputs=("model", "evaluation"),
-                          code=("pipeline.register", "pipeline.codec", "pipeline.tokenize"),
+                          code=("pipeline.register", "pipeline.tokenizer_model", "pipeline.preprocess",
+                                "mmvq"),
                           libraries=(*_MODEL, "mlflow")),
 }

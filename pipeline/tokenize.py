@@ -23,7 +23,8 @@ import torch
 
 from mmvq.vocabulary import interleave
 from pipeline.checkpoint import TOKENIZER_DIR
-from pipeline.raydata import actor_pool, bounded, read_parquet
+from pipeline.config import at_least
+from pipeline.raydata import actor_pool, bounded, io_tasks, read_parquet, write
 from pipeline.sinks import SplitParquetSink, rows_in
 from pipeline.stage import StageContext
 
@@ -59,9 +60,8 @@ class TokenizeConfig:
         return {"GPU" if self.use_gpu else "CPU": 1.0}
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "num_actors", "samples_per_shard"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"tokenize.{name} must be >= 1, got {getattr(self, name)}")
+        at_least("tokenize", self, 1, "batch_size", "num_actors", "samples_per_shard",
+                 "audio_levels")
 
 
 class TokenizeActor:
@@ -172,13 +172,14 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     # One pipeline over all splits: the actors start (and load the model) once, not per split.
     # Rows carry their split, and the sink files them under tokens/SPLIT as they arrive.
     rows = read_parquet([str(data_dir / split) for split in splits],
-                        concurrency=config.num_actors)
-    bounded(rows.map_batches(
+                        concurrency=io_tasks(config.num_actors))
+    tokens = bounded(rows.map_batches(
         TokenizeActor, fn_constructor_args=(str(model_dir), layout, tokenizer_id,
                                             config.use_gpu, config.audio_levels),
         batch_size=config.batch_size, batch_format="numpy",
         **actor_pool(config.num_actors, use_gpu=config.use_gpu),
-    ), config.num_actors).write_datasink(SplitParquetSink(tokens_dir))
+    ), config.num_actors)
+    write(tokens, SplitParquetSink(tokens_dir), concurrency=io_tasks(config.num_actors))
     counts = {split: rows_in(tokens_dir / split) for split in splits}
     expected = {split: rows_in(data_dir / split) for split in splits}
     if counts != expected:  # every preprocessed row becomes exactly one token row

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmvq.batch import MODEL_COLUMNS
-from mmvq.config import ConfigError, GanConfig, TokenizerConfig
+from mmvq.config import GanConfig, TokenizerConfig
 from pipeline.checkpoint import TOKENIZER_DIR, read_state
-from pipeline.config import flatten, to_dict
+from pipeline.config import at_least, flatten, in_range, positive, to_dict
 from pipeline.stage import StageContext, code_version
 from pipeline.text_vocab import with_data_vocab
 from pipeline.tracking import RunLogger
@@ -95,19 +95,18 @@ class TrainConfig:
         return {"GPU" if self.use_gpu else "CPU": float(self.num_workers)}
 
     def __post_init__(self) -> None:
-        positive = ("num_workers", "threads_per_worker", "batch_size", "grad_accum", "steps",
-                    "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "val_every", "val_batches", "checkpoint_every",
-                     "max_failures", "shuffle_buffer", "sample_images"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        at_least("train", self, 1, "num_workers", "threads_per_worker", "batch_size",
+                 "grad_accum", "steps", "log_every", "keep_checkpoints", "decay_steps",
+                 "data_memory_bytes")
+        at_least("train", self, 0, "warmup_steps", "val_every", "val_batches",
+                 "checkpoint_every", "max_failures", "shuffle_buffer", "sample_images",
+                 "weight_decay", "prefetch_batches")
+        in_range("train", "ema_decay", self.ema_decay, 0.0, 1.0, closed="()")
+        positive("train", self, "lr", "disc_lr", "grad_clip")
+        in_range("train", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        for name in ("betas", "disc_betas"):
+            for i, beta in enumerate(getattr(self, name)):
+                in_range("train", f"{name}[{i}]", beta, 0.0, 1.0, closed="[)")
 
 
 def run(config: TrainConfig, ctx: StageContext) -> dict[str, Any]:

@@ -24,8 +24,16 @@ from typing import Any, Literal
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import ConfigError, apply_overrides, flatten, from_dict, load_yaml, to_dict
-from pipeline.raydata import local_ray_environment
+from pipeline.config import (
+    ConfigError,
+    apply_overrides,
+    flatten,
+    from_dict,
+    load_yaml,
+    to_dict,
+    writable_dir,
+)
+from pipeline.raydata import in_process_ray_env, init_single_node
 from pipeline.stage import (
     commit_stage,
     committed_dir,
@@ -38,6 +46,7 @@ from pipeline.stage import (
 from pipeline.stages import STAGES
 from pipeline.tracking import RunLogger, default_tracking_uri, ensure_experiment
 from workflows.accounting import chain_counts, chain_metrics
+from workflows.splits import check_splits
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +244,7 @@ def plan_workflow(workflow: Workflow, *, only: Sequence[str] = (), from_: Sequen
         if step is None:
             step = _replace(base, reason=_why_run(base, plan, data_root, producers))
         plan[name] = step
+    check_splits(list(plan.values()))  # a split a stage reads exists, before anything runs
     return list(plan.values())
 
 
@@ -249,7 +259,7 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
     tracking_uri = workflow_tracking_uri(workflow)
     plan = plan_workflow(workflow, only=only, from_=from_, force=force,
                          tracking_uri=tracking_uri)
-    data_root.mkdir(parents=True, exist_ok=True)
+    writable_dir(data_root, "data_root")
     _init_ray(workflow.ray, progress, verbose)
     for planned in plan:  # before anything runs: a stage that cannot be placed fails now
         if planned.action == "run":
@@ -362,7 +372,7 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
             raise ConfigError(f"input {slot}={where} is not a committed stage output "
                               f"(no {where}/stage.json)")
     data_root = Path(data_root).resolve()
-    data_root.mkdir(parents=True, exist_ok=True)
+    writable_dir(data_root, "data_root")
     tracking_uri = tracking_uri or default_tracking_uri(data_root)
     input_fps = {slot: fp for slot, (_, fp) in upstream.items()}
     code = spec.code_version()
@@ -587,10 +597,11 @@ def _init_ray(config: RayConfig, progress: bool, verbose: bool = False) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            os.environ.update(local_ray_environment(verbose))
-            # The dashboard also serves the state API that Ray Train's controller polls.
-            ray.init(num_cpus=config.num_cpus, include_dashboard=True,
-                     dashboard_host="127.0.0.1", **kwargs)
+            # Every port on loopback (init_single_node). The dashboard also serves the state API
+            # that Ray Train's controller polls.
+            init_single_node(num_cpus=config.num_cpus, include_dashboard=True,
+                             dashboard_host="127.0.0.1",
+                             runtime_env={"env_vars": in_process_ray_env(verbose)}, **kwargs)
     context = DataContext.get_current()
     context.enable_progress_bars = progress
     # One bar per operator (read, map, write) is Ray Data's debugging view, not the user's.

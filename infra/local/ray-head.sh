@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start or stop a local Ray head: GCS and dashboard on 127.0.0.1 only, its own temp dir, and a
+# Start or stop a local Ray head: every port on 127.0.0.1 only, its own temp dir, and a
 # stop that ends this head's processes alone (`ray stop` would end every Ray on the machine).
 #
 #   infra/local/ray-head.sh start     infra/local/ray-head.sh status     infra/local/ray-head.sh stop
@@ -37,7 +37,12 @@ case "${1:-}" in
     [ -n "${RAY_NUM_GPUS:-}" ] && args+=(--num-gpus "$RAY_NUM_GPUS")
     # --block keeps one parent for the whole head; setsid gives it its own process group, which
     # is what stop ends.
-    setsid ray start "${args[@]}" >"$state/ray-head.log" 2>&1 </dev/null &
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's single-machine mode (the default on macOS):
+    # with it every server binds 127.0.0.1; without it the raylet, the Ray client server and
+    # the agents also listened on 0.0.0.0 despite --node-ip-address. This head takes no other
+    # nodes; a cluster is infra/cluster.yaml or infra/k8s (token authentication).
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+      setsid ray start "${args[@]}" >"$state/ray-head.log" 2>&1 </dev/null &
     echo $! >"$pidfile"
     for _ in $(seq 240); do
       if curl -sf "http://127.0.0.1:$dash/api/version" >/dev/null; then

@@ -71,6 +71,10 @@ class SynthConfig:
         if self.sample_rate < 8000:
             raise ValueError(f"sample_rate must be at least 8000 Hz, got {self.sample_rate}")
 
+    def output_splits(self) -> set[str]:
+        """The splits the shards will have (checked against what later stages read)."""
+        return {"train", "val"} if round(self.num_samples * self.val_fraction) else {"train"}
+
 
 @dataclass(frozen=True)
 class SamplePlan:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
 import subprocess
-import tempfile
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,55 +16,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.stage import committed_outputs, read_record
 
-REPO = Path(__file__).resolve().parents[2]
-LOCAL = REPO / "infra" / "local"
+sys.path.insert(0, str(Path(__file__).parent))
+from services import LOCAL, REPO, free_port
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ours(marker: str) -> list[int]:
-    """Processes whose command line names ``marker`` (our private temp dir): ours alone."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker.encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`infra/local/ray-head.sh start` on free ports with a private temp dir; stopped after."""
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are limited
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    dashboard = _free_port()
-    env.update(RAY_HEAD_DIR=str(tmp_path_factory.mktemp("ray-head")), RAY_TEMP_DIR=temp,
-               RAY_PORT=str(_free_port()), RAY_DASHBOARD_PORT=str(dashboard),
-               RAY_CLIENT_PORT=str(_free_port()), RAY_AGENT_PORT=str(_free_port()),
-               RAY_NUM_CPUS="2")
-    script = str(LOCAL / "ray-head.sh")
-    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
-                             timeout=300, check=False)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        assert subprocess.run([script, "status"], env=env, check=False).returncode == 0
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True,
-                                 timeout=120, check=False)
-        left = _ours(temp)
-        shutil.rmtree(temp, ignore_errors=True)
-        assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout
-        assert left == [], f"Ray processes outlived ray-head.sh stop: {left}"
 
 
 def test_submit_tiny_workflow_to_the_head(ray_head, mlflow_server, tmp_path, capsys):
@@ -75,7 +28,7 @@ def test_submit_tiny_workflow_to_the_head(ray_head, mlflow_server, tmp_path, cap
     from pipeline.cli import main
 
     root = tmp_path / "data"
-    code = main(["submit", "workflows/demo.yaml", "--address", ray_head,
+    code = main(["submit", "workflows/demo.yaml", "--address", ray_head.address,
                  "--data-root", str(root), "--only", "synth", "synth.num_samples=6",
                  "synth.samples_per_shard=3", f"tracking_uri={mlflow_server}"])
     out = capsys.readouterr().out
@@ -83,7 +36,7 @@ def test_submit_tiny_workflow_to_the_head(ray_head, mlflow_server, tmp_path, cap
     job_id = re.search(r"mmvq submit: job (\S+) on ", out).group(1)
     assert f"mmvq submit: job {job_id} SUCCEEDED" in out
     assert "[synth] run " in out and "[preprocess] skip" in out  # the job's own log, streamed
-    assert JobSubmissionClient(ray_head).get_job_status(job_id) == JobStatus.SUCCEEDED
+    assert JobSubmissionClient(ray_head.address).get_job_status(job_id) == JobStatus.SUCCEEDED
 
     [output] = committed_outputs(root, "synth")
     record = read_record(output)
@@ -118,7 +71,7 @@ def test_job_spec_ships_the_repo_and_passes_flags(monkeypatch):
 
 
 def test_mlflow_script_with_basic_auth_and_served_artifacts(tmp_path, monkeypatch):
-    store, port = tmp_path / "store", _free_port()
+    store, port = tmp_path / "store", free_port()
     env = {**os.environ, "MLFLOW_AUTH": "1", "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
            "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-pass-123", "MLFLOW_TRACKING_URI": ""}
     script = str(LOCAL / "mlflow-server.sh")

@@ -7,6 +7,12 @@ it runs in a subprocess: this file is also that subprocess's script. Its Ray tem
 The kill is real: rank 1's process calls ``os._exit(1)`` in the middle of its 6th step (after
 the checkpoint at step 4), once, as a marker file says. Nothing in the product code knows about
 it: the script wraps the real worker loop and the real generator step.
+
+Before it dies, rank 1 waits until Ray Train's controller has registered the step-4 checkpoint
+(its snapshot file names it). The controller collects reports by polling the workers, so on a
+loaded machine a worker can reach step 6 before the step-4 report is collected; a death then
+loses that checkpoint by Ray Train's design, and the restart would begin at step 0, which is
+not the case under test.
 """
 
 from __future__ import annotations
@@ -69,7 +75,19 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, mlflow_server,
     assert params["steps"] == str(STEPS) and params["max_failures"] == "2"
 
 
-def _crashing_loop(marker: str):
+def _wait_for_registered_checkpoint(snapshot: Path, name: str, timeout_s: float = 120) -> None:
+    """Block until Ray Train's checkpoint-manager snapshot lists the checkpoint ``name``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if snapshot.exists() and name in snapshot.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} not registered in {snapshot} after {timeout_s} s")
+
+
+def _crashing_loop(marker: str, snapshot: Path):
     """The real worker loop with rank 1's real generator step wrapped to kill its process."""
 
     def loop(loop_config):
@@ -83,6 +101,7 @@ def _crashing_loop(marker: str):
             calls[0] += 1
             rank = ray.train.get_context().get_world_rank()
             if rank == 1 and calls[0] == CRASH_AT_CALL and os.path.exists(marker):
+                _wait_for_registered_checkpoint(snapshot, f"checkpoint_{CHECKPOINT_EVERY:08d}")
                 os.remove(marker)
                 os._exit(1)  # a real process death, mid-step, no cleanup
             return real(*args, **kwargs)
@@ -117,7 +136,8 @@ def _main(data: str, out: str, uri: str, run_id: str, marker: str) -> None:
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
     try:
-        train.train_loop_per_worker = _crashing_loop(marker)  # what _trainer hands to Ray
+        snapshot = Path(out) / "ckpt" / "fault" / "checkpoint_manager_snapshot.json"
+        train.train_loop_per_worker = _crashing_loop(marker, snapshot)  # what _trainer hands Ray
         config = dataclasses.replace(
             tiny_config(steps=STEPS, checkpoint_every=CHECKPOINT_EVERY, val_every=0,
                         run_name="fault", storage_path=str(Path(out) / "ckpt")),

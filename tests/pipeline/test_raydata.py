@@ -1,0 +1,62 @@
+"""pipeline.raydata on a real in-process Ray: writes that never wait for a CPU, pools that do
+not flap, I/O tasks that follow the pool."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.raydata import ACTORS_PER_IO_TASK, actor_pool, bounded, io_tasks, write
+from pipeline.sinks import SplitParquetSink, read_status, rows_in
+
+
+def test_writes_run_while_the_pool_holds_every_cpu(ray_local, tmp_path):
+    """The actor holds all 4 CPUs of the session's Ray and, from its second batch on, waits
+    for the first batch's rows to be on disk. A write task that asked for a CPU could only run
+    once the actor was gone, so this timed out; the scale benchmark's stages lost most of their
+    time to the same wait (the pool shrank, the write ran, the pool grew again)."""
+    import ray.data
+
+    root = tmp_path / "out"
+
+    class WaitForFirstWrite:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            self.calls += 1
+            deadline = time.monotonic() + 60
+            while self.calls > 1 and not list((root / "train").glob("*.parquet")):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no write ran while the actor held every CPU")
+                time.sleep(0.1)
+            n = len(batch["data"])
+            return {"key": batch["data"].astype(str), "split": np.full(n, "train"),
+                    "status": np.full(n, "ok"), "value": batch["data"] * 2}
+
+    blocks = [np.arange(i * 8, (i + 1) * 8) for i in range(4)]  # made here: no read tasks
+    dataset = ray.data.from_numpy(blocks).map_batches(
+        WaitForFirstWrite, batch_size=8, num_cpus=4, **actor_pool(1))
+    write(bounded(dataset, 1), SplitParquetSink(root), concurrency=1)
+    assert rows_in(root / "train") == 32
+    assert sorted(read_status(root)["key"].to_pylist(), key=int) == [str(i) for i in range(32)]
+
+
+def test_bounded_pipelines_keep_their_pool_and_a_store_budget(ray_local):
+    import ray.data
+
+    dataset = bounded(ray.data.from_numpy([np.arange(4)]), num_actors=3)
+    context = dataset.context
+    assert context.execution_options.resource_limits.object_store_memory == 3 * 128 * 1024**2
+    # Ray Data retires actors at utilization <= threshold; below 0 never happens.
+    assert context.autoscaling_config.actor_pool_util_downscaling_threshold < 0
+    other = ray.data.from_numpy([np.arange(4)]).context  # the process-wide default is untouched
+    assert other.autoscaling_config.actor_pool_util_downscaling_threshold >= 0
+
+
+@pytest.mark.parametrize(("actors", "tasks"), [(1, 1), (2, 1), (ACTORS_PER_IO_TASK, 1),
+                                               (ACTORS_PER_IO_TASK + 1, 2), (64, 8)])
+def test_io_tasks_follow_the_pool(actors, tasks):
+    assert io_tasks(actors) == tasks
