@@ -513,7 +513,9 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
     paths, filesystem = shard_paths(ctx.inputs["shards"])
     # Text vocabulary first (a BPE trains on the train captions, text_vocab.json in the output).
     vocab = fit_text_vocab(paths, config.text_vocab, config.bpe_vocab_size,
-                           config.default_split, ctx.output_dir)
+                           config.default_split, ctx.output_dir, filesystem=filesystem,
+                           max_text_bytes=config.max_text_bytes,
+                           allow_compressed=config.allow_compressed_shards)
     write(preprocessed_dataset(paths, filesystem, config, vocab),
           SplitParquetSink(ctx.output_dir), concurrency=io_tasks(config.num_actors))
     statuses = read_status(ctx.output_dir).to_pandas()

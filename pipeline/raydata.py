@@ -153,12 +153,17 @@ def in_process_ray_env(verbose: bool) -> dict[str, str]:
 
     - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: the watcher follows node drains (spot
       preemption), which one machine does not have; creating it logs the same false ERROR.
+    - ``MALLOC_ARENA_MAX=2``: glibc gives each thread of a process its own malloc arena, and a
+      Ray worker's threads (task executor, gRPC, object transfer) each keep what they once held;
+      a worker that had read 8 shards of 40 KB members kept ~500 MB. With two arenas, the scale
+      benchmark's peak at 16k samples fell from 4.1 to 3.3 GB (1.34x to 1.13x that at 1k).
+      The Docker image sets the same for cluster workers.
     - ``RAY_DATA_LOGGING_CONFIG`` (not with ``verbose``): Ray Data's own logging config with the
       console at WARNING (``ray_data_logging.yaml``); its log file keeps everything.
     """
     global _in_process_ray
     _in_process_ray = True
-    env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "MALLOC_ARENA_MAX": "2"}
     if not verbose:
         env["RAY_DATA_LOGGING_CONFIG"] = str(Path(__file__).with_name("ray_data_logging.yaml"))
     return env

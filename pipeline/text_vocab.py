@@ -33,14 +33,17 @@ from mmvq.text_vocab import (
 TRAIN_SPLIT = "train"  # the split a BPE is trained on: the one the train stage reads
 
 
-def train_split_captions(batch: dict[str, np.ndarray], default_split: str) -> list[str]:
+def train_split_captions(batch: dict[str, np.ndarray], default_split: str,
+                         max_text_bytes: int | None = None) -> list[str]:
     """The captions of the train-split samples in a batch of raw webdataset rows.
 
     A sample's split is its ``json`` metadata's ``split`` (else ``default_split``), as in
     preprocess. Samples whose text or metadata does not decode are left out here; preprocess
-    quarantines them.
+    quarantines them, as it does a caption over ``max_text_bytes`` (None: preprocess's default).
     """
-    from pipeline.preprocess import BadSample, decode_text, member
+    from pipeline.preprocess import MAX_TEXT_BYTES, BadSample, decode_text, member
+
+    max_bytes = MAX_TEXT_BYTES if max_text_bytes is None else max_text_bytes
 
     captions = []
     for i in range(len(batch["__key__"])):
@@ -49,16 +52,17 @@ def train_split_captions(batch: dict[str, np.ndarray], default_split: str) -> li
         try:
             split = json.loads(metadata).get("split", default_split) if metadata else default_split
             if text is not None and str(split) == TRAIN_SPLIT:
-                captions.append(decode_text(text))
+                captions.append(decode_text(text, max_bytes))
         except (BadSample, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             continue
     return captions
 
 
-def _count_batch(batch: dict[str, np.ndarray], default_split: str) -> dict[str, np.ndarray]:
+def _count_batch(batch: dict[str, np.ndarray], default_split: str,
+                 max_text_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Pre-token counts of a batch's train captions, one row per distinct pre-token; the
     caption count rides on the first row (``texts``, zero elsewhere) so that it sums up."""
-    captions = train_split_captions(batch, default_split)
+    captions = train_split_captions(batch, default_split, max_text_bytes)
     counts = pretoken_counts(captions)
     chunks = sorted(counts)
     texts = np.zeros(len(chunks), dtype=np.int64)
@@ -68,7 +72,8 @@ def _count_batch(batch: dict[str, np.ndarray], default_split: str) -> dict[str, 
 
 
 def fit_text_vocab(paths: list[str], kind: str, vocab_size: int, default_split: str,
-                   output_dir: Path) -> TextVocab:
+                   output_dir: Path, *, filesystem: Any = None, max_text_bytes: int | None = None,
+                   allow_compressed: bool = False) -> TextVocab:
     """The vocabulary preprocess encodes captions with; a BPE is trained and saved.
 
     Parameters
@@ -83,16 +88,24 @@ def fit_text_vocab(paths: list[str], kind: str, vocab_size: int, default_split: 
         Split of samples whose metadata names none.
     output_dir : Path
         Where ``text_vocab.json`` is written (the stage's output directory).
+    filesystem, max_text_bytes, allow_compressed
+        As preprocess reads the shards: the same reader and caps, so a caption preprocess
+        would quarantine (or a compressed shard it refuses) never trains the vocabulary.
     """
     if kind == "bytes":
         return BYTES
     import ray.data
 
-    raw = ray.data.read_webdataset(paths, decoder=None, suffixes=["txt", "json"])
+    from pipeline.shard_source import ShardDatasource
+
+    source = ShardDatasource(paths, filesystem=filesystem, allow_compressed=allow_compressed)
+    raw = ray.data.read_datasource(source, num_cpus=0, concurrency=1).select_columns(
+        ["__key__", "txt", "json"])
     counts: Counter[str] = Counter()
     num_texts = 0
-    for batch in raw.map_batches(_count_batch, fn_kwargs={"default_split": default_split},
-                                 batch_format="numpy").iter_batches(batch_format="numpy"):
+    counting = raw.map_batches(_count_batch, batch_format="numpy", num_cpus=0, fn_kwargs={
+        "default_split": default_split, "max_text_bytes": max_text_bytes})
+    for batch in counting.iter_batches(batch_format="numpy"):
         # A batch joins several blocks' rows, so one pre-token can appear on several rows.
         for chunk, count in zip(batch["chunk"].tolist(), batch["count"].tolist(), strict=True):
             counts[chunk] += count

@@ -13,7 +13,15 @@ import webdataset as wds
 from PIL import Image
 
 from mmvq.config import ConfigError, TextCodecConfig, TokenizerConfig
-from mmvq.text_vocab import BYTES, VOCAB_FILE, BpeVocab, decode_ids, text_config_for, train_bpe
+from mmvq.text_vocab import (
+    BYTES,
+    FIRST_MERGE_ID,
+    VOCAB_FILE,
+    BpeVocab,
+    decode_ids,
+    text_config_for,
+    train_bpe,
+)
 from pipeline.preprocess import PreprocessConfig, run
 from pipeline.stage import StageContext
 from pipeline.text_vocab import (
@@ -130,3 +138,31 @@ def test_train_sizes_the_text_codec_from_the_data(tmp_path):
         model_config_for_data(pinned, vocab, tmp_path)
     with pytest.raises(ConfigError, match="was encoded with bytes"):
         model_config_for_data(pinned, BYTES, tmp_path)
+
+
+def test_bpe_reads_shards_as_preprocess_does(tmp_path, ray_local):
+    """The vocabulary trains on what preprocess accepts: a gzip-compressed shard (refused by
+    preprocess) and a caption over max_text_bytes (quarantined) teach it nothing. It read them
+    with Ray's webdataset reader before, which decompresses and has no cap."""
+    import gzip
+
+    plain = tmp_path / "plain.tar"
+    with wds.TarWriter(str(plain)) as sink:
+        for i, text in enumerate(TRAIN):
+            sink.write(_sample(f"t{i}", text, "train"))
+        sink.write(_sample("long", "quartz " * 40, "train"))  # 280 bytes
+    packed = tmp_path / "packed.tar.gz"
+    with wds.TarWriter(str(tmp_path / "inner.tar")) as sink:
+        for i, text in enumerate(VAL):
+            sink.write(_sample(f"g{i}", text, "train"))
+    packed.write_bytes(gzip.compress((tmp_path / "inner.tar").read_bytes()))
+    renamed = packed.rename(tmp_path / "packed.tar")  # what a shard list would name
+    with pytest.raises(ValueError, match="has no captions"):
+        fit_text_vocab([str(renamed)], "bpe", 300, "train", tmp_path)
+    (tmp_path / "v").mkdir()
+    vocab = fit_text_vocab([str(plain), str(renamed)], "bpe", 300, "train", tmp_path / "v",
+                           max_text_bytes=100)
+    merged = [vocab.token_bytes(i) for i in range(FIRST_MERGE_ID, vocab.vocab_size)]
+    assert merged, "the train captions taught nothing"
+    # Pairs only the refused captions have ("zebra", "xylophone", "quartz"), each many times.
+    assert not [m for m in merged if any(p in m for p in (b"ze", b"xy", b"ph", b"tz"))], merged
