@@ -280,7 +280,11 @@ def submit_workflow(workflow: Path, overrides: Sequence[str] = (), *, address: s
                                from_=from_, force=force, python=python, repo_root=repo_root,
                                exclude=exclude)
     print(format_upload(upload), flush=True)
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except ConnectionError as err:  # one line naming the address, not Ray's traceback
+        raise ConfigError(f"--address {address}: no Ray dashboard answers there ({err}); start "
+                          "one (infra/local/ray-head.sh start) or check the URL") from err
     job_id = client.submit_job(submission_id=submission_id, **spec)
     print(f"mmvq submit: job {job_id} on {address}: {spec['entrypoint']}", flush=True)
     if not wait:

@@ -5,6 +5,8 @@ after the upstream stages had run, and ``train.num_workers=64`` waited for ever.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from pipeline.cli import main
@@ -22,10 +24,10 @@ BAD = [
     ("evaluate.batch_size=0", "evaluate.batch_size must be >= 1, got 0"),
     ("evaluate.num_cpus=0", "evaluate.num_cpus must be > 0, got 0"),
     ("evaluate.split=../val", "evaluate.split '../val' is not a split name"),
-    ("evaluate.split=nosuch", "evaluate.split='nosuch': its input 'data' (stage preprocess) "
-                              "has splits train, val"),
-    ("synth.val_fraction=0", "evaluate.split='val': its input 'data' (stage preprocess) has "
-                             "split train"),
+    ("evaluate.split=nosuch", ("evaluate.split='nosuch': its input 'data' (stage preprocess) "
+                              "has splits train, val")),
+    ("synth.val_fraction=0", ("evaluate.split='val': its input 'data' (stage preprocess) has "
+                             "split train")),
 ]
 
 
@@ -68,3 +70,16 @@ def test_scaling_request_larger_than_the_cluster_fails_before_any_stage(ray_loca
     assert "stage train needs 64 CPU but this Ray cluster has 4" in captured.err
     assert "[synth]" not in captured.out  # nothing ran first
     assert not (root / "synth").exists()
+
+
+def test_dead_submit_address_is_one_line(capsys):
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    code = main(["submit", "workflows/demo.yaml", "--address", address])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]  # after submit's own notes: one line, no traceback
+    assert last.startswith(f"mmvq: config error: --address {address}: no Ray dashboard "
+                           "answers there"), err
+    assert "Traceback" not in err
