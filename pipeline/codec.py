@@ -494,19 +494,26 @@ def key_path(key: str, out_dir: Path) -> Path:
         is absolute, empty or has a ``..`` component, or if its folder resolves outside
         ``out_dir`` through a link already there.
     """
+    # The row's own name in the report already carries the whole key; the reason quotes at
+    # most 80 characters of it, so a long key cannot push the reason out of the line.
     if any(unicodedata.category(c) == "Cc" for c in key):
-        raise ValueError(f"key {key!r} contains a control character")
+        raise ValueError(f"key {_short(key)} contains a control character")
     if "\\" in key:
-        raise ValueError(f"key {key!r} contains a backslash (a path separator on Windows)")
+        raise ValueError(f"key {_short(key)} contains a backslash (a path separator on Windows)")
     path = PurePosixPath(key)
     parts = path.parts
     if not parts or path.is_absolute() or ".." in parts:
-        raise ValueError(f"key {key!r} is not a relative path inside the output folder")
+        raise ValueError(f"key {_short(key)} is not a relative path inside the output folder")
     base = out_dir.joinpath(*parts)
     if not base.parent.resolve().is_relative_to(out_dir.resolve()):
-        raise ValueError(f"key {key!r} leads outside the output folder (through the link "
+        raise ValueError(f"key {_short(key)} leads outside the output folder (through the link "
                          f"{_first_link(out_dir, parts)})")
     return base
+
+
+def _short(key: str, limit: int = 80) -> str:
+    text = repr(key)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
 
 
 def _first_link(out_dir: Path, parts: Sequence[str]) -> Path | None:

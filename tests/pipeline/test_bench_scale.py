@@ -40,7 +40,8 @@ def test_tiny_run_measures_every_stage_and_accounts_for_every_sample(tmp_path, c
     assert 0 < run["pss_samples"] <= run["memory_samples"]
     assert run["peak_pss_bytes"] > 0 and run["peak_rss_bytes"] >= run["peak_pss_bytes"]
     assert run["peak_rss_bytes"] >= run["peak_memory_bytes"] - run["peak_store_bytes"]
-    assert run["peak_memory_bytes"] == max(s["peak_memory_bytes"] for s in stages.values())
+    # The run's peak covers every stage (and the moments between them, Ray start-up included).
+    assert run["peak_memory_bytes"] >= max(s["peak_memory_bytes"] for s in stages.values())
     labels = set(run["peak_by_process"])
     assert "python pipeline.bench.scale" in labels  # the child itself
     assert any(label.startswith("ray::") for label in labels)  # Ray's workers are in the tree
