@@ -5,7 +5,10 @@ Per step: ``grad_accum`` micro-batches from this worker's shard of the train spl
 the discriminator step), both LR schedulers, the EMA. Every ``log_every`` steps rank 0 logs to
 MLflow and prints a progress line; every ``val_every`` steps (and at every checkpoint) rank 0
 scores the weights it would ship on a few val batches; every ``checkpoint_every`` steps and at
-the end every rank reports its part of a checkpoint (:mod:`pipeline.checkpoint`).
+the end every rank reports its part of a checkpoint (:mod:`pipeline.checkpoint`). Rank 0's
+logging never waits for the tracking server (:class:`pipeline.tracking.RunLogger` with
+``wait_s=0``): a dead or hung server costs no step time, what it misses is spooled and sent when
+it answers, and at the end rank 0 waits a bounded time for the rest, then says what is missing.
 
 A restarted worker group (``FailureConfig``) or a rerun with the same run name finds the latest
 checkpoint through ``ray.train.get_checkpoint()``, restores weights, optimizers, schedulers, RNG
@@ -102,7 +105,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     amp = _amp_dtype(cfg.precision, device)
     loop = _Loop(cfg, parts, model, discriminators, amp, device, rank, world, logger,
                  ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None)
-    loop.run(ray.train.get_dataset_shard("train"), state)
+    try:
+        loop.run(ray.train.get_dataset_shard("train"), state)
+    finally:
+        if logger is not None:
+            logger.close()
 
 
 def _build(cfg: Any, device: torch.device, text_vocab: Any = None) -> _Parts:
@@ -336,11 +343,14 @@ class _TrainLogger:
     A restarted or resumed run repeats the steps after its last checkpoint; the ones the MLflow
     run already holds are not logged twice (their values are the same: the run replays them
     from the same state). Resuming a run that an earlier invocation started marks it running
-    again and logs into it.
+    again and logs into it. No call waits for the server (``wait_s=0``); :meth:`close` waits up
+    to ``FLUSH_S`` at the end of training for what is still unsent.
     """
 
+    FLUSH_S = 30.0  # at the end: how long rank 0 waits for a server that is down to come back
+
     def __init__(self, tracking_uri: str, run_id: str, invocation_run_id: str | None) -> None:
-        self.logger = RunLogger(tracking_uri, run_id)
+        self.logger = RunLogger(tracking_uri, run_id, wait_s=0.0)
         self.logged_up_to = self.logger.last_step(HISTORY_KEY)
         if invocation_run_id and invocation_run_id != run_id:
             self.logger.status("RUNNING")
@@ -363,7 +373,15 @@ class _TrainLogger:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"step_{step:08d}.png"
             Image.fromarray(grid).save(path)
-            self.logger.artifact(path, "samples")
+            self.logger.artifact(path, "samples")  # copied at once: tmp may go
+
+    def close(self) -> None:
+        """Send what is left (bounded), and say loudly what the run will lack."""
+        pending = self.logger.close(timeout_s=self.FLUSH_S)
+        if pending:
+            _print(f"[train] WARNING: MLflow run {self.logger.run_id} is missing "
+                   f"{pending.describe()}; kept in {self.logger.spool_dir}, sent at the end of "
+                   "the stage or when the workflow runs next")
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -8,16 +8,27 @@ narrow or widen the plan: ``only`` (just these stages, on committed upstream out
 experiment per workflow, one parent run per invocation, one nested run per stage tagged with
 ``stage`` and ``fingerprint``. The committed directory decides reuse; MLflow names the run that
 produced it.
+
+Tracking degrades loudly. At the end of each stage the runner closes the stage's logger, sends
+what it and the stage's workers could not (:func:`pipeline.tracking.replay_spools`), and for
+anything still missing tags the run ``mmvq.tracking=incomplete`` and prints a warning with the
+counts; the next invocation sends it. While an invocation runs, ``{data_root}/.mlflow-runs``
+lists its runs under a lock that dies with the process, so the next invocation marks the runs
+of a killed one KILLED; SIGTERM and SIGHUP end them KILLED at exit already.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,11 +55,22 @@ from pipeline.stage import (
     read_record,
 )
 from pipeline.stages import STAGES
-from pipeline.tracking import RunLogger, default_tracking_uri, ensure_experiment
+from pipeline.tracking import (
+    Pending,
+    RunLogger,
+    default_tracking_uri,
+    ensure_experiment,
+    mark_incomplete,
+    replay_spools,
+    spool_root,
+    tracking_client,
+)
 from workflows.accounting import chain_counts, chain_metrics
 from workflows.splits import check_splits
 
 log = logging.getLogger(__name__)
+
+FLUSH_S = 15.0  # at a stage's end: how long its logger waits for a tracking server that is down
 
 
 @dataclass(frozen=True)
@@ -265,50 +287,46 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
         if planned.action == "run":
             check_resources(planned.name, planned.config)
 
-    client = MlflowClient(tracking_uri)
+    client = tracking_client(tracking_uri)
     experiment_id = ensure_experiment(client, workflow.name,
                                       _artifact_root(tracking_uri, data_root))
-    parent = client.create_run(experiment_id, run_name=f"{workflow.name}-{time.strftime('%H%M%S')}",
-                               tags={"workflow": workflow.name,
-                                     "plan": " ".join(f"{p.name}={p.action}" for p in plan)})
-    parent_id = parent.info.run_id
-    parent_log = RunLogger(tracking_uri, parent_id)
-    if workflow_file:
-        parent_log.artifact(workflow_file, "workflow")
     results: dict[str, StageResult] = {}
-    status = "FAILED"
-    try:
+    with _invocation(client, tracking_uri, data_root, experiment_id,
+                     run_name=f"{workflow.name}-{time.strftime('%H%M%S')}",
+                     tags={"workflow": workflow.name,
+                           "plan": " ".join(f"{p.name}={p.action}" for p in plan)}) as invocation:
+        if workflow_file:
+            invocation.log.artifact(workflow_file, "workflow")
         for planned in plan:
             if planned.action == "skip":
                 print(f"[{planned.name}] skip: {planned.reason}", flush=True)
                 continue
             inputs = input_locations(planned, data_root)
             results[planned.name] = _run_stage(planned, inputs, data_root, client,
-                                               experiment_id, parent_id, tracking_uri,
+                                               experiment_id, invocation, tracking_uri,
                                                progress=progress, verbose=verbose)
         headline = _headline(results)
         chain = chain_counts(plan)  # every sample accounted along the chain (accounting.py)
         for line in chain:
             print(f"[samples] {line.text()}", flush=True)
         if headline or chain:
-            parent_log.metrics({**headline, **chain_metrics(chain)}, step=0)
-        status = "FINISHED"
-    finally:
-        client.set_terminated(parent_id, status)
+            invocation.log.metrics({**headline, **chain_metrics(chain)}, step=0)
     return list(results.values())
 
 
 def _run_stage(planned: PlannedStage, inputs: Mapping[str, Path], data_root: Path,
-               client: MlflowClient, experiment_id: str, parent_id: str, tracking_uri: str,
-               progress: bool, verbose: bool = False) -> StageResult:
+               client: MlflowClient, experiment_id: str, invocation: _Invocation,
+               tracking_uri: str, progress: bool, verbose: bool = False) -> StageResult:
     name, fp = planned.name, planned.fingerprint
     spec = STAGES[planned.stage]
     run = client.create_run(experiment_id, run_name=name, tags={
-        "mlflow.parentRunId": parent_id, "stage": spec.name, "fingerprint": fp})
+        "mlflow.parentRunId": invocation.parent_id, "stage": spec.name, "fingerprint": fp})
+    invocation.add(run.info.run_id)
     logger = RunLogger(tracking_uri, run.info.run_id)
     logger.params(flatten(to_dict(planned.config)))
     started = time.perf_counter()
     status = "FAILED"
+    others: list[str] = []  # the training run the stage's workers logged to, if another one
     try:
         output, record, reused = commit_stage(
             spec, planned.config, data_root, fp, inputs,
@@ -322,6 +340,9 @@ def _run_stage(planned: PlannedStage, inputs: Mapping[str, Path], data_root: Pat
             on_wait=lambda: print(f"[{name}] waiting: another run is writing {planned.output}",
                                   flush=True),
             on_run=lambda: print(f"[{name}] run {fp}: {planned.reason}", flush=True))
+        summary = record.get("summary")
+        if isinstance(summary, dict) and summary.get("mlflow_run_id"):
+            others.append(str(summary["mlflow_run_id"]))
         if reused:
             source = record.get("mlflow_run_id", "")
             print(f"[{name}] reuse {fp}: same config, inputs and code as run {source or '?'}",
@@ -335,8 +356,207 @@ def _run_stage(planned: PlannedStage, inputs: Mapping[str, Path], data_root: Pat
               flush=True)
         return StageResult(name, fp, output, reused, seconds, run.info.run_id,
                            record["summary"], tracking_uri)
+    except BaseException as err:
+        status = _end_status(err)
+        raise
     finally:
-        client.set_terminated(run.info.run_id, status)
+        logger.terminate(status)
+        _finish_tracking(name, logger, others)
+
+
+RUNS_DIR = ".mlflow-runs"  # under data_root: the runs of invocations in progress (_Invocation)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the runner: like Ctrl-C, its runs end as KILLED."""
+
+
+def _end_status(err: BaseException) -> str:
+    """MLflow's status for a run that ``err`` ended: KILLED for Ctrl-C, SIGTERM, SIGHUP (Ray's
+    own SIGTERM handler exits with SystemExit), else FAILED."""
+    return "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
+@contextlib.contextmanager
+def _signals_end_runs() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Terminated`, so the runs are ended before exit.
+
+    A handler that was there (in-process Ray stops its processes on SIGTERM, then exits) runs
+    first. SIGKILL cannot be caught: :func:`close_killed_runs` covers it on the next run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        old = previous.get(signum)
+        if callable(old):
+            old(signum, frame)
+        raise Terminated(f"{signal.Signals(signum).name} received")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class _Invocation:
+    """The MLflow runs of one workflow invocation, listed under ``{data_root}/.mlflow-runs``.
+
+    ``{parent}.json`` names the runs (the parent, then each stage's), and the invocation holds
+    an ``flock`` on ``{parent}.lock`` until it ends: the kernel drops it however the process
+    dies, SIGKILL included. :func:`close_killed_runs` in a later invocation finds the lists whose
+    lock is free and marks their runs that MLflow still shows RUNNING as KILLED.
+    """
+
+    def __init__(self, data_root: Path, tracking_uri: str, experiment_id: str,
+                 parent_id: str) -> None:
+        self.folder = data_root / RUNS_DIR
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri, self.experiment_id, self.parent_id = tracking_uri, experiment_id, \
+            parent_id
+        self.runs = [parent_id]
+        self._lock = open(self.folder / f"{parent_id}.lock", "a")  # noqa: SIM115 - held
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self._write()
+        self.log = RunLogger(tracking_uri, parent_id)
+
+    def add(self, run_id: str) -> None:
+        self.runs.append(run_id)
+        self._write()
+
+    def _write(self) -> None:
+        record = {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
+                  "runs": self.runs}
+        tmp = self.folder / f".{self.parent_id}.json.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.folder / f"{self.parent_id}.json")
+
+    def end(self) -> None:
+        (self.folder / f"{self.parent_id}.json").unlink(missing_ok=True)
+        (self.folder / f"{self.parent_id}.lock").unlink(missing_ok=True)
+        self._lock.close()
+
+
+def close_killed_runs(data_root: Path, by_run_id: str) -> list[str]:
+    """Mark KILLED the runs that killed invocations under ``data_root`` left RUNNING.
+
+    An invocation's list whose lock nobody holds belongs to a process that died. Its runs, their
+    children and the training runs they resumed (tag ``mmvq.resumed_by_run``) that are still
+    RUNNING are ended as KILLED and tagged ``mmvq.killed_detected_by=<by_run_id>``. With the
+    server unreachable the list stays for the next invocation. Returns the runs marked.
+    """
+    folder = data_root / RUNS_DIR
+    marked: list[str] = []
+    for lock in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+        with _free_lock(lock) as free:
+            if not free:
+                continue  # a live invocation (this one, or a concurrent run)
+            record_path = lock.with_suffix(".json")
+            try:
+                record = json.loads(record_path.read_text())
+                marked += _mark_killed(record, by_run_id)
+            except FileNotFoundError:
+                pass  # it ended normally between our listing and our lock
+            except Exception as err:  # noqa: BLE001 - a courtesy to earlier runs
+                log.warning("could not mark the runs of killed invocation %s: %s",
+                            lock.stem, err)
+                continue
+            record_path.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+    return marked
+
+
+def _mark_killed(record: Mapping[str, Any], by_run_id: str) -> list[str]:
+    client = tracking_client(record["tracking_uri"])
+    ids = set(record["runs"])
+    running = client.search_runs([record["experiment_id"]], max_results=5000,
+                                 filter_string="attributes.status = 'RUNNING'")
+    marked = []
+    for run in running:
+        tags = run.data.tags
+        if ids & {run.info.run_id, tags.get("mlflow.parentRunId"),
+                  tags.get("mmvq.resumed_by_run")}:
+            client.set_tag(run.info.run_id, "mmvq.killed_detected_by", by_run_id)
+            client.set_terminated(run.info.run_id, "KILLED")
+            marked.append(run.info.run_id)
+    return marked
+
+
+@contextlib.contextmanager
+def _free_lock(path: Path) -> Iterator[bool]:
+    """Hold the ``flock`` of ``path`` if nobody does (True), else nothing (False)."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+@contextlib.contextmanager
+def _invocation(client: MlflowClient, tracking_uri: str, data_root: Path, experiment_id: str,
+                run_name: str, tags: Mapping[str, str]) -> Iterator[_Invocation]:
+    """The parent run of one invocation, from creation to its end status.
+
+    First what earlier invocations left: spooled tracking data is sent (:func:`replay_spools`)
+    and the runs of killed ones are marked KILLED. The parent ends FINISHED, FAILED or (Ctrl-C,
+    SIGTERM, SIGHUP) KILLED.
+    """
+    _replay_earlier(tracking_uri)
+    parent = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    invocation = _Invocation(data_root, tracking_uri, experiment_id, parent.info.run_id)
+    status = "FAILED"
+    try:
+        with _signals_end_runs():
+            killed = close_killed_runs(data_root, parent.info.run_id)
+            if killed:
+                print(f"[mlflow] marked {len(killed)} run{'s' if len(killed) > 1 else ''} of "
+                      f"killed invocations KILLED: {', '.join(killed)}", flush=True)
+            yield invocation
+        status = "FINISHED"
+    except BaseException as err:
+        status = _end_status(err)
+        raise
+    finally:
+        invocation.log.terminate(status)
+        _finish_tracking("workflow", invocation.log)
+        invocation.end()
+
+
+def _replay_earlier(tracking_uri: str) -> None:
+    """Send what earlier invocations could not (their loggers closed with the server down)."""
+    result = replay_spools(tracking_uri)
+    if result.replayed:
+        total = Pending()
+        for pending in result.replayed.values():
+            total.merge(pending)
+        print(f"[mlflow] replayed {total.describe()} that earlier runs could not send, into "
+              f"{len(result.replayed)} run{'s' if len(result.replayed) > 1 else ''}", flush=True)
+    for run_id, left in result.left.items():
+        print(f"[mlflow] WARNING: run {run_id} still misses {left.describe()} (server "
+              f"unreachable; kept in {spool_root(tracking_uri) / run_id})", flush=True)
+
+
+def _finish_tracking(name: str, logger: RunLogger, others: Sequence[str] = ()) -> None:
+    """Close a stage's (or the workflow's) logger, send what its run and ``others`` (a training
+    run the stage's workers logged to) still lack, and say loudly what could not be sent."""
+    closed = logger.close(timeout_s=FLUSH_S, mark=False)
+    result = replay_spools(logger.tracking_uri, run_ids={logger.run_id, *others},
+                           send=logger.reachable)
+    missing = dict(result.left)
+    if closed.rejected:
+        missing.setdefault(logger.run_id, Pending()).rejected += closed.rejected
+    for run_id, pending in missing.items():
+        mark_incomplete(logger.tracking_uri, run_id, pending, try_server=result.reachable)
+        print(f"[{name}] WARNING: MLflow run {run_id} is missing {pending.describe()}; kept in "
+              f"{spool_root(logger.tracking_uri) / run_id} and sent when the workflow runs "
+              "next", flush=True)
 
 
 def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str | Path], *,
@@ -381,20 +601,14 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
                            committed_dir(data_root, stage, fp), external=tuple(external))
     _init_ray(ray or RayConfig(), progress, verbose)
     check_resources(spec.name, cfg)
-    client = MlflowClient(tracking_uri)
+    client = tracking_client(tracking_uri)
     experiment_id = ensure_experiment(client, f"stage-{stage}",
                                       _artifact_root(tracking_uri, data_root))
-    parent = client.create_run(experiment_id, run_name=f"stage-{stage}",
-                               tags={"workflow": f"stage-{stage}"})
-    status = "FAILED"
-    try:
-        result = _run_stage(planned, {slot: path for slot, (path, _) in upstream.items()},
-                            data_root, client, experiment_id, parent.info.run_id,
-                            tracking_uri, progress=progress, verbose=verbose)
-        status = "FINISHED"
-        return result
-    finally:
-        client.set_terminated(parent.info.run_id, status)
+    with _invocation(client, tracking_uri, data_root, experiment_id, run_name=f"stage-{stage}",
+                     tags={"workflow": f"stage-{stage}"}) as invocation:
+        return _run_stage(planned, {slot: path for slot, (path, _) in upstream.items()},
+                          data_root, client, experiment_id, invocation, tracking_uri,
+                          progress=progress, verbose=verbose)
 
 
 def _decide(workflow: Workflow, base: PlannedStage, reuse: PlannedStage, committed: bool, *,
