@@ -14,7 +14,6 @@ The task writes the output files; the driver logs them.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,11 @@ from mmvq.text_vocab import TextVocab, decode_ids
 from pipeline import report
 from pipeline.checkpoint import TOKENIZER_DIR
 from pipeline.config import ConfigError, at_least, positive
-from pipeline.stage import StageContext
+from pipeline.stage import SPLIT_NAME, StageContext
 from pipeline.tokenize import TOKENS_DIR
 
 MODALITY_CODES = {"image": "image_tokens", "audio": "audio_tokens", "text": "text_tokens"}
 CODE_COLUMNS = {**MODALITY_CODES, "joint": "joint_tokens"}  # joint: fusion models only
-
-
-_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ class EvaluateConfig:
         at_least("evaluate", self, 1, "batch_size")
         at_least("evaluate", self, 0, "grid_samples", "audio_samples", "seed")
         positive("evaluate", self, "num_cpus")
-        if not _SPLIT_NAME.fullmatch(self.split):
+        if not SPLIT_NAME.fullmatch(self.split):
             raise ConfigError(f"evaluate.split {self.split!r} is not a split name (letters, "
                               "digits, '-', '_')")
 

@@ -78,7 +78,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import to_dict
-from pipeline.stage import StageContext
+from pipeline.stage import SPLIT_NAME, StageContext
 from pipeline.storage import Location, resolve, write_bytes_atomically, write_with
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -92,7 +92,6 @@ JOURNAL = ".ingest-journal.jsonl"
 MANIFEST_VERSION = 1
 # The json field with each sample's original source and files (read by later stages).
 ORIGIN_FIELD = "mmvq_origin"
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _FORMAT_OF_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".tar": "shards"}
 # Tar headers carry no time, owner or host, so the same samples give the same bytes.
 _TAR_MTIME = 0
@@ -148,7 +147,7 @@ class IngestConfig:
             raise ValueError(f"max_member_bytes must be >= 1, got {self.max_member_bytes}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not _SPLIT_NAME.match(self.default_split):
+        if not SPLIT_NAME.fullmatch(self.default_split):
             raise ValueError(f"default_split {self.default_split!r} is not a plain name")
 
 
@@ -738,7 +737,7 @@ def _finish_sample(name: str, members: tuple[MemberRef, ...], origin: Origin, wh
         except _BadJson as err:
             return Rejected(key, where, f"json: {err}", blame)
     split = str(metadata["split"]) if "split" in metadata else _unnamed_split(key, config)
-    if not _SPLIT_NAME.match(split):
+    if not SPLIT_NAME.fullmatch(split):
         return Rejected(key, where, f"split {split!r} is not a plain name ([A-Za-z0-9_-]+)",
                         blame)
     data = _json_bytes({**metadata, "split": split, ORIGIN_FIELD: origin.record()})

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import shutil
 import unicodedata
 from dataclasses import dataclass
@@ -35,11 +34,10 @@ from PIL import Image, ImageOps
 from mmvq.config_io import ConfigError
 from mmvq.text_vocab import BYTES, VOCAB_SIZE, TextVocab, encode_text
 from pipeline.ingest import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, TEXT_EXTENSIONS
-from pipeline.stage import StageContext
+from pipeline.stage import SPLIT_NAME, StageContext
 from pipeline.storage import resolve
 
 MODALITIES = ("image", "audio", "text")
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a split becomes a directory name
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
@@ -318,7 +316,7 @@ def preprocess_sample(sample: dict[str, Any], config: PreprocessConfig,
             split = json.loads(metadata).get("split", split)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             raise BadSample(f"json: does not parse ({err})") from err
-        if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+        if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
             raise BadSample(f"json: split {split!r} is not a plain name ([A-Za-z0-9_-]+)")
 
     size, n = config.image_size, config.audio_samples

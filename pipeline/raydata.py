@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 # Whether this process started the Ray it uses (the embedded in-process Ray): set by
-# :func:`in_process_ray_env`, which the runner calls before ``ray.init``. A flag of this
-# process, not an environment variable: the environment is inherited by every child process,
-# including a test's or a user's own Ray cluster started from it.
+# :func:`init_single_node`. A flag of this process, not an environment variable: the
+# environment is inherited by every child process, a user's own Ray cluster included.
 _in_process_ray = False
 
 
@@ -121,8 +120,10 @@ def actor_pool(num_actors: int, use_gpu: bool = False) -> dict[str, Any]:
 
 
 
-def init_single_node(**init_kwargs: Any) -> None:
-    """``ray.init(**init_kwargs)`` of a Ray on this machine alone, every port on 127.0.0.1.
+def init_single_node(verbose: bool = False, **init_kwargs: Any) -> None:
+    """``ray.init(**init_kwargs)`` of a Ray on this machine alone, every port on 127.0.0.1,
+    whose workers get :func:`_worker_env` (through the job's ``runtime_env``, which sets it in
+    every worker of this job and nowhere else; this process's environment is left alone).
 
     Ray's servers (GCS, raylet, workers, the dashboard agent whose job API runs shell commands)
     bind the node's address, and every interface unless that address is loopback; ``ray.init``
@@ -138,18 +139,18 @@ def init_single_node(**init_kwargs: Any) -> None:
     import ray
     from ray._private import ray_constants
 
+    global _in_process_ray
     previous = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(**init_kwargs)
+        ray.init(runtime_env={"env_vars": _worker_env(verbose)}, **init_kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = previous
+    _in_process_ray = True
 
 
-def in_process_ray_env(verbose: bool) -> dict[str, str]:
-    """Mark this process as running the embedded Ray and return the environment variables its
-    workers need: pass them as ``ray.init(runtime_env={"env_vars": ...})``, which sets them in
-    every worker of this job and nowhere else (this process's own environment is left alone).
+def _worker_env(verbose: bool) -> dict[str, str]:
+    """The environment variables the embedded Ray's workers need.
 
     - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: the watcher follows node drains (spot
       preemption), which one machine does not have; creating it logs the same false ERROR.
@@ -161,8 +162,6 @@ def in_process_ray_env(verbose: bool) -> dict[str, str]:
     - ``RAY_DATA_LOGGING_CONFIG`` (not with ``verbose``): Ray Data's own logging config with the
       console at WARNING (``ray_data_logging.yaml``); its log file keeps everything.
     """
-    global _in_process_ray
-    _in_process_ray = True
     env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "MALLOC_ARENA_MAX": "2"}
     if not verbose:
         env["RAY_DATA_LOGGING_CONFIG"] = str(Path(__file__).with_name("ray_data_logging.yaml"))

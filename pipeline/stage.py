@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -36,6 +37,9 @@ from pipeline.config import to_dict
 
 if TYPE_CHECKING:  # only for annotations: importing mlflow costs every Ray worker seconds
     from pipeline.tracking import RunLogger
+
+# A split is a directory name in every stage's output (ROOT/SPLIT/): plain characters only.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 # Written last into every committed output; its presence is what "complete" means to readers.
 STAGE_RECORD = "stage.json"

@@ -44,7 +44,7 @@ from pipeline.config import (
     to_dict,
     writable_dir,
 )
-from pipeline.raydata import in_process_ray_env, init_single_node
+from pipeline.raydata import init_single_node
 from pipeline.stage import (
     commit_stage,
     committed_dir,
@@ -813,9 +813,8 @@ def _init_ray(config: RayConfig, progress: bool, verbose: bool = False) -> None:
         else:
             # Every port on loopback (init_single_node). The dashboard also serves the state API
             # that Ray Train's controller polls.
-            init_single_node(num_cpus=config.num_cpus, include_dashboard=True,
-                             dashboard_host="127.0.0.1",
-                             runtime_env={"env_vars": in_process_ray_env(verbose)}, **kwargs)
+            init_single_node(verbose, num_cpus=config.num_cpus, include_dashboard=True,
+                             dashboard_host="127.0.0.1", **kwargs)
     context = DataContext.get_current()
     context.enable_progress_bars = progress
     # One bar per operator (read, map, write) is Ray Data's debugging view, not the user's.

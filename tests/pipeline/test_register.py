@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-import soundfile
 import torch
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 from mmvq import MultimodalTokenizer, TokenizerConfig
 from pipeline.codec import Codec
@@ -22,27 +18,15 @@ from pipeline.register import RegisterConfig, previous_version, run
 from pipeline.stage import StageContext
 from pipeline.tracking import RunLogger, ensure_experiment
 
+sys.path.insert(0, str(Path(__file__).parent))
+from rawsamples import raw_samples
+
 LOAD_AND_PREDICT = """
 import sys, json, pandas as pd, mlflow.pyfunc
 model = mlflow.pyfunc.load_model(sys.argv[1])
 out = model.predict(pd.read_pickle(sys.argv[2]))
 print(json.dumps(out.to_dict("records")))
 """
-
-
-def _samples(n: int) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        image = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(image, "PNG")
-        audio = io.BytesIO()
-        soundfile.write(audio, rng.normal(0, 0.1, 16000 + 999 * i).astype(np.float32), 16000,
-                        format="FLAC")  # another rate and container: resampled like training
-        rows.append({"key": f"s{i}", "image": image.getvalue(), "audio": audio.getvalue(),
-                     "text": f"caption number {i}"})
-    rows[1]["image"] = None  # a sample without an image
-    return pd.DataFrame(rows)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +62,7 @@ def test_version_tags_map_version_to_weights_and_metrics(registered):
 
 def test_fresh_process_loads_registered_model_and_gives_same_tokens(registered, tmp_path):
     root, record, uri = registered
-    samples = _samples(3)
+    samples = raw_samples(3)
     samples.to_pickle(tmp_path / "samples.pkl")
     done = subprocess.run(
         [sys.executable, "-c", LOAD_AND_PREDICT, record["uri"], str(tmp_path / "samples.pkl")],

@@ -7,7 +7,6 @@ would load it.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -16,14 +15,10 @@ import zipfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import numpy as np
-import pandas as pd
 import pytest
-import soundfile
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 import pipeline
 from mmvq import MultimodalTokenizer, TokenizerConfig
@@ -31,6 +26,9 @@ from pipeline.codec import Codec
 from pipeline.register import RegisterConfig, run
 from pipeline.stage import StageContext
 from pipeline.tracking import RunLogger, ensure_experiment
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rawsamples import raw_samples
 
 NAME = "trust-tokenizer"
 REPO = Path(pipeline.__file__).resolve().parent.parent
@@ -120,21 +118,6 @@ def _is_pickle(path: Path) -> bool:
     return False
 
 
-def _samples(n: int) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        image = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(image, "PNG")
-        audio = io.BytesIO()
-        soundfile.write(audio, rng.normal(0, 0.1, 16000 + 999 * i).astype(np.float32), 16000,
-                        format="FLAC")
-        rows.append({"key": f"s{i}", "image": image.getvalue(), "audio": audio.getvalue(),
-                     "text": f"caption number {i}"})
-    rows[1]["image"] = None  # a sample without an image
-    return pd.DataFrame(rows)
-
-
 def test_registered_version_holds_no_pickle(registered):
     stored = registered["stored"]
     files = [p for p in stored.rglob("*") if p.is_file()]
@@ -173,7 +156,7 @@ def test_tampered_artifacts_run_no_code_on_load(registered, tmp_path):
 @pytest.mark.parametrize("allow_pickle", ["false", "true"])
 def test_fresh_process_without_the_repository_loads_and_predicts(registered, tmp_path,
                                                                  allow_pickle):
-    samples = _samples(3)
+    samples = raw_samples(3)
     samples.to_parquet(tmp_path / "samples.parquet")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
