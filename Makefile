@@ -42,7 +42,7 @@ bench-data: $(STAMP)  ## data plane: pure-function floor vs webdataset+DataLoade
 # reuses them; each size runs ingest + preprocess + tokenize in a fresh process with in-process Ray.
 SCALE_BENCH_ARGS ?= --sizes 1000 4000 16000 --image-size 64
 bench-scale: $(STAMP)  ## scaling: ingest+preprocess+tokenize at 1k/4k/16k samples, s/sample and peak memory
-	$(BIN)/python -m pipeline.bench.scale $(SCALE_BENCH_ARGS) --out runs/bench/scale.json
+	$(BIN)/python -m workflows.bench_scale $(SCALE_BENCH_ARGS) --out runs/bench/scale.json
 
 # e.g. make bench-gpu GPU_BENCH_ARGS="--device cpu --small" for the seconds-long CPU version.
 GPU_BENCH_ARGS ?= --device cuda

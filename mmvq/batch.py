@@ -35,7 +35,8 @@ class ModelInputs:
     image : (B, 3, H, W) float in [-1, 1]
     audio : (B, T) float waveform
     audio_len : (B,) long, real samples before zero padding
-    text_ids : (B, L) long byte ids, ``PAD_ID`` after ``text_len``
+    text_ids : (B, L) long text vocabulary ids (mmvq.text_vocab: bytes or BPE), ``PAD_ID`` after
+        ``text_len``
     text_len : (B,) long
     has_image, has_audio, has_text : (B,) bool, which samples carry each modality
     """

@@ -16,6 +16,11 @@ from typing import Any, Literal
 
 from mmvq.config_io import ConfigError, from_dict, to_dict
 
+# The modalities, each with its own codec and codebook, in the order every per-modality loop
+# follows (tokenizer, fusion, the pipeline's stages). Here, not in mmvq.modalities, so that
+# torch-free code (config loading, preprocess) can import it without importing torch.
+MODALITIES = ("image", "audio", "text")
+
 
 @dataclass(frozen=True)
 class ImageCodecConfig:
@@ -25,7 +30,9 @@ class ImageCodecConfig:
     ImageNet f16).
     """
 
-    image_size: int = 64  # side in pixels; preprocess resizes/crops every image to this square
+    # Side in pixels of the square images the codec reads; the pipeline's train stage sets it from
+    # the preprocessed data's contract.
+    image_size: int = 64
     base_channels: int = 32  # width after the patchify stem; every other width scales from it
     # Width multiplier per level; each level after the first halves the resolution, so the grid
     # is image_size / 2**(len - 1). (1, 2, 2, 2): 64 px -> 8x8 tokens, as in VQGAN f8.
@@ -118,8 +125,12 @@ def image_preset(name: str) -> ImageCodecConfig:
 class AudioCodecConfig:
     """Strided encoder/decoder for mono waveforms (a slim SEANet, as in SoundStream/EnCodec)."""
 
-    sample_rate: int = 8000  # Hz; 8 kHz keeps speech intelligible and the demo cheap
-    num_samples: int = 20000  # fixed clip length (2.5 s at 8 kHz); shorter clips are zero-padded
+    # Hz; 8 kHz keeps speech intelligible and the demo cheap. The pipeline's train stage sets
+    # sample_rate and num_samples from the preprocessed data's contract.
+    sample_rate: int = 8000
+    # Fixed clip length the codec reads (2.5 s at 8 kHz); a shorter clip arrives zero-padded to
+    # it, with its real length in ``audio_len``.
+    num_samples: int = 20000
     # Width of the first strided stage. It holds T/4 steps, so its width sets most of the CPU cost:
     # 16 (4x the 4 samples it reads) trains ~2x faster than 32 for the same frame-rate width.
     base_channels: int = 16
@@ -161,7 +172,9 @@ BYTE_VOCAB_SIZE = 257  # mmvq.text_vocab.VOCAB_SIZE: 256 byte values + PAD
 class TextCodecConfig:
     """Transformer encoder/decoder over text ids (bytes or BPE), one code per id position."""
 
-    max_len: int = 64  # ids per caption; longer text is truncated by preprocess
+    # Id positions per caption, PAD-filled after the text (the width of ``text_ids``); the
+    # pipeline's train stage sets it from the preprocessed data's contract.
+    max_len: int = 64
     dim: int = 128  # transformer width
     num_layers: int = 2  # transformer layers in the encoder and in the decoder
     num_heads: int = 4  # attention heads; dim must be divisible by it
@@ -272,8 +285,6 @@ class QuantizerConfig:
                 raise ConfigError(f"quantizer.{name} is out of range: {getattr(self, name)!r}")
 
 
-# Loss names with their default weight in ``total``. The tokenizer computes the first six; the
-# GAN generator step (mmvq.train_step.gan_generator_step) adds the last three.
 @dataclass(frozen=True)
 class FusionConfig:
     """Joint tokens over the modalities (see mmvq.fusion)."""
@@ -300,6 +311,10 @@ class FusionConfig:
                               "one code per query")
 
 
+# Loss names with their default weight in ``total``. MultimodalTokenizer.forward computes the
+# reconstruction and vq/ terms, and with FusionConfig.enabled the fusion/ and align/ terms
+# (mmvq.fusion); the GAN generator step (mmvq.train_step.gan_generator_step) adds
+# image/perceptual and adv/*.
 DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
     {
         "image/l1": 1.0,  # pixel L1 on [-1, 1] images

@@ -31,11 +31,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mmvq.config import FusionConfig
+from mmvq.config import MODALITIES, FusionConfig
 from mmvq.losses import info_nce_loss, masked_mean
 from mmvq.quantizers import build_quantizer
-
-MODALITIES = ("image", "audio", "text")
 
 
 @dataclass

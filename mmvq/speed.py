@@ -1,15 +1,22 @@
 """The fast training and tokenization path, one switch per optimisation.
 
 :func:`apply_speed` takes a built tokenizer (and, for GAN training, its discriminators, the
-perceptual net and the optimizers) and turns on what :class:`SpeedConfig` asks for:
+perceptual net and the optimizers) and turns on what :class:`SpeedConfig` asks for. It is the one
+fast path: the train worker (``pipeline.train_loop.build_parts``, which the GPU benchmark
+``pipeline.bench.gpu`` builds its variants with) and the tokenize stage's encoder
+(``pipeline.formats.tokens.TokenEncoder``) both go through it, each with its stage's ``speed``
+config section.
 
-- **bf16 autocast** around the conv nets only (image encoder and decoder, discriminators,
-  LPIPS). Their outputs are cast back to fp32, so the quantizer, the losses and the adaptive
-  weight see fp32 tensors; the quantizers also force fp32 themselves (``mmvq/quantizers``).
+- **bf16 autocast** around the tokenizer's encoder and decoder nets (image, audio, text), the
+  discriminators and LPIPS only. Their outputs are cast back to fp32, so the quantizer, the
+  fusion module, the losses and the adaptive weight see fp32 tensors; the quantizers also force
+  fp32 themselves (``mmvq/quantizers``). The train and encode steps therefore run without an
+  autocast of their own.
 - **TF32** for the fp32 matrix products and convolutions that remain, and cuDNN's autotuner.
-- **channels_last** (NHWC) weights and inputs of those conv nets. ``../shared/BENCHMARKS.md``:
-  alone it slowed the eager GroupNorm model on an H200, so by default it goes with compile only.
-- **torch.compile** of those conv nets (fuses the GroupNorm/SiLU/cast chains between convs).
+- **channels_last** (NHWC) weights and inputs of those nets (4-D tensors only: the image nets).
+  ``../shared/BENCHMARKS.md``: alone it slowed the eager GroupNorm model on an H200, so by
+  default it goes with compile only.
+- **torch.compile** of those nets (fuses the GroupNorm/SiLU/cast chains between convs).
 - **fused AdamW/Adam** steps (one kernel over all parameters).
 - **larger distance blocks** in the quantizers' nearest-code search, so a GPU runs one large
   matrix product instead of dozens of small launches.
@@ -41,8 +48,12 @@ from torch import nn
 
 from mmvq.config_io import ConfigError, from_dict
 
-# Tokenizer submodules that carry almost all of the image branch's compute.
-TOKENIZER_TARGETS = ("image_encoder", "image_decoder")
+# Tokenizer submodules sped up: the modality nets, which carry almost all of the compute. The
+# quantizers stay eager fp32 (data-dependent codebook maintenance would only break graphs), and
+# so does the small fusion module. The audio decoder has no ``last_layer`` and is compiled whole:
+# the adaptive weight's two gradients at its output Linear rerun its (small) backward.
+TOKENIZER_TARGETS = ("image_encoder", "image_decoder", "audio_encoder", "audio_decoder",
+                     "text_encoder", "text_decoder")
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -50,8 +61,8 @@ DEVICE_TYPES = ("cpu", "cuda")
 class SpeedConfig:
     """Which optimisations :func:`apply_speed` turns on; each one is a switch.
 
-    The defaults are the fastest path on a GPU; :meth:`eager_fp32` is the plain path (the
-    benchmark's in-run baseline).
+    The ``speed`` section of the train and tokenize stage configs. The defaults are the fastest
+    path on a GPU; :meth:`eager_fp32` is the plain path (the benchmark's in-run baseline).
     """
 
     # Device types the switches apply on; on any other device apply_speed changes nothing. The
@@ -275,8 +286,8 @@ def apply_speed(
     ----------
     config : which switches; on a device type outside ``config.device_types`` nothing changes
     device : where the modules live
-    model : a MultimodalTokenizer (or a DDP wrapper of one): its image encoder and decoder are
-        sped up and its quantizers get ``search_block_elements``
+    model : a MultimodalTokenizer (or a DDP wrapper of one): its encoder and decoder nets
+        (``TOKENIZER_TARGETS``) are sped up and its quantizers get ``search_block_elements``
     discriminators : sped up one by one (keyed by modality, as from ``build_discriminators``)
     perceptual : the LPIPS net, sped up
     optimizers : returned in the same order, unfused Adam/AdamW replaced by fused copies

@@ -403,18 +403,7 @@ def decode_ids(ids: Sequence[int] | np.ndarray, length: int, vocab: TextVocab = 
     return vocab.decode(head.tolist())
 
 
-# ----------------------------------------------------------------------------- selection
-
-
-def load_text_vocab(kind: str, path: str | Path | None = None) -> TextVocab:
-    """The vocabulary of kind ``bytes`` (no file) or ``bpe`` (read from ``path``)."""
-    if kind == "bytes":
-        return BYTES
-    if kind == "bpe":
-        if path is None:
-            raise ValueError("a bpe text vocabulary needs its file")
-        return BpeVocab.load(path)
-    raise ValueError(f"unknown text vocabulary kind {kind!r}; known: ['bytes', 'bpe']")
+# ----------------------------------------------------------------------------- text config
 
 
 def text_config_for(cfg: TextCodecConfig, vocab: TextVocab) -> TextCodecConfig:

@@ -21,7 +21,12 @@ from torch import nn
 
 from mmvq import losses as L
 from mmvq.batch import ModelInputs
-from mmvq.config import TokenizerConfig, config_to_dict, tokenizer_config_from_dict
+from mmvq.config import (
+    MODALITIES,
+    TokenizerConfig,
+    config_to_dict,
+    tokenizer_config_from_dict,
+)
 from mmvq.fusion import Fusion, FusionOutput
 from mmvq.modalities import (
     AudioDecoder,
@@ -46,7 +51,6 @@ from mmvq.vocabulary import vocabulary_layout
 FORMAT_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-MODALITIES = ("image", "audio", "text")
 
 
 @dataclass

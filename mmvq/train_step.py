@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from mmvq import losses as L
-from mmvq import metrics as M
 from mmvq.batch import ModelInputs
 from mmvq.config import GanConfig
+from mmvq.scoring import codebook_stats
 from mmvq.tokenizer import TokenizerOutput
 
 # Layers whose ``weight`` gets weight decay; biases, norms, embeddings and codebooks do not
@@ -93,8 +93,8 @@ def generator_step(
 
     Returns
     -------
-    The losses as floats (keys as in ``TokenizerOutput.losses``), ``codes/<modality>_usage``
-    and ``codes/<modality>_perplexity`` of the batch, all averaged over micro-batches, plus
+    The losses as floats (keys as in ``TokenizerOutput.losses``), the batch's codebook
+    statistics (:func:`code_stats`), all averaged over micro-batches, plus
     ``grad_norm``, the global gradient norm before clipping.
     """
     model.train()
@@ -112,19 +112,19 @@ def generator_step(
 
 
 def code_stats(model: nn.Module, out: TokenizerOutput, inputs: ModelInputs) -> dict[str, float]:
-    """Codebook usage (fraction of codes used) and perplexity per modality over one batch.
+    """Codebook usage (fraction of codes used) and perplexity per codebook over one batch.
 
-    Only samples that carry the modality count; a collapsing codebook shows here long before it
-    shows in the reconstruction losses.
+    Keys as evaluate's (:func:`mmvq.scoring.codebook_stats`): ``image/codebook_usage``,
+    ``image/codebook_perplexity``, the same for ``audio``, ``text`` and (fusion) ``joint``, and
+    ``audio/codebook_usage_level{k}`` per level of residual audio. Only samples that carry the
+    modality count; a collapsing codebook shows here long before it shows in the losses.
     """
     sizes = _unwrap(model).codebook_sizes()
     present = {"image": inputs.has_image, "audio": inputs.has_audio, "text": inputs.has_text}
-    stats = {}
-    for modality, mask in present.items():
-        codes = out.indices[modality][mask]
-        stats[f"codes/{modality}_usage"] = M.codebook_usage(codes, sizes[modality])
-        stats[f"codes/{modality}_perplexity"] = M.codebook_perplexity(codes, sizes[modality])
-    return stats
+    codes = {m: out.indices[m][mask] for m, mask in present.items()}
+    if "joint" in out.indices:  # fusion: every sample has joint tokens
+        codes["joint"] = out.indices["joint"]
+    return codebook_stats(codes, sizes)
 
 
 def _as_list(inputs: Batches) -> list[ModelInputs]:
@@ -257,7 +257,8 @@ def gan_generator_step(
     -------
     stats : the tokenizer's losses, ``image/perceptual``, ``adv/<modality>`` (generator loss) and
         ``adv/<modality>_weight`` (its effective weight) where computed, ``total``, the
-        ``codes/*`` statistics and ``grad_norm``, as floats (means over micro-batches)
+        codebook statistics (:func:`code_stats`) and ``grad_norm``, as floats (means over
+        micro-batches)
     reconstructions : detached ``image`` and ``audio`` for :func:`discriminator_step`; a list
         of them, one per micro-batch, when ``inputs`` was a list
     """

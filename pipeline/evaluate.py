@@ -3,7 +3,9 @@
 The trained side decodes the *token dataset* that tokenize wrote, so the numbers describe the
 tokens a language model will see; the untrained baseline (same architecture, same init seed as
 training) encodes and decodes the same rows. Metrics, a PNG grid of originals vs
-reconstructions, WAV clips and decoded captions go to the output directory and to MLflow.
+reconstructions, WAV clips and decoded captions go to the output directory and to MLflow. The
+scores and their keys (``image/psnr``, ``image/codebook_usage``, ...) are those of
+:class:`mmvq.scoring.ReconstructionScores`, the scorer training's validation uses too.
 
 The scoring runs as one Ray task with its own resources (``num_cpus``, or a GPU with
 ``use_gpu``), not in the driver: on a cluster the driver is a small head process, and the models
@@ -23,18 +25,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import soundfile
 import torch
-from PIL import Image
 
-from mmvq import metrics as M
+from mmvq.modalities.image import to_uint8
+from mmvq.scoring import ReconstructionScores
 from mmvq.text_vocab import TextVocab, decode_ids
 from pipeline import report
-from pipeline.checkpoint import TOKENIZER_DIR
 from pipeline.config import ConfigError, at_least, positive
-from pipeline.stage import SPLIT_NAME, StageContext
-from pipeline.tokenize import TOKENS_DIR
+from pipeline.formats.checkpoint import TOKENIZER_DIR
+from pipeline.formats.registry import METRICS_FILE, previous_version
+from pipeline.formats.shards import SPLIT_NAME
+from pipeline.formats.tokens import TOKENS_DIR
+from pipeline.stage import StageContext
 
-MODALITY_CODES = {"image": "image_tokens", "audio": "audio_tokens", "text": "text_tokens"}
-CODE_COLUMNS = {**MODALITY_CODES, "joint": "joint_tokens"}  # joint: fusion models only
+CODE_COLUMNS = {"image": "image_tokens", "audio": "audio_tokens", "text": "text_tokens",
+                "joint": "joint_tokens"}  # joint: fusion models only
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
     if ctx.logger:
         flat = {f"{name}/{k}": v for name, r in results.items() for k, v in r.items()}
         ctx.logger.metrics(flat, step=0)
-        for artifact in ("metrics.json", "reconstructions.png", "captions.json",
+        for artifact in (METRICS_FILE, "reconstructions.png", "captions.json",
                          report.USAGE_PNG, report.SPECTROGRAM_PNG, report.REPORT):
             if (out_dir / artifact).is_file():
                 ctx.logger.artifact(out_dir / artifact)
@@ -104,7 +108,8 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
     out_dir : where metrics.json, the image grid, WAV clips, captions and the report go.
     tracking_uri : for the comparison with the newest registered version (None: none).
     """
-    from mmvq import MultimodalTokenizer, to_model_inputs
+    from mmvq.batch import to_model_inputs
+    from mmvq.tokenizer import MultimodalTokenizer
 
     device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
     trained = MultimodalTokenizer.load(model_dir, map_location=device).eval()
@@ -114,7 +119,9 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
     tokens = _read_tokens(tokens_dir)
 
     lpips = _load_lpips(config.lpips_weights)
-    scores = {"trained": _Scores(trained, lpips), "untrained": _Scores(untrained, lpips)}
+    rate = trained.config.audio.sample_rate
+    scores = {name: ReconstructionScores(model.codebook_sizes(), rate, lpips)
+              for name, model in (("trained", trained), ("untrained", untrained))}
     examples: dict[str, dict[str, Any]] = {}
     models = {"trained": trained, "untrained": untrained}
     for batch in _batches(data_dir, config.batch_size):
@@ -137,7 +144,7 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
             examples = {"inputs": inputs, **outputs}
 
     results = {name: s.summary() for name, s in scores.items()}
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    (out_dir / METRICS_FILE).write_text(json.dumps(results, indent=2))
     _write_image_grid(examples, config.grid_samples, out_dir / "reconstructions.png")
     _write_audio(examples, config.audio_samples, trained.config.audio.sample_rate,
                  out_dir / "audio")
@@ -172,16 +179,10 @@ def _load_lpips(path: str | None) -> torch.nn.Module | None:
 
 
 def _write_report(config: EvaluateConfig, out_dir: Path, tracking_uri: str | None, model: Any,
-                  scores: _Scores, results: dict[str, Any]) -> None:
+                  scores: ReconstructionScores, results: dict[str, Any]) -> None:
     """Usage histograms, the comparison with the last registered version, report.html."""
-    from pipeline.register import previous_version
 
-    counts = {}  # codebook -> how often each code occurs in the split
-    for modality, size in scores.sizes.items():
-        chunks = scores.codes[modality]
-        seen = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
-        counts[modality] = np.bincount(seen, minlength=size)
-    report.plot_usage(counts, out_dir / report.USAGE_PNG)
+    report.plot_usage(scores.code_counts(), out_dir / report.USAGE_PNG)  # trained model
     previous = (previous_version(tracking_uri, config.compare_with)
                 if config.compare_with and tracking_uri else None)
     if previous:
@@ -226,112 +227,11 @@ def _codes_for(keys: np.ndarray, tokens: dict[str, dict[str, np.ndarray]],
     return out
 
 
-class _Scores:
-    """Accumulates per-sample metrics and the codes seen, for one model."""
-
-    def __init__(self, model: Any, lpips: torch.nn.Module | None = None) -> None:
-        self.lpips = lpips  # image/lpips only with local weights
-        self.sizes = model.codebook_sizes()
-        self.sample_rate = model.config.audio.sample_rate
-        self.values: dict[str, list[float]] = {}
-        self.codes: dict[str, list[np.ndarray]] = {m: [] for m in self.sizes}
-        self.paired: dict[str, list[np.ndarray]] = {m: [] for m in MODALITY_CODES}
-        self.embeddings: dict[str, list[torch.Tensor]] = {}  # fusion models only
-        self.level_codes: dict[int, list[np.ndarray]] = {}  # residual audio: level -> codes
-
-    def add(self, inputs: Any, out: dict[str, torch.Tensor], codes: dict[str, torch.Tensor],
-            embeddings: dict[str, torch.Tensor]) -> None:
-        img, aud, txt = inputs.has_image, inputs.has_audio, inputs.has_text
-        self._extend("image/psnr", M.psnr(inputs.image[img], out["image"][img]))
-        self._extend("image/ssim", M.ssim(inputs.image[img], out["image"][img]))
-        if self.lpips is not None:
-            with torch.no_grad():
-                self._extend("image/lpips", self.lpips(out["image"][img], inputs.image[img]))
-        self._extend("audio/si_snr", M.si_snr(inputs.audio[aud], out["audio"][aud],
-                                              inputs.audio_len[aud]))
-        self._extend("audio/mel_distance", M.mel_distance(
-            inputs.audio[aud], out["audio"][aud], self.sample_rate))
-        self._extend("text/token_accuracy", M.token_accuracy(
-            inputs.text_ids[txt], out["text_ids"][txt], inputs.text_len[txt]))
-        self._extend("text/exact_match", M.exact_match(
-            inputs.text_ids[txt], out["text_ids"][txt], inputs.text_len[txt]))
-        everyone = torch.ones_like(img)
-        for modality, present in (("image", img), ("audio", aud), ("text", txt),
-                                  ("joint", everyone)):
-            if modality in codes:
-                chosen = codes[modality][present]
-                if modality == "audio" and chosen.ndim == 3:  # residual: (N, frames, levels)
-                    for level in range(chosen.shape[2]):
-                        self.level_codes.setdefault(level, []).append(
-                            chosen[..., level].reshape(-1).numpy())
-                self.codes[modality].append(_first_level(chosen, modality).reshape(-1).numpy())
-        complete = img & aud & txt  # cross-modal scores need every modality of a sample
-        for modality in self.paired:
-            self.paired[modality].append(
-                _first_level(codes[modality][complete], modality).flatten(1).numpy())
-        for modality, emb in embeddings.items():
-            self.embeddings.setdefault(modality, []).append(emb[complete])
-
-    def add_bitrates(self, inputs: Any, model: Any, audio_codes: torch.Tensor) -> None:
-        """Residual audio (B, frames, n): SI-SNR decoded from the first 1..n levels, i.e. the
-        quality at each bitrate (``audio/si_snr_levels{k}``)."""
-        aud = inputs.has_audio
-        for n in range(1, audio_codes.shape[2] + 1):
-            audio = model.decode({"audio": audio_codes[..., :n]})["audio"]
-            self._extend(f"audio/si_snr_levels{n}", M.si_snr(
-                inputs.audio[aud], audio[aud], inputs.audio_len[aud]))
-
-    def _extend(self, key: str, values: torch.Tensor | float) -> None:
-        array = np.atleast_1d(np.asarray(torch.as_tensor(values).detach().cpu(), np.float64))
-        self.values.setdefault(key, []).extend(array.tolist())
-
-    def summary(self) -> dict[str, float]:
-        result = {k: float(np.mean(v)) for k, v in self.values.items() if v}
-        for modality, chunks in self.codes.items():
-            codes = torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros(0)
-            size = self.sizes[modality]
-            result[f"{modality}/codebook_usage"] = float(M.codebook_usage(codes, size))
-            result[f"{modality}/codebook_perplexity"] = float(M.codebook_perplexity(codes, size))
-        for level, chunks in sorted(self.level_codes.items()):  # each residual audio codebook
-            codes = torch.from_numpy(np.concatenate(chunks))
-            size = self.sizes["audio"]
-            result[f"audio/codebook_usage_level{level}"] = float(M.codebook_usage(codes, size))
-            result[f"audio/codebook_perplexity_level{level}"] = float(
-                M.codebook_perplexity(codes, size))
-        paired = {m: np.concatenate(chunks) for m, chunks in self.paired.items() if chunks}
-        for a, b in (("image", "audio"), ("image", "text"), ("audio", "text")):
-            if a in paired and b in paired and len(paired[a]) > 1:
-                result[f"cross/nmi_{a}_{b}"] = M.cross_modal_nmi(paired[a], paired[b])
-            if a in self.embeddings and b in self.embeddings:
-                recall = M.retrieval_recall(torch.cat(self.embeddings[a]),
-                                            torch.cat(self.embeddings[b]), ks=(1, 5))
-                for k, value in recall.items():
-                    result[f"cross/retrieval_{a}_to_{b}_r{k}"] = value
-        result["samples"] = float(len(self.values.get("image/psnr", [])))
-        return result
-
-
-def _first_level(codes: torch.Tensor, modality: str) -> torch.Tensor:
-    """Residual audio codes (..., frames, levels) -> level 0 (..., frames): the codebook every
-    bitrate shares, so audio usage and cross-modal NMI mean the same as for one-level codes."""
-    return codes[..., 0] if modality == "audio" and codes.ndim == 3 else codes
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8."""
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte()
-    return array.permute(0, 2, 3, 1).numpy()
-
-
 def _write_image_grid(examples: dict[str, Any], n: int, path: Path) -> None:
     """Rows: original, trained reconstruction, untrained reconstruction; a column per sample."""
     rows = [examples["inputs"].image[:n], examples["trained"]["image"][:n],
             examples["untrained"]["image"][:n]]
-    tiles = [np.concatenate(list(_to_uint8(r)), axis=1) for r in rows]  # each (H, n*W, 3)
-    grid = np.concatenate(tiles, axis=0)  # (3H, n*W, 3)
-    scale = max(1, 256 // grid.shape[0])  # small demo images are unreadable at 1x
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                 Image.Resampling.NEAREST).save(path)
+    report.write_image_grid([to_uint8(r) for r in rows], path, min_height=256)
 
 
 def _write_audio(examples: dict[str, Any], n: int, rate: int, directory: Path) -> None:
@@ -342,7 +242,7 @@ def _write_audio(examples: dict[str, Any], n: int, rate: int, directory: Path) -
         for name, wave in (("original", inputs.audio[i]),
                            ("trained", examples["trained"]["audio"][i]),
                            ("untrained", examples["untrained"]["audio"][i])):
-            clip = wave[:length].clamp(-1, 1).numpy()
+            clip = wave[:length].clamp(-1, 1).cpu().numpy()
             soundfile.write(directory / f"sample{i}_{name}.wav", clip, rate)
 
 
@@ -352,7 +252,7 @@ def _write_text(examples: dict[str, Any], path: Path, vocab: TextVocab) -> None:
     captions = []
     for i in range(len(inputs.text_ids)):
         n = int(inputs.text_len[i])
-        captions.append({name: decode_ids(ids[i].numpy(), n, vocab) for name, ids in (
+        captions.append({name: decode_ids(ids[i].cpu().numpy(), n, vocab) for name, ids in (
             ("original", inputs.text_ids), ("trained", examples["trained"]["text_ids"]),
             ("untrained", examples["untrained"]["text_ids"]))})
     path.write_text(json.dumps(captions, indent=2))

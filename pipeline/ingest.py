@@ -53,8 +53,8 @@ inputs and config. Each shard is written under a temporary name, moved into plac
 with the digest of its plan and its sha256 in a journal; a rerun keeps every shard whose plan and
 sha256 match and writes the rest, so the result is byte-identical to an uninterrupted run.
 
-The stream reader used by preprocess (:func:`read_shard`) lives here too: it is where the
-contiguity of keys is checked when shards are read.
+The members' names and the stream reader that checks them when shards are read
+(:func:`pipeline.formats.shards.read_shard`) are the shard contract, in :mod:`pipeline.formats.shards`.
 """
 
 from __future__ import annotations
@@ -78,20 +78,29 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import to_dict
-from pipeline.stage import SPLIT_NAME, StageContext
+from pipeline.formats.shards import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    MODALITY_OF,
+    ORIGIN_FIELD,
+    QUARANTINE_FILE,
+    SHARD_MANIFEST,
+    SPLIT_NAME,
+    TEXT_EXTENSIONS,
+    EndRecorder,
+    end_problem,
+    key_problem,
+    member_problem,
+    shard_key,
+    split_name,
+    split_stem,
+    unsafe_name,
+)
+from pipeline.stage import StageContext
 from pipeline.storage import Location, resolve, write_bytes_atomically, write_with
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
-TEXT_EXTENSIONS = ("txt",)
-MODALITY_OF = {**{e: "image" for e in IMAGE_EXTENSIONS}, **{e: "audio" for e in AUDIO_EXTENSIONS},
-               **{e: "text" for e in TEXT_EXTENSIONS}, "json": "json"}
-MANIFEST = "manifest.json"
-QUARANTINE = "quarantine.parquet"
 JOURNAL = ".ingest-journal.jsonl"
 MANIFEST_VERSION = 1
-# The json field with each sample's original source and files (read by later stages).
-ORIGIN_FIELD = "mmvq_origin"
 _FORMAT_OF_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".tar": "shards"}
 # Tar headers carry no time, owner or host, so the same samples give the same bytes.
 _TAR_MTIME = 0
@@ -151,188 +160,12 @@ class IngestConfig:
             raise ValueError(f"default_split {self.default_split!r} is not a plain name")
 
 
-# ----------------------------------------------------------------------------- names
-
-def split_name(name: str) -> tuple[str | None, str | None]:
-    """Member name -> (key, extension) by the webdataset rule: the key ends at the first ``.``
-    of the last path component (``dir/a.seg.png`` -> ``dir/a``, ``seg.png``).
-
-    The extension is lower-cased so ``A.JPG`` is an image; ``(None, None)`` if there is none.
-    """
-    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-    if not match:
-        return None, None
-    return match.group(1), match.group(2).lower()
-
-
-def split_stem(name: str) -> tuple[str | None, str | None]:
-    """File name in a folder source -> (stem, extension): the stem ends at the *last* ``.`` of
-    the last path component (``dir/IMG_1.final.JPG`` -> ``dir/IMG_1.final``, ``jpg``).
-
-    A user's file name is not a member name: the dots before its suffix are part of the name.
-    The extension is lower-cased; ``(None, None)`` if there is none.
-    """
-    match = re.match(r"^((?:.*/)?[^/]+)[.]([^./]+)$", name)
-    if not match:
-        return None, None
-    return match.group(1), match.group(2).lower()
-
-
-def shard_key(name: str) -> str:
-    """A sample's name (folder stem or manifest key) -> its key in the shards.
-
-    Readers would split a ``.`` in the last component into key and extension, so there it
-    becomes ``_`` (``dir/IMG_1.final`` -> ``dir/IMG_1_final``); folders and manifests map alike.
-    """
-    head, sep, last = name.rpartition("/")
-    return f"{head}{sep}{last.replace('.', '_')}"
-
-
-def unsafe_name(name: str) -> str | None:
-    """Why a member or key name must not be used (absolute, ``..``, backslash, NUL), or None."""
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        return f"unsafe member name {name!r}: absolute path"
-    if "\\" in name or "\x00" in name:
-        return f"unsafe member name {name!r}: backslash or NUL"
-    if ".." in name.split("/"):
-        return f"unsafe member name {name!r}: '..' component"
-    return None
-
-
-def key_problem(key: str) -> str | None:
-    """Why ``key`` cannot name a sample in a shard, or None."""
-    if not key or key.endswith("/"):
-        return f"key {key!r} is empty"
-    if "." in key.rsplit("/", 1)[-1]:
-        return f"key {key!r} contains '.': readers would split it into key and extension"
-    return unsafe_name(key)
-
 
 def _key_of(name: str) -> tuple[str, str | None]:
     """(key, why it cannot be used or None); the name is checked before mapping, so that a
     ``..`` is refused rather than turned into ``__``."""
     key = shard_key(name)
     return key, unsafe_name(name) or key_problem(key)
-
-
-# ----------------------------------------------------------------------------- reading shards
-
-@dataclass
-class RawSample:
-    """One sample as read from a shard: member bytes by extension, or why it is unusable."""
-
-    key: str
-    shard: str
-    members: dict[str, bytes] = field(default_factory=dict)
-    error: str | None = None
-
-
-class _EndRecorder(tarfile.TarInfo):
-    """Records the header error that ended a tar walk.
-
-    tarfile stops silently at a truncated or invalid header after the first member, so without
-    this a shard cut at a member boundary reads as a shorter valid shard and samples vanish.
-    Only the end-of-archive marker (a zero block, ``EOFHeaderError``) is a proper end.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.HeaderError as err:
-            tarfile_.mmvq_end = err  # type: ignore[attr-defined]
-            raise
-
-
-def _end_problem(tar: tarfile.TarFile, last: str | None) -> str | None:
-    end = getattr(tar, "mmvq_end", None)
-    if isinstance(end, tarfile.EOFHeaderError):
-        return None
-    where = f"after member {last!r}" if last else "before the first member"
-    return f"shard truncated or corrupt {where}: no end-of-archive marker ({end or 'EOF'})"
-
-
-def read_shard(stream: IO[bytes], shard: str,
-               max_member_bytes: int = 1 << 30) -> Iterator[RawSample]:
-    """Stream a webdataset tar into samples, checking what readers usually take on trust.
-
-    Consecutive members with the same key form a sample. A key that appears again after another
-    key (out-of-order members, which split one sample in two for a plain reader) marks the later
-    run with an error; the caller also sees the earlier run and must quarantine both (the stage
-    does: a key occurring twice is never passed on). Unsafe names, links, duplicate members,
-    oversized members and truncation mark the sample they hit. A shard that is not a tar at all
-    yields one sample with an empty key and the reason.
-
-    Parameters
-    ----------
-    stream : the shard's bytes, read once from start to end.
-    shard : its name or URI, copied into every sample for the quarantine table.
-    max_member_bytes : members larger than this are not read (and the sample is marked).
-    """
-    try:
-        # Not a context manager: closing the TarFile would close the caller's stream.
-        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecorder)  # noqa: SIM115
-    except (tarfile.TarError, OSError, EOFError) as err:
-        yield RawSample("", shard, error=f"shard is not a readable tar: {err}")
-        return
-    seen: set[str] = set()
-    current: RawSample | None = None
-    last = None
-    try:
-        for info in tar:
-            if info.isdir():
-                continue
-            last = info.name
-            key, ext = split_name(info.name)
-            if key is None:
-                if current is not None:
-                    yield current
-                current = RawSample(info.name, shard, error=f"member {info.name!r} has no "
-                                    "extension, so it belongs to no sample")
-                continue
-            if current is None or key != current.key:
-                if current is not None:
-                    yield current
-                current = RawSample(key, shard)
-                if key in seen:
-                    current.error = (f"members of key {key!r} are not contiguous in the shard "
-                                     "(another run of them came earlier); `mmvq ingest` with "
-                                     "format=shards merges them")
-                seen.add(key)
-            problem = _member_problem(info, ext, current.members, max_member_bytes)
-            if problem:
-                current.error = current.error or problem
-                continue
-            current.members[ext] = tar.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        reason = f"shard truncated or corrupt at member {last!r}: {err}"
-        yield _with_error(current, shard, reason)
-        return
-    problem = _end_problem(tar, last)
-    if problem:  # the last sample may have lost members after the cut: do not trust it
-        yield _with_error(current, shard, problem)
-    elif current is not None:
-        yield current
-
-
-def _member_problem(info: tarfile.TarInfo, ext: str, members: dict[str, bytes],
-                    max_member_bytes: int) -> str | None:
-    if problem := unsafe_name(info.name):
-        return problem
-    if not info.isreg():
-        return f"member {info.name!r} is a link or device, not a regular file"
-    if ext in members:
-        return f"duplicate member {info.name!r}"
-    if info.size > max_member_bytes:
-        return f"member {info.name!r} has {info.size} bytes, over the {max_member_bytes} limit"
-    return None
-
-
-def _with_error(sample: RawSample | None, shard: str, reason: str) -> RawSample:
-    if sample is None:
-        return RawSample("", shard, error=reason)
-    sample.error = sample.error or reason
-    return sample
 
 
 # ----------------------------------------------------------------------------- planning
@@ -667,9 +500,9 @@ def _index_shard(shard: Location, rel: str, size: int, config: IngestConfig,
     infos: list[tarfile.TarInfo] = []
     with shard.fs.open_input_file(shard.path) as handle:
         try:
-            tar = tarfile.open(fileobj=handle, mode="r:", tarinfo=_EndRecorder)  # noqa: SIM115
+            tar = tarfile.open(fileobj=handle, mode="r:", tarinfo=EndRecorder)  # noqa: SIM115
             infos.extend(i for i in tar if not i.isdir())
-            problem = _end_problem(tar, infos[-1].name if infos else None)
+            problem = end_problem(tar, infos[-1].name if infos else None)
         except (tarfile.TarError, OSError, EOFError) as err:
             if not infos:
                 yield Rejected("", shard.uri, f"shard is not a readable tar: {err}", shard.uri)
@@ -682,7 +515,7 @@ def _index_shard(shard: Location, rel: str, size: int, config: IngestConfig,
                            f"{shard.uri}#{info.name}")
             continue
         members = groups.setdefault(key, [])
-        bad = (_member_problem(info, ext, {split_name(m.name)[1]: b"" for m in members}, size + 1)
+        bad = (member_problem(info, ext, {split_name(m.name)[1]: b"" for m in members}, size + 1)
                or (info.offset_data + info.size > size
                    and f"member {info.name!r} is cut off by the end of the file")
                or key_problem(key))
@@ -960,10 +793,10 @@ def _ingest_into(out: Location, config: IngestConfig,
         if on_shard:
             on_shard(record)
     _remove_strays(out, {p.path for p in plans})
-    write_with(out.join(QUARANTINE), lambda stream: pq.write_table(_quarantine_table(rejected),
+    write_with(out.join(QUARANTINE_FILE), lambda stream: pq.write_table(_quarantine_table(rejected),
                                                                    stream))
     manifest = _manifest(config, records, rejected)
-    write_bytes_atomically(out.join(MANIFEST),
+    write_bytes_atomically(out.join(SHARD_MANIFEST),
                            (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     journal.delete()
     return manifest
@@ -997,7 +830,7 @@ def _check_output(out: Location, config: IngestConfig) -> None:
     recorded = _recorded_sources(out)
     if not recorded:
         raise IngestError(f"ingest output {out} is not empty and holds no `mmvq ingest` output "
-                          f"(no {MANIFEST} or journal naming a source): {hint}")
+                          f"(no {SHARD_MANIFEST} or journal naming a source): {hint}")
     for source in recorded:
         if not _same_place(source, config.source):
             raise IngestError(f"ingest output {out} holds shards ingested from {source}; "
@@ -1008,10 +841,10 @@ def _recorded_sources(out: Location) -> list[str]:
     """The sources named by ``out``'s manifest and journal (an unreadable one names none)."""
     sources = []
     lines = []
-    for name in (MANIFEST, JOURNAL):
+    for name in (SHARD_MANIFEST, JOURNAL):
         if out.join(name).is_file():
             text = out.join(name).read_bytes().decode("utf-8", "replace")
-            lines.extend([text] if name == MANIFEST else text.splitlines())
+            lines.extend([text] if name == SHARD_MANIFEST else text.splitlines())
     for line in lines:
         try:
             record = json.loads(line)
@@ -1036,7 +869,7 @@ def _same_place(a: str, b: str) -> bool:
 def _known_shards(out: Location) -> dict[str, dict[str, Any]]:
     """Shard records of an earlier run: its manifest if it finished, else its journal."""
     known: dict[str, dict[str, Any]] = {}
-    manifest = out.join(MANIFEST)
+    manifest = out.join(SHARD_MANIFEST)
     if manifest.is_file():
         try:
             known.update({r["path"]: r for r in json.loads(manifest.read_bytes())["shards"]})
@@ -1124,15 +957,15 @@ def run(config: IngestConfig, ctx: StageContext) -> dict[str, Any]:
                 **{f"out/{k}": v for k, v in counts["splits"].items()},
                 **{f"modality/{k}": v for k, v in counts["modalities"].items()}}
         ctx.logger.metrics({f"samples/{k}": v for k, v in flat.items()}, step=0)
-        ctx.logger.artifact(ctx.output_dir / MANIFEST)
+        ctx.logger.artifact(ctx.output_dir / SHARD_MANIFEST)
         if counts["quarantined"]:
-            ctx.logger.artifact(ctx.output_dir / QUARANTINE)
+            ctx.logger.artifact(ctx.output_dir / QUARANTINE_FILE)
     return {"counts": {k: v for k, v in counts.items() if k != "modalities"}}
 
 
 # ----------------------------------------------------------------------------- command line
 
-# The parser lives in pipeline.cli (so `mmvq --help` imports none of this); this runs it.
+# The parser lives in workflows.cli (so `mmvq --help` imports none of this); this runs it.
 
 def cmd_ingest(args: Any) -> int:
     """Run ``mmvq ingest``; an error is printed to stderr and gives exit status 1."""
@@ -1154,7 +987,7 @@ def cmd_ingest(args: Any) -> int:
     print(f"wrote {len(manifest['shards'])} shards to {args.out}: splits {counts['splits']}, "
           f"modalities {counts['modalities']}")
     print(f"in {counts['in']} = out {counts['out']} + quarantined {counts['quarantined']}"
-          + (f" (reasons in {args.out}/{QUARANTINE})" if counts["quarantined"] else ""))
+          + (f" (reasons in {args.out}/{QUARANTINE_FILE})" if counts["quarantined"] else ""))
     return 0
 
 

@@ -31,10 +31,14 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import TOKENIZER_DIR
+from pipeline.formats.checkpoint import TOKENIZER_DIR
+from pipeline.formats.registry import ARTIFACT, METRICS_FILE, TOKEN_COLUMNS, version_tags
+from pipeline.formats.tokens import tokenizer_id
 from pipeline.stage import StageContext
 
-METRIC_TAG_PREFIX = "eval/"  # version tag per trained metric: eval/image/psnr = 21.3
+# The model file MLflow logs and runs (models-from-code); read as a file, never imported here,
+# so that importing this stage (plans do) loads no torch. The stage's code fingerprint names it.
+MODEL_FILE = Path(__file__).with_name("tokenizer_model.py")
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,6 @@ def signature() -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
-    from pipeline.tokenizer_model import TOKEN_COLUMNS  # the served model's columns
 
     inputs = Schema([ColSpec(DataType.string, "key", required=False),
                      ColSpec(DataType.binary, "image", required=False),
@@ -80,47 +83,26 @@ def input_example(image_size: int, sample_rate: int) -> pd.DataFrame:
                           "audio": audio.getvalue(), "text": "a small red circle"}])
 
 
-def previous_version(tracking_uri: str, name: str) -> dict[str, Any] | None:
-    """The newest registered version of ``name``: version, metrics from its tags, tokenizer id.
-
-    None when the model is not registered (or the registry cannot be reached: a comparison is
-    a nice-to-have, never a reason to fail an evaluation).
-    """
-    try:
-        versions = MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'")
-    except Exception:  # noqa: BLE001 - no registry, no comparison
-        return None
-    if not versions:
-        return None
-    newest = max(versions, key=lambda v: int(v.version))
-    metrics = {k[len(METRIC_TAG_PREFIX):]: float(v) for k, v in newest.tags.items()
-               if k.startswith(METRIC_TAG_PREFIX)}
-    return {"name": name, "version": int(newest.version), "metrics": metrics,
-            "tokenizer_id": newest.tags.get("tokenizer_id", "")}
-
-
 def run(config: RegisterConfig, ctx: StageContext) -> dict[str, Any]:
     """Log the tokenizer as a pyfunc model, register it, tag the version with eval metrics."""
-    from mmvq import MultimodalTokenizer
-    from pipeline import tokenizer_model  # here: importing this stage (plans do) loads no torch
+    from mmvq.tokenizer import MultimodalTokenizer
 
     if ctx.logger is None or not ctx.tracking_uri:
         raise ValueError("register needs MLflow tracking (run it from a workflow or mmvq stage)")
     model_dir = Path(ctx.inputs["model"]) / TOKENIZER_DIR
     model = MultimodalTokenizer.load(model_dir)
     weights = model.weights_hash()
-    metrics_file = Path(ctx.inputs["evaluation"]) / "metrics.json"
+    metrics_file = Path(ctx.inputs["evaluation"]) / METRICS_FILE
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file}: the evaluation input has no metrics.json")
     trained = json.loads(metrics_file.read_text())["trained"]
-    tags = {**{f"{METRIC_TAG_PREFIX}{k}": repr(float(v)) for k, v in trained.items()},
-            "tokenizer_id": f"local:{weights[:16]}", "weights_sha256": weights,
-            "source_run": ctx.logger.run_id}
+    tags = {**version_tags(trained), "tokenizer_id": tokenizer_id(weights),
+            "weights_sha256": weights, "source_run": ctx.logger.run_id}
     with (_fluent_uris(ctx.tracking_uri), _sys_path_kept(),
           mlflow.start_run(run_id=ctx.logger.run_id)):
         info = mlflow.pyfunc.log_model(
-            name=config.model_path, python_model=tokenizer_model.__file__,
-            artifacts={tokenizer_model.ARTIFACT: str(model_dir)}, code_paths=_code_paths(),
+            name=config.model_path, python_model=str(MODEL_FILE),
+            artifacts={ARTIFACT: str(model_dir)}, code_paths=_code_paths(),
             signature=signature(),
             input_example=input_example(model.config.image.image_size,
                                         model.config.audio.sample_rate),

@@ -41,6 +41,27 @@ def _matplotlib() -> Any | None:
 
 # ----------------------------------------------------------------------------- plots
 
+def write_image_grid(rows: Sequence[np.ndarray], path: Path, min_height: int = 0) -> None:
+    """Image rows as one PNG: row ``r`` shows ``rows[r]`` side by side.
+
+    Parameters
+    ----------
+    rows : each (n, H, W, 3) uint8 (:func:`mmvq.modalities.image.to_uint8`), e.g. originals
+        over reconstructions; the same n, H and W in every row
+    path : the PNG to write
+    min_height : upscale by the largest whole factor (nearest neighbour) that keeps the grid
+        at most this tall: small demo images are unreadable at 1x; 0: as they are
+    """
+    tiles = [np.concatenate(list(r), axis=1) for r in rows]  # each (H, n*W, 3)
+    grid = np.concatenate(tiles, axis=0)  # (len(rows)*H, n*W, 3)
+    scale = max(1, min_height // grid.shape[0])
+    image = Image.fromarray(grid)
+    if scale > 1:
+        image = image.resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                             Image.Resampling.NEAREST)
+    image.save(path)
+
+
 def plot_usage(counts: Mapping[str, np.ndarray], path: Path, use_matplotlib: bool = True) -> None:
     """One bar chart per codebook: how often each code was used, codes sorted by frequency.
 

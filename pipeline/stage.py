@@ -18,14 +18,15 @@ then finds the first one's committed output and reuses it.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -37,9 +38,6 @@ from pipeline.config import to_dict
 
 if TYPE_CHECKING:  # only for annotations: importing mlflow costs every Ray worker seconds
     from pipeline.tracking import RunLogger
-
-# A split is a directory name in every stage's output (ROOT/SPLIT/): plain characters only.
-SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 # Written last into every committed output; its presence is what "complete" means to readers.
 STAGE_RECORD = "stage.json"
@@ -77,13 +75,20 @@ class StageSpec:
     # folder, a single file or an s3:// prefix of webdataset .tar shards (``mmvq ingest``'s
     # output, or any tool's).
     external_inputs: tuple[str, ...] = ()
-    # Modules whose source decides the output (part of the fingerprint). pipeline.stage is
-    # always included: it defines how outputs are written.
+    # The modules the stage runs; their source and that of every module of ours they import
+    # (code_closure) is part of the fingerprint. Default: the module of ``run``.
     code: tuple[str, ...] = ()
     # Distributions whose version can change the output (a new Pillow resizes differently, a
     # new torch changes kernels); their versions are part of the fingerprint. mmvq itself and
     # numpy/pyarrow (every stage's arrays and files) are always included.
     libraries: tuple[str, ...] = ()
+    # The data contract this stage's output promises, from its config alone (preprocess: the
+    # shapes it writes), so that a consumer can be checked before anything runs.
+    contract: Callable[[Any], dict[str, Any]] | None = None
+    # The consumer's side: (raw config as written, input slot -> (contract, who made it)) -> the
+    # raw config with what follows from the inputs filled in; raises ConfigError on a conflict.
+    derive: Callable[[Mapping[str, Any], Mapping[str, tuple[dict[str, Any], str]]],
+                     dict[str, Any]] | None = None
 
     def library_versions(self) -> dict[str, str]:
         return library_versions(("mmvq", "numpy", "pyarrow", *self.libraries))
@@ -91,7 +96,7 @@ class StageSpec:
     def code_version(self) -> str:
         """Hash of the stage's source and of the versions of the libraries it depends on."""
         versions = json.dumps(self.library_versions(), sort_keys=True)
-        return code_version(("pipeline.stage", *self.code), extra=versions)
+        return code_version(self.code or (self.run.__module__,), extra=versions)
 
 
 def library_versions(distributions: tuple[str, ...]) -> dict[str, str]:
@@ -112,23 +117,86 @@ def library_versions(distributions: tuple[str, ...]) -> dict[str, str]:
 
 
 def code_version(modules: tuple[str, ...], extra: str = "") -> str:
-    """Hash of the source of ``modules`` (a package counts with all its files), and ``extra``.
+    """Hash of the source of ``modules`` and of every module of ours they import, and ``extra``.
 
-    A stage names the code its output depends on, so editing the trainer reruns train and what
-    follows, but not synth. The files are found without importing them (``find_spec``), so a
-    plan costs no torch import.
+    The files are what the stage really runs: the import closure within mmvq and pipeline
+    (:func:`code_closure`), so editing anything a stage imports reruns it, and editing a module
+    it does not import (the trainer, for synth) does not. Found by reading the source, not by
+    importing it, so a plan costs no torch import.
     """
     digest = hashlib.sha256(extra.encode())
-    for name in sorted(modules):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ModuleNotFoundError(f"stage code module {name!r} not found")
-        origin = Path(spec.origin)
-        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
-        for path in files:
-            digest.update(f"{name}:{path.name}".encode())
-            digest.update(path.read_bytes())
+    for name, path in code_closure(modules).items():
+        digest.update(f"{name}:{path.name}".encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+# The packages whose modules count as a stage's code (a library's version counts instead).
+CODE_PACKAGES = ("mmvq", "pipeline")
+
+
+def code_closure(modules: tuple[str, ...]) -> dict[str, Path]:
+    """``modules`` and every module of :data:`CODE_PACKAGES` they import, directly or not,
+    function-local imports included: module name -> source file, sorted by name.
+
+    ``from package import name`` counts the submodule ``package.name`` when there is one, else
+    the package; a package's ``__init__`` that imports lazily (PEP 562, a ``_LAZY`` table of
+    name -> module) counts the module each imported name comes from.
+    """
+    found: dict[str, Path] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        path = _source_file(name)
+        if path is None:
+            raise ModuleNotFoundError(f"stage code module {name!r} not found")
+        found[name] = path
+        todo.extend(_imports_of(name, path))
+    return dict(sorted(found.items()))
+
+
+def _source_file(name: str) -> Path | None:
+    """The file of module ``name`` of our packages (``__init__.py`` for a package), or None."""
+    top = name.split(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin is None:
+        return None
+    base = Path(spec.origin).parent.joinpath(*name.split(".")[1:])
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imports_of(name: str, path: Path) -> list[str]:
+    """The modules of :data:`CODE_PACKAGES` that module ``name`` (at ``path``) imports."""
+    tree = ast.parse(path.read_bytes())
+    lazy = _lazy_table(tree)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                out.append(sub if _source_file(sub) is not None else node.module)
+    for target in lazy.values():
+        out.append(target)
+    return [m for m in out if m.split(".")[0] in CODE_PACKAGES and _source_file(m) is not None]
+
+
+def _lazy_table(tree: ast.Module) -> dict[str, str]:
+    """A module-level ``_LAZY = {name: module}`` literal (PEP 562 lazy imports), or {}."""
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "_LAZY"):
+            try:
+                return dict(ast.literal_eval(node.value))
+            except ValueError:
+                return {}
+    return {}
 
 
 def fingerprint(stage: str, config: Any, input_fingerprints: Mapping[str, str],
@@ -218,18 +286,30 @@ def leftovers(data_root: Path, stage: str, fp: str | None = None) -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.name.startswith(prefixes))
 
 
-def run_committed(spec: StageSpec, config: Any, data_root: Path, fp: str,
-                  inputs: Mapping[str, Path], record: Mapping[str, Any],
-                  logger: RunLogger | None = None, tracking_uri: str | None = None,
-                  progress: bool = True, name: str | None = None,
-                  replace: bool = False, verbose: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Run ``spec`` into a temporary directory, then commit it atomically under ``fp``.
+@dataclass(frozen=True)
+class StageOutput:
+    """Where one fingerprint of one workflow entry is committed: ``data_root/name/fingerprint``."""
+
+    data_root: Path
+    name: str  # the workflow entry (the stage's name when run alone)
+    fingerprint: str
+
+    @property
+    def dir(self) -> Path:
+        return committed_dir(self.data_root, self.name, self.fingerprint)
+
+
+def run_committed(spec: StageSpec, config: Any, output: StageOutput, record: Mapping[str, Any],
+                  ctx: StageContext | None = None, replace: bool = False,
+                  ) -> tuple[Path, dict[str, Any]]:
+    """Run ``spec`` into a temporary directory, then commit it atomically as ``output``.
 
     Call it holding :func:`output_lock` for the same output when other runs may write it.
 
     Parameters
     ----------
-    name : directory under ``data_root`` (the workflow entry's name); default ``spec.name``.
+    ctx : the stage's inputs, logger and console settings; its ``output_dir`` and
+        ``committed_dir`` are set here. None: no inputs, no tracking.
     replace : swap out an existing committed output (a forced rerun). The old one stays
         readable until the new one is complete, so a forced rerun that fails or is killed
         keeps it.
@@ -237,14 +317,12 @@ def run_committed(spec: StageSpec, config: Any, data_root: Path, fp: str,
     Returns the committed directory and the stage's summary. If another process committed the
     same fingerprint meanwhile (without the lock), its output is kept and ours discarded.
     """
-    final = committed_dir(data_root, name or spec.name, fp)
-    tmp = final.parent / f"{TMP_PREFIX}{fp}-{uuid.uuid4().hex[:8]}"
+    final = output.dir
+    tmp = final.parent / f"{TMP_PREFIX}{output.fingerprint}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        ctx = StageContext(output_dir=tmp, inputs=dict(inputs), logger=logger,
-                           tracking_uri=tracking_uri, progress=progress, committed_dir=final,
-                           verbose=verbose)
-        summary = spec.run(config, ctx)
+        base = ctx or StageContext(output_dir=tmp, inputs={})
+        summary = spec.run(config, dataclasses.replace(base, output_dir=tmp, committed_dir=final))
         full_record = {**record, "summary": summary}
         (tmp / STAGE_RECORD).write_text(json.dumps(full_record, indent=2, default=str))
         if replace and final.exists():
@@ -261,39 +339,32 @@ def run_committed(spec: StageSpec, config: Any, data_root: Path, fp: str,
         raise
 
 
-def commit_stage(spec: StageSpec, config: Any, data_root: Path, fp: str,
-                 inputs: Mapping[str, Path], record: Mapping[str, Any], *,
-                 name: str | None = None, force: bool = False,
-                 logger: RunLogger | None = None, tracking_uri: str | None = None,
-                 progress: bool = True, verbose: bool = False,
+def commit_stage(spec: StageSpec, config: Any, output: StageOutput, record: Mapping[str, Any],
+                 ctx: StageContext | None = None, *, force: bool = False,
                  on_wait: Callable[[], None] | None = None,
                  on_run: Callable[[], None] | None = None,
                  ) -> tuple[Path, dict[str, Any], bool]:
-    """Reuse the committed output of ``fp`` or run the stage into it, under the output's lock.
+    """Reuse the committed ``output`` or run the stage into it, under the output's lock.
 
     The record is read again once the lock is held: a concurrent run that committed the same
-    output while this one waited is reused, not repeated. Leftovers of killed runs of ``fp``
-    are deleted first.
+    output while this one waited is reused, not repeated. Leftovers of killed runs of the
+    fingerprint are deleted first. ``ctx`` is as :func:`run_committed` takes it.
 
     Returns
     -------
     (output directory, the committed record, reused)
     """
-    name = name or spec.name
-    final = committed_dir(data_root, name, fp)
+    data_root, name, fp = output.data_root, output.name, output.fingerprint
     with output_lock(data_root, name, fp, on_wait=on_wait):
         for stale in leftovers(data_root, name, fp):
             shutil.rmtree(stale, ignore_errors=True)
-        existing = read_record(final)
+        existing = read_record(output.dir)
         if existing is not None and not force:
-            return final, existing, True
+            return output.dir, existing, True
         if on_run is not None:
             on_run()
-        output, summary = run_committed(spec, config, data_root, fp, inputs, record,
-                                        logger=logger, tracking_uri=tracking_uri,
-                                        progress=progress, name=name, replace=force,
-                                        verbose=verbose)
-        return output, {**record, "summary": summary}, False
+        committed, summary = run_committed(spec, config, output, record, ctx, replace=force)
+        return committed, {**record, "summary": summary}, False
 
 
 def _discard(path: Path) -> None:

@@ -28,6 +28,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
+from pipeline.formats.shards import SHARD_MANIFEST
+
 # S3FileSystem options that may be given in the URI query (strings as in the URI).
 _S3_QUERY_OPTIONS = ("endpoint_override", "region", "scheme", "access_key", "secret_key",
                      "session_token", "force_virtual_addressing")
@@ -232,7 +234,7 @@ def listing_fingerprint(location: str, suffixes: tuple[str, ...]) -> str:
     for info in infos:
         mtime = info.mtime_ns if info.mtime_ns is not None else ""
         digest.update(f"{base.relative(info.path)}\0{info.size}\0{mtime}\n".encode())
-    manifest = base.join("manifest.json")
+    manifest = base.join(SHARD_MANIFEST)
     if manifest.is_file():
         digest.update(manifest.read_bytes())
     return digest.hexdigest()[:16]

@@ -9,10 +9,9 @@ and the ``mmvq`` and ``pipeline`` packages as ``code_paths``, which MLflow puts 
 ``sys.path``. So ``mlflow.pyfunc.load_model("models:/NAME/VERSION")`` works in a process that
 has no checkout of this repository, with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 
-It imports as little as it can: mmvq's model and the preprocess stage's pure sample function
-(so predict sees exactly what training saw); not Ray, not the register or tokenize stages. The
-rows it returns are the token dataset's rows for the same samples (tests compare them with
-:class:`pipeline.codec.Codec`, which runs the tokenize stage's own actor).
+It imports as little as it can: the contracts' pure sample function (so predict sees exactly
+what training saw) and the token dataset's row encoder (so its rows are the token dataset's rows
+for the same samples); not Ray and no stage.
 """
 
 from __future__ import annotations
@@ -24,19 +23,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from mmvq import MultimodalTokenizer, to_model_inputs
-from mmvq.vocabulary import interleave
-from pipeline.preprocess import BadSample, PreprocessConfig, Resamplers, preprocess_sample
+from pipeline.formats.registry import ARTIFACT, INPUT_COLUMNS, OUTPUT_COLUMNS
+from pipeline.formats.samples import BadSample, Resamplers, SampleSpec, preprocess_sample
+from pipeline.formats.tokens import TokenEncoder
 
-ARTIFACT = "tokenizer"  # key of the tokenizer directory in the model's artifacts
-INPUT_COLUMNS = ("key", "image", "audio", "text")
-TOKEN_COLUMNS = ("image_tokens", "image_grid", "audio_tokens", "text_tokens", "joint_tokens",
-                 "interleaved_tokens")
-OUTPUT_COLUMNS = ("key", *TOKEN_COLUMNS, "audio_frames", "tokenizer")  # predict's, in order
 # PIL and libsndfile put the stream's repr in their messages: meaningless to a caller.
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
@@ -50,15 +43,12 @@ class TokenizerModel(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        self.model = MultimodalTokenizer.load(context.artifacts[ARTIFACT]).eval()
-        cfg = self.model.config
-        # The preprocess stage's settings for this model: crop, rate, clip and text length.
-        self.preprocess = PreprocessConfig(
-            image_size=cfg.image.image_size, sample_rate=cfg.audio.sample_rate,
-            audio_samples=cfg.audio.num_samples, text_max_len=cfg.text.max_len, required=())
-        self.resample = Resamplers(cfg.audio.sample_rate)
-        self.layout = self.model.vocabulary()
-        self.tokenizer_id = f"local:{self.model.weights_hash()[:16]}"  # as tokenize writes it
+        # The tokenize stage's row encoder, so predict's rows are the token dataset's rows.
+        self.encoder = TokenEncoder(context.artifacts[ARTIFACT])
+        self.model = self.encoder.model
+        # The sample spec the model was trained on: crop, rate, clip and text length.
+        self.preprocess = SampleSpec.for_model(self.model.config)
+        self.resample = Resamplers(self.preprocess.sample_rate)
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -92,33 +82,12 @@ class TokenizerModel(PythonModel):
         return {**prepared, "key": str(key)}
 
     def _encode(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Token rows as the tokenize stage writes them (``pipeline.tokenize.TokenizeActor``)."""
+        """Token rows as the tokenize stage writes them, in ``OUTPUT_COLUMNS``."""
         if not rows:
             return []
         batch = {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
-        with torch.no_grad():
-            codes = {k: v.cpu().numpy()
-                     for k, v in self.model.encode(to_model_inputs(batch)).items()}
-        hop = self.model.config.audio.hop  # waveform samples per audio token
-        out = []
-        for i, row in enumerate(rows):
-            image = codes["image"][i].reshape(-1) if row["has_image"] else None
-            audio = codes["audio"][i] if row["has_audio"] else None  # (frames[, levels])
-            text = codes["text"][i] if row["has_text"] else None
-            joint = codes["joint"][i] if "joint" in codes else None
-            frames = math.ceil(int(row["audio_len"]) / hop)
-            stream = interleave({
-                "image": image, "audio": None if audio is None else audio[:frames],
-                "text": None if text is None else text[:int(row["text_len"])],
-                "joint": joint}, self.layout)
-            out.append({
-                "key": row["key"], "image_tokens": _ints(image),
-                "image_grid": list(codes["image"].shape[1:]) if image is not None else [],
-                "audio_tokens": _ints(audio), "text_tokens": _ints(text),
-                "joint_tokens": _ints(joint), "interleaved_tokens": stream.tolist(),
-                "audio_frames": frames if audio is not None else 0,
-                "tokenizer": self.tokenizer_id})
-        return out
+        table = self.encoder(batch).select(list(OUTPUT_COLUMNS))
+        return table.to_pylist()
 
 
 def _bytes(key: str, name: str, value: Any) -> bytes | None:
@@ -131,10 +100,6 @@ def _bytes(key: str, name: str, value: Any) -> bytes | None:
         return None
     raise ValueError(f"sample {key!r}: {name} must be encoded file bytes, got "
                      f"{type(value).__name__}")
-
-
-def _ints(codes: np.ndarray | None) -> list[int]:
-    return [] if codes is None else np.asarray(codes, np.int32).reshape(-1).tolist()
 
 
 set_model(TokenizerModel())

@@ -5,7 +5,7 @@ Per step: ``grad_accum`` micro-batches from this worker's shard of the train spl
 the discriminator step), both LR schedulers, the EMA. Every ``log_every`` steps rank 0 logs to
 MLflow and prints a progress line; every ``val_every`` steps (and at every checkpoint) rank 0
 scores the weights it would ship on a few val batches; every ``checkpoint_every`` steps and at
-the end every rank reports its part of a checkpoint (:mod:`pipeline.checkpoint`). Rank 0's
+the end every rank reports its part of a checkpoint (:mod:`pipeline.formats.checkpoint`). Rank 0's
 logging never waits for the tracking server (:class:`pipeline.tracking.RunLogger` with
 ``wait_s=0``): a dead or hung server costs no step time, what it misses is spooled and sent when
 it answers, and at the end rank 0 waits a bounded time for the rest, then says what is missing.
@@ -33,10 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmvq import MultimodalTokenizer, to_model_inputs
-from mmvq import metrics as M
+from mmvq.batch import to_model_inputs
 from mmvq.discriminators import build_discriminators
+from mmvq.modalities.image import to_uint8
 from mmvq.perceptual import build_perceptual
+from mmvq.scoring import ReconstructionScores
+from mmvq.speed import apply_speed
+from mmvq.text_vocab import TextVocab
+from mmvq.tokenizer import MultimodalTokenizer
 from mmvq.train_step import (
     build_optimizer,
     discriminator_step,
@@ -45,8 +49,9 @@ from mmvq.train_step import (
     update_ema,
     warmup_cosine,
 )
-from pipeline.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from pipeline.formats.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.tracking import RunLogger
+from pipeline.train_config import TrainConfig
 
 # The metric whose MLflow history tells a resumed run which steps are logged already.
 HISTORY_KEY = "loss/total"
@@ -54,7 +59,7 @@ HISTORY_KEY = "loss/total"
 
 @dataclass
 class _Parts:
-    """The trainable pieces of one worker, unwrapped (before DDP)."""
+    """The trainable pieces of one worker, sped up (mmvq.speed) but unwrapped (before DDP)."""
 
     model: MultimodalTokenizer
     ema: MultimodalTokenizer | None
@@ -75,12 +80,24 @@ class _Parts:
         return self.ema if self.ema is not None else self.model
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the driver (:mod:`pipeline.train`) hands every worker, in Ray Train's loop config."""
+
+    config: TrainConfig
+    text_vocab: TextVocab  # the data's vocabulary (the contract): sizes and ships the text codec
+    tracking_uri: str | None  # rank 0 logs here
+    has_val: bool  # a val split exists (and val_batches > 0)
+    run_id: str | None  # the stage's MLflow run; a resumed run keeps its own
+
+
+def train_loop_per_worker(loop_config: dict[str, WorkerArgs]) -> None:
     """Ray Train's entry point on every worker (see the module docstring)."""
     import ray.train
     import ray.train.torch
 
-    cfg = loop_config["config"]
+    args = loop_config["args"]
+    cfg = args.config
     _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -88,8 +105,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # identical init everywhere; DDP also broadcasts rank 0's
     np.random.seed(cfg.seed)
     device = ray.train.torch.get_device()
-    parts = _build(cfg, device, loop_config.get("text_vocab"))
-    state = TrainState(0, 0, 0, loop_config.get("run_id"))
+    parts = build_parts(cfg, device, args.text_vocab)
+    state = TrainState(0, 0, 0, args.run_id)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -97,14 +114,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             _print(f"[train] resumed from step {state.step} (epoch {state.epoch}, "
                    f"{state.batches_in_epoch} batches in)")
-    run_id = state.mlflow_run_id or loop_config.get("run_id")
+    run_id = state.mlflow_run_id or args.run_id
     state = dataclasses.replace(state, mlflow_run_id=run_id)
-    model, discriminators = _wrap(parts, cfg)
-    logger = (_TrainLogger(loop_config["tracking_uri"], run_id, loop_config.get("run_id"))
+    model, discriminators = _wrap(parts)
+    logger = (_TrainLogger(args.tracking_uri, run_id, args.run_id)
               if rank == 0 and run_id else None)
-    amp = _amp_dtype(cfg.precision, device)
-    loop = _Loop(cfg, parts, model, discriminators, amp, device, rank, world, logger,
-                 ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None)
+    loop = _Loop(cfg, parts, model, discriminators, device, rank, world, logger,
+                 ray.train.get_dataset_shard("val") if args.has_val else None)
     try:
         loop.run(ray.train.get_dataset_shard("train"), state)
     finally:
@@ -112,21 +128,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.close()
 
 
-def _build(cfg: Any, device: torch.device, text_vocab: Any = None) -> _Parts:
+def build_parts(cfg: TrainConfig, device: torch.device, text_vocab: TextVocab | None = None,
+                perceptual: nn.Module | None = None) -> _Parts:
+    """One worker's model, EMA, discriminators, LPIPS, optimizers and LR schedulers on
+    ``device``, sped up as ``cfg.speed`` says (:func:`mmvq.speed.apply_speed`; on a device type
+    it leaves out, the CPU by default, nothing changes).
+
+    The GPU benchmark (:mod:`pipeline.bench.gpu`) builds its variants here, so it times what
+    training runs. The speed-up comes before the schedulers (they hold the optimizers it may
+    replace by fused ones), before a checkpoint is loaded (a fused optimizer must start without
+    state) and before DDP (its gradient buckets keep the layout they are built with); the EMA is
+    copied before it and stays a plain fp32 eager model.
+
+    Parameters
+    ----------
+    perceptual : the LPIPS net to train with instead of the one ``cfg.gan.perceptual_weights_path``
+        names (the benchmark's random-weight VGG16); None: that one, if any
+    """
     model = MultimodalTokenizer(cfg.model, text_vocab=text_vocab).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
     gan = cfg.gan
     discriminators = build_discriminators(gan).to(device) if gan is not None else None
-    perceptual = (build_perceptual(gan.perceptual_weights_path)
-                  if gan is not None and gan.perceptual_weights_path is not None else None)
+    if perceptual is None and gan is not None and gan.perceptual_weights_path is not None:
+        perceptual = build_perceptual(gan.perceptual_weights_path)
     if perceptual is not None:
         perceptual = perceptual.to(device).eval().requires_grad_(False)
-    optimizers = {"generator": build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                               betas=cfg.betas)}
-    if discriminators is not None:
-        optimizers["discriminator"] = torch.optim.AdamW(
-            discriminators.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.disc_betas,
-            weight_decay=cfg.weight_decay)
+    optimizers = _optimizers(cfg, model, discriminators)
+    optimizers = dict(zip(optimizers, apply_speed(
+        cfg.speed, device, model, discriminators=discriminators, perceptual=perceptual,
+        optimizers=list(optimizers.values()))))
     total = cfg.decay_steps or cfg.steps
     schedulers = {
         name: torch.optim.lr_scheduler.LambdaLR(
@@ -135,17 +165,28 @@ def _build(cfg: Any, device: torch.device, text_vocab: Any = None) -> _Parts:
     return _Parts(model, ema, discriminators, perceptual, optimizers, schedulers)
 
 
-def _wrap(parts: _Parts, cfg: Any) -> tuple[nn.Module, nn.ModuleDict | None]:
-    """DDP through ``prepare_model`` (a no-op on one worker); ``torch.compile`` if asked."""
+def _optimizers(cfg: TrainConfig, model: nn.Module,
+                discriminators: nn.ModuleDict | None) -> dict[str, torch.optim.Optimizer]:
+    """AdamW for the generator and, with the GAN on, one for all discriminators."""
+    optimizers = {"generator": build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               betas=cfg.betas)}
+    if discriminators is not None:
+        optimizers["discriminator"] = torch.optim.AdamW(
+            discriminators.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.disc_betas,
+            weight_decay=cfg.weight_decay)
+    return optimizers
+
+
+def _wrap(parts: _Parts) -> tuple[nn.Module, nn.ModuleDict | None]:
+    """DDP through ``prepare_model`` (a no-op on one worker), around the sped-up parts.
+
+    A compiled net was compiled in place (``nn.Module.compile``) by :func:`build_parts`, so DDP
+    wraps the eager module tree and its hooks see the real parameters; Dynamo's DDP graph
+    splitting does not apply (the DDP module itself is not compiled), so a compiled net's
+    gradients reach DDP's buckets when that net's backward ends.
+    """
     import ray.train.torch
 
-    if cfg.compile:
-        # In place (nn.Module.compile), so the module tree, its state-dict keys and the
-        # optimizer's parameters stay what they are; the quantizers stay eager (data-dependent
-        # codebook maintenance would only cause graph breaks).
-        for name in ("image_encoder", "image_decoder", "audio_encoder", "audio_decoder",
-                     "text_encoder", "text_decoder"):
-            getattr(parts.model, name).compile()
     model = ray.train.torch.prepare_model(parts.model)
     discriminators = None
     if parts.discriminators is not None:
@@ -157,22 +198,14 @@ def _wrap(parts: _Parts, cfg: Any) -> tuple[nn.Module, nn.ModuleDict | None]:
     return model, discriminators
 
 
-def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU ("auto" or "bf16"), fp32 on CPU unless bf16 is asked for."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
-
-
 class _Loop:
     """The step loop of one worker; state lives in ``_Parts`` and the step counters here."""
 
-    def __init__(self, cfg: Any, parts: _Parts, model: nn.Module,
-                 discriminators: nn.ModuleDict | None, amp: torch.dtype | None,
-                 device: torch.device, rank: int, world: int, logger: _TrainLogger | None,
-                 val_shard: Any) -> None:
+    def __init__(self, cfg: TrainConfig, parts: _Parts, model: nn.Module,
+                 discriminators: nn.ModuleDict | None, device: torch.device, rank: int,
+                 world: int, logger: _TrainLogger | None, val_shard: Any) -> None:
         self.cfg, self.parts, self.model, self.discriminators = cfg, parts, model, discriminators
-        self.amp, self.device, self.rank, self.world = amp, device, rank, world
+        self.device, self.rank, self.world = device, rank, world
         self.logger, self.val_shard = logger, val_shard
         self.started = time.perf_counter()
         self.start_step = 0
@@ -215,17 +248,17 @@ class _Loop:
                 epoch, consumed = epoch + 1, 0
 
     def _step(self, micro: list, step: int) -> dict[str, float]:
+        # No autocast here: cfg.speed's bf16 autocast is inside the sped-up nets (mmvq.speed).
         cfg, parts = self.cfg, self.parts
         opt = parts.optimizers["generator"]
         if self.discriminators is None:
-            stats = generator_step(self.model, micro, opt, cfg.grad_clip, self.amp)
+            stats = generator_step(self.model, micro, opt, cfg.grad_clip)
         else:
             stats, recons = gan_generator_step(self.model, micro, opt, self.discriminators,
-                                               cfg.gan, step, parts.perceptual, cfg.grad_clip,
-                                               self.amp)
+                                               cfg.gan, step, parts.perceptual, cfg.grad_clip)
             stats |= discriminator_step(recons, micro, self.discriminators,
                                         parts.optimizers["discriminator"], cfg.gan, step,
-                                        cfg.grad_clip, self.amp)
+                                        cfg.grad_clip)
         stats["lr"] = opt.param_groups[0]["lr"]  # the rate this step used
         for scheduler in parts.schedulers.values():
             scheduler.step()
@@ -276,65 +309,29 @@ class _Loop:
 
     @torch.no_grad()
     def _validate(self, step: int) -> dict[str, float]:
-        """Losses and the evaluate stage's key metrics of the shipped weights on val batches."""
+        """Losses and the evaluate stage's scores of the shipped weights on val batches, under
+        ``val/`` (``val/loss/total``, ``val/image/psnr``, ``val/image/codebook_usage``)."""
         model = self.parts.export()
         was_training = model.training
         model.eval()
-        scores = _ValScores(model.codebook_sizes(), model.config.audio.sample_rate)
+        scores = ReconstructionScores(model.codebook_sizes(), model.config.audio.sample_rate)
         first = None
         batches = self.val_shard.iter_torch_batches(batch_size=self.cfg.batch_size,
                                                     device=self.device)
         for batch in itertools.islice(batches, self.cfg.val_batches):
             inputs = to_model_inputs(batch, self.device)
             out = model(inputs)
-            scores.add(inputs, out)
+            recon = out.reconstructions
+            scores.add(inputs, {"image": recon["image"], "audio": recon["audio"],
+                                "text_ids": recon["text_logits"].argmax(dim=-1)},
+                       out.indices, out.embeddings)
+            scores.add_losses(out.losses)
             if first is None:
                 first = (inputs.image, out.reconstructions["image"])
         model.train(was_training)
         if first is not None and self.logger and self.cfg.sample_images > 0:
             self.logger.image_grid(*first, self.cfg.sample_images, step)
-        return scores.summary()
-
-
-class _ValScores:
-    """Running per-sample validation metrics, prefixed ``val/``."""
-
-    def __init__(self, sizes: dict[str, int], sample_rate: int) -> None:
-        self.sizes, self.sample_rate = sizes, sample_rate
-        self.values: dict[str, list[float]] = {}
-        self.codes: dict[str, list[torch.Tensor]] = {m: [] for m in ("image", "audio", "text")}
-
-    def add(self, inputs: Any, out: Any) -> None:
-        img, aud, txt = inputs.has_image, inputs.has_audio, inputs.has_text
-        recon = out.reconstructions
-        for name, value in out.losses.items():
-            self._add(f"val/loss/{name}", value)
-        image = recon["image"].float().clamp(-1, 1)
-        self._add("val/image/psnr", M.psnr(inputs.image[img], image[img]))
-        self._add("val/image/ssim", M.ssim(inputs.image[img], image[img]))
-        audio = recon["audio"].float()
-        self._add("val/audio/si_snr", M.si_snr(inputs.audio[aud], audio[aud],
-                                               inputs.audio_len[aud]))
-        self._add("val/audio/mel_distance", M.mel_distance(inputs.audio[aud], audio[aud],
-                                                           self.sample_rate))
-        ids = recon["text_logits"].argmax(dim=-1)
-        self._add("val/text/token_accuracy", M.token_accuracy(
-            inputs.text_ids[txt], ids[txt], inputs.text_len[txt]))
-        for modality, mask in (("image", img), ("audio", aud), ("text", txt)):
-            self.codes[modality].append(out.indices[modality][mask].reshape(-1).cpu())
-
-    def _add(self, key: str, values: torch.Tensor | float) -> None:
-        array = np.atleast_1d(torch.as_tensor(values).detach().float().cpu().numpy())
-        self.values.setdefault(key, []).extend(array.tolist())
-
-    def summary(self) -> dict[str, float]:
-        out = {k: float(np.mean(v)) for k, v in self.values.items() if v}
-        for modality, chunks in self.codes.items():
-            codes = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
-            out[f"val/codes/{modality}_usage"] = M.codebook_usage(codes, self.sizes[modality])
-            out[f"val/codes/{modality}_perplexity"] = M.codebook_perplexity(
-                codes, self.sizes[modality])
-        return out
+        return {f"val/{k}": v for k, v in scores.summary().items()}
 
 
 class _TrainLogger:
@@ -363,16 +360,13 @@ class _TrainLogger:
 
     def image_grid(self, images: torch.Tensor, recons: torch.Tensor, n: int, step: int) -> None:
         """Originals over reconstructions, ``n`` columns, as ``samples/step_XXXXXXXX.png``."""
-        from PIL import Image
+        from pipeline.report import write_image_grid
 
         if step <= self.logged_up_to:
             return
-        rows = [images[:n], recons[:n].float().clamp(-1, 1)]
-        tiles = [np.concatenate(list(_to_uint8(r)), axis=1) for r in rows]  # each (H, n*W, 3)
-        grid = np.concatenate(tiles, axis=0)  # (2H, n*W, 3)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"step_{step:08d}.png"
-            Image.fromarray(grid).save(path)
+            write_image_grid([to_uint8(images[:n]), to_uint8(recons[:n])], path)
             self.logger.artifact(path, "samples")  # copied at once: tmp may go
 
     def close(self) -> None:
@@ -382,12 +376,6 @@ class _TrainLogger:
             _print(f"[train] WARNING: MLflow run {self.logger.run_id} is missing "
                    f"{pending.describe()}; kept in {self.logger.spool_dir}, sent at the end of "
                    "the stage or when the workflow runs next")
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
-    return array.permute(0, 2, 3, 1).numpy()
 
 
 class _Window:
@@ -416,7 +404,7 @@ class _Window:
     def summary(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         # Bare loss names (``total``) get a ``loss/`` prefix; prefixed ones (``image/l1``,
-        # ``adv/image_weight``, ``codes/...``) keep theirs.
+        # ``adv/image_weight``, ``image/codebook_usage``) keep theirs.
         out = {k if "/" in k or k in ("grad_norm", "lr") else f"loss/{k}": v / max(self.steps, 1)
                for k, v in self.sums.items()}
         out["perf/samples_per_s"] = self.samples / elapsed

@@ -60,3 +60,15 @@ def ray_local():
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def torch_backend_flags():
+    """Put torch's process-wide backend flags back after a test (``apply_speed`` sets them)."""
+    import torch
+
+    flags = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)
+    yield
+    torch.set_float32_matmul_precision(flags[0])
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags[1], flags[2]

@@ -12,7 +12,7 @@ counts in the stage records:
     preprocess  in 46 (= ingest out) = out 44 + quarantined 2
     tokenize    44 token rows (= preprocess out)
 
-``mmvq quarantine WORKFLOW`` (:mod:`pipeline.cli`) prints both; the runner logs the chain to the parent MLflow run.
+``mmvq quarantine WORKFLOW`` (:mod:`workflows.cli`) prints both; the runner logs the chain to the parent MLflow run.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.formats.shards import QUARANTINE_FILE
 from pipeline.stage import read_record
 
-QUARANTINE = "quarantine.parquet"
 COLUMNS = ("stage", "origin", "key", "reason", "shard")
 
 
@@ -77,7 +77,7 @@ def _counts(stage: str, summary: dict[str, Any]) -> tuple[int, int, int] | None:
 def chain_counts(plan: Sequence[Any]) -> list[ChainLine]:
     """The counts of every committed stage of ``plan`` that handles samples, in plan order.
 
-    ``plan`` is :func:`workflows.runner.plan_workflow`'s list; stages without a committed output
+    ``plan`` is :func:`workflows.plan.plan_workflow`'s list; stages without a committed output
     (not run yet, skipped) are left out.
     """
     lines: dict[str, ChainLine] = {}
@@ -101,7 +101,7 @@ def rejected_samples(plan: Sequence[Any]) -> pa.Table:
     """Every quarantined sample of the committed outputs of ``plan``, stage by stage."""
     tables = []
     for step in plan:
-        path = Path(step.output) / QUARANTINE
+        path = Path(step.output) / QUARANTINE_FILE
         if read_record(step.output) is None or not path.is_file():
             continue
         table = pq.read_table(path)

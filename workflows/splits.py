@@ -24,7 +24,7 @@ from pipeline.config import ConfigError
 
 def check_splits(plan: Sequence[Any]) -> None:
     """Raise ConfigError naming the stage, split and the input's splits when a stage of ``plan``
-    (``workflows.runner.PlannedStage`` items) asks for a split its input will not have."""
+    (``workflows.plan.PlannedStage`` items) asks for a split its input will not have."""
     by_name = {step.name: step for step in plan}
     for step in plan:
         required = getattr(step.config, "required_splits", None)

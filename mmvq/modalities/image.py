@@ -32,6 +32,7 @@ and the decoder mirrors it with 3 ResNet blocks per level and nearest-neighbour 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -283,3 +284,13 @@ def build_image_codec(cfg: ImageCodecConfig) -> tuple[nn.Module, nn.Module]:
     """
     encoder_cls, decoder_cls = IMAGE_CODECS[cfg.architecture]
     return encoder_cls(cfg), decoder_cls(cfg)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Model-space images back to pixels: (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8.
+
+    The inverse of the ``/ 127.5 - 1`` of :func:`mmvq.batch.to_model_inputs`; values outside
+    [-1, 1] are clamped. For sample grids, the decode CLI and evaluation outputs.
+    """
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    return pixels.movedim(-3, -1).numpy()  # (..., 3, H, W) -> (..., H, W, 3)

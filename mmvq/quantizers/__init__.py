@@ -1,4 +1,4 @@
-"""Quantizers, one module per family; pick one by name from ``QUANTIZERS``.
+"""Quantizers, one module per family; ``QUANTIZERS`` maps each kind to its builder.
 
 ``build_quantizer`` makes one from a :class:`~mmvq.config.QuantizerConfig`, which is how the
 tokenizer builds its three.
@@ -7,6 +7,8 @@ tokenizer builds its three.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -19,14 +21,6 @@ from mmvq.quantizers.lfq import LFQ
 from mmvq.quantizers.rvq import ResidualVQ
 from mmvq.quantizers.simvq import SimVQ
 from mmvq.quantizers.vq import VectorQuantizer
-
-QUANTIZERS: dict[str, type[nn.Module]] = {
-    "vq": VectorQuantizer,
-    "simvq": SimVQ,
-    "rvq": ResidualVQ,
-    "fsq": FSQ,
-    "lfq": LFQ,
-}
 
 _LOOKUP = ("l2_normalize", "code_dim", "rotation_trick")
 _CODEBOOK = ("ema", "decay", "eps", "kmeans_init", "kmeans_iters", "restart_threshold")
@@ -42,31 +36,29 @@ APPLICABLE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def build_quantizer(config: QuantizerConfig, codebook_size: int, dim: int) -> nn.Module:
-    """The quantizer ``config.kind`` for ``codebook_size`` codes of width ``dim``.
+def _lookup_options(config: QuantizerConfig) -> dict[str, Any]:
+    return {"code_dim": config.code_dim, "rotation_trick": config.rotation_trick}
 
-    Raises
-    ------
-    ValueError
-        For an unknown kind; :class:`~mmvq.config_io.ConfigError` (a ValueError) for a setting
-        the kind does not use, or a codebook size it cannot have (FSQ: prod(fsq_levels); LFQ: a
-        power of two).
-    """
-    if config.kind not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer.kind {config.kind!r}; known: {sorted(QUANTIZERS)}")
-    _check_applicable(config)
-    if config.kind == "fsq":
-        return _build_fsq(config, codebook_size, dim)
-    if config.kind == "lfq":
-        return _build_lfq(config, codebook_size, dim)
-    options = {"code_dim": config.code_dim, "rotation_trick": config.rotation_trick}
-    if config.kind == "simvq":
-        return SimVQ(codebook_size, dim, config.l2_normalize, **options)
-    options.update({name: getattr(config, name) for name in _CODEBOOK})
-    if config.kind == "vq":
-        return VectorQuantizer(codebook_size, dim, config.l2_normalize, **options)
+
+def _codebook_options(config: QuantizerConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in _CODEBOOK}
+
+
+def _build_vq(config: QuantizerConfig, codebook_size: int, dim: int) -> VectorQuantizer:
+    return VectorQuantizer(codebook_size, dim, config.l2_normalize, **_lookup_options(config),
+                           **_codebook_options(config))
+
+
+def _build_simvq(config: QuantizerConfig, codebook_size: int, dim: int) -> SimVQ:
+    return SimVQ(codebook_size, dim, config.l2_normalize, **_lookup_options(config))
+
+
+def _build_rvq(config: QuantizerConfig, codebook_size: int, dim: int) -> ResidualVQ:
+    # No l2_normalize: its default is the vq/simvq cosine lookup, and residuals are not unit
+    # vectors, so the levels keep ResidualVQ's raw-L2 default.
     return ResidualVQ(codebook_size, dim, num_levels=config.num_levels,
-                      quantizer_dropout=config.quantizer_dropout, **options)
+                      quantizer_dropout=config.quantizer_dropout, **_lookup_options(config),
+                      **_codebook_options(config))
 
 
 def _build_fsq(config: QuantizerConfig, codebook_size: int, dim: int) -> FSQ:
@@ -84,6 +76,35 @@ def _build_lfq(config: QuantizerConfig, codebook_size: int, dim: int) -> LFQ:
     return LFQ(codebook_size, dim, entropy_weight=config.entropy_weight)
 
 
+# A builder makes the quantizer of its kind from (config, codebook_size, dim).
+QuantizerBuilder = Callable[[QuantizerConfig, int, int], nn.Module]
+# The value of ``QuantizerConfig.kind`` -> its builder.
+QUANTIZERS: dict[str, QuantizerBuilder] = {
+    "vq": _build_vq,
+    "simvq": _build_simvq,
+    "rvq": _build_rvq,
+    "fsq": _build_fsq,
+    "lfq": _build_lfq,
+}
+
+
+def build_quantizer(config: QuantizerConfig, codebook_size: int, dim: int) -> nn.Module:
+    """The quantizer ``config.kind`` for ``codebook_size`` codes of width ``dim``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown kind; :class:`~mmvq.config_io.ConfigError` (a ValueError) for a setting
+        the kind does not use, or a codebook size it cannot have (FSQ: prod(fsq_levels); LFQ: a
+        power of two).
+    """
+    builder = QUANTIZERS.get(config.kind)
+    if builder is None:
+        raise ValueError(f"unknown quantizer.kind {config.kind!r}; known: {sorted(QUANTIZERS)}")
+    _check_applicable(config)
+    return builder(config, codebook_size, dim)
+
+
 def _check_applicable(config: QuantizerConfig) -> None:
     defaults = QuantizerConfig()
     used = set(APPLICABLE_FIELDS[config.kind]) | {"kind", "l2_normalize"}
@@ -98,6 +119,7 @@ __all__ = [
     "FSQ",
     "LFQ",
     "QUANTIZERS",
+    "QuantizerBuilder",
     "QuantizerOutput",
     "ResidualVQ",
     "SimVQ",

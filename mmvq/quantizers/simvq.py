@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmvq.quantizers.distance import DEFAULT_BLOCK_ELEMENTS
 from mmvq.quantizers.vq import VectorQuantizer
 
 
@@ -26,27 +25,11 @@ class SimVQ(VectorQuantizer):
     Parameters
     ----------
     codebook_size, dim, l2_normalize, code_dim, rotation_trick, max_block_elements
-        As for :class:`VectorQuantizer`.
+        As for :class:`VectorQuantizer`; ``ema``, ``kmeans_init`` and ``restart_threshold`` are
+        refused (TypeError).
     """
 
-    def __init__(
-        self,
-        codebook_size: int,
-        dim: int,
-        l2_normalize: bool = True,
-        *,
-        code_dim: int | None = None,
-        rotation_trick: bool = False,
-        max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-    ) -> None:
-        super().__init__(
-            codebook_size,
-            dim,
-            l2_normalize,
-            code_dim=code_dim,
-            rotation_trick=rotation_trick,
-            max_block_elements=max_block_elements,
-        )
+    writable_codes = False  # a code is W c_k: no row of its own to overwrite
 
     def build_codebook(self) -> None:
         # A buffer, not a parameter: saved with the weights, broadcast by DDP, never optimised.

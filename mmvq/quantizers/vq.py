@@ -23,7 +23,7 @@ In training mode EMA statistics, k-means and restarts are synchronised over
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,17 @@ class VectorQuantizer(nn.Module):
         ``log(threshold) / log(decay)`` steps.
     max_block_elements : int
         Largest distance block of the nearest-code search (memory bound).
+
+    Raises
+    ------
+    TypeError
+        For ``ema``, ``kmeans_init`` or ``restart_threshold`` in a subclass whose codes are not
+        rows it can overwrite (``writable_codes`` False, as in SimVQ).
     """
+
+    # Whether every code is a row of its own that EMA updates, k-means init and restarts can
+    # overwrite; a subclass that reparameterises the codebook sets False.
+    writable_codes: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -135,6 +145,9 @@ class VectorQuantizer(nn.Module):
         max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     ) -> None:
         super().__init__()
+        if not self.writable_codes and (ema or kmeans_init or restart_threshold > 0):
+            raise TypeError(f"{type(self).__name__} has no code rows to write: ema, kmeans_init "
+                            "and restart_threshold do not apply")
         self.codebook_size, self.dim, self.code_dim = codebook_size, dim, code_dim or dim
         self.l2_normalize, self.rotation_trick = l2_normalize, rotation_trick
         self.ema, self.decay, self.eps = ema, decay, eps

@@ -7,8 +7,8 @@ For each image size the demo's synth stage generates ``N`` spoken scenes once (c
 ``--shards-root``), and the demo's preprocess config (``workflows/demo.yaml``, with
 ``image_size`` set to the shard's size) turns them into model-ready rows in
 
-(a) ``floor``: one process, one thread, a loop of :func:`pipeline.ingest.read_shard` and
-    :func:`pipeline.preprocess.preprocess_sample`: the CPU cost per sample;
+(a) ``floor``: one process, one thread, a loop of :func:`pipeline.formats.shards.read_shard` and
+    :func:`pipeline.formats.samples.preprocess_sample`: the CPU cost per sample;
 (b) ``webdataset``: ``webdataset.WebDataset(urls)`` mapped with the same function, batched to
     NumPy, through ``torch.utils.data.DataLoader(num_workers=cores)``;
 (c) ``ray-data``: the preprocess stage's own pipeline
@@ -30,10 +30,8 @@ object store's own counters after the Ray path.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -46,16 +44,11 @@ import numpy as np
 import torch
 import yaml
 
+from pipeline.bench import process_table, run_meta
 from pipeline.config import from_dict
-from pipeline.ingest import read_shard
-from pipeline.preprocess import (
-    BadSample,
-    PreprocessConfig,
-    Resamplers,
-    preprocess_sample,
-    preprocessed_dataset,
-    shard_paths,
-)
+from pipeline.formats.samples import BadSample, Resamplers, preprocess_sample
+from pipeline.formats.shards import SHARD_MANIFEST, read_shard
+from pipeline.preprocess import PreprocessConfig, preprocessed_dataset, shard_paths
 
 DEMO_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "demo.yaml"
 PATHS = ("floor", "webdataset", "ray-data")
@@ -120,7 +113,7 @@ def ensure_shards(synth_config: Any, root: Path) -> Path:
 
     c = synth_config
     out = root / f"synth-n{c.num_samples}-px{c.image_size}-sr{c.sample_rate}-seed{c.seed}"
-    if (out / "manifest.json").is_file():
+    if (out / SHARD_MANIFEST).is_file():
         return out
     if out.exists():  # an interrupted generation: synth refuses a non-empty folder
         import shutil
@@ -133,24 +126,10 @@ def ensure_shards(synth_config: Any, root: Path) -> Path:
 # -- memory of the process tree ------------------------------------------------------------------
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ")"
-        tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
 def tree_memory(root: int | None = None, pss: bool = True) -> tuple[int, int | None]:
     """(summed RSS, summed PSS or None) in bytes of ``root`` (default: this process) and its
     descendants. PSS walks every mapping (tens of ms for a torch process), RSS does not."""
-    tree = _children()
+    tree, _ = process_table()
     todo, rss_total, pss_total = [root or os.getpid()], 0, 0 if pss else None
     page = os.sysconf("SC_PAGE_SIZE")
     while todo:
@@ -462,26 +441,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = BenchSettings(args.samples, tuple(args.image_size), args.cores,
                              str(args.shards_root), args.ray_consume, args.passes, args.num_actors,
                              args.batch_size)
-    result = {"meta": _meta(settings, argv), **run(settings)}
+    result = {"meta": run_meta("pipeline.bench.dataplane", settings, argv,
+                               ("ray", "webdataset", "torch")), **run(settings)}
     print(table(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _meta(settings: BenchSettings, argv: list[str] | None) -> dict[str, Any]:
-    import ray
-    import webdataset
-
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python -m pipeline.bench.dataplane " + " ".join(argv or sys.argv[1:]),
-        "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-        "ray": ray.__version__, "webdataset": webdataset.__version__, "torch": torch.__version__,
-        "settings": asdict(settings),
-    }
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ One run on one device times, for each variant of :class:`mmvq.speed.SpeedConfig`
   ImageNet f16 VQGAN, with 16,384 codes as in the reference row of ``../shared/BENCHMARKS.md``):
   :func:`mmvq.train_step.gan_generator_step` (L1 + VQ + LPIPS-structured VGG16 with random
   weights + PatchGAN hinge loss with the adaptive weight) then
-  :func:`mmvq.train_step.discriminator_step`;
+  :func:`mmvq.train_step.discriminator_step`, on models and optimizers built (and sped up) by the
+  train worker's own :func:`pipeline.train_loop.build_parts`, so a variant's numbers are what
+  ``train.speed`` set to that variant runs;
 - **encode**: ``MultimodalTokenizer.encode`` (tokenization) at two batch sizes;
 - **quantizer**: forward+backward of the EMA vector quantizer alone, K = 16,384, D = 8 and 256,
   with the index agreement of its nearest-code search against the fp32 search;
@@ -44,20 +46,23 @@ from typing import Any, Self
 import torch
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
-from mmvq import ModelInputs, MultimodalTokenizer, TokenizerConfig
+from mmvq.batch import ModelInputs
 from mmvq.config import (
     AudioCodecConfig,
     GanConfig,
     ImageCodecConfig,
     QuantizerConfig,
     TextCodecConfig,
+    TokenizerConfig,
     image_preset,
 )
-from mmvq.discriminators import build_discriminators
 from mmvq.perceptual import build_perceptual
-from mmvq.speed import SpeedConfig, apply_speed, set_backend_flags, tune_quantizers
-from mmvq.train_step import build_optimizer, discriminator_step, gan_generator_step
+from mmvq.speed import SpeedConfig, set_backend_flags, tune_quantizers
+from mmvq.tokenizer import MultimodalTokenizer
+from mmvq.train_step import discriminator_step, gan_generator_step
 from pipeline.bench.quantizers import _reset_peak_rss, _status_kib, make_ours
+from pipeline.train_config import TrainConfig
+from pipeline.train_loop import build_parts
 
 # The variants a run can time. fp32-eager is the in-run baseline; bf16-eager is the reference's
 # own setting (eager, bf16 autocast, TF32); fast is the default SpeedConfig.
@@ -267,37 +272,48 @@ def random_inputs(config: TokenizerConfig, batch: int, device: str) -> ModelInpu
     return inputs.to(device)
 
 
+def train_config(config: TokenizerConfig, speed: SpeedConfig) -> TrainConfig:
+    """The train stage's config for the tokenizer under test: taming's GAN and LR, ``speed``.
+
+    Everything else is the train stage's default (AdamW with taming's discriminator betas and no
+    weight decay, which is taming's Adam; gradient clipping at norm 1).
+    """
+    return TrainConfig(model=config, gan=GAN, lr=1e-4, speed=speed)
+
+
 @dataclass
 class TrainSetup:
-    """Everything one train step touches."""
+    """Everything one train step touches, as the train worker builds it."""
 
-    model: MultimodalTokenizer
-    discriminators: torch.nn.ModuleDict
-    perceptual: torch.nn.Module
-    g_opt: torch.optim.Optimizer
-    d_opt: torch.optim.Optimizer
+    config: TrainConfig
+    parts: Any  # pipeline.train_loop's parts: model, discriminators, LPIPS, optimizers
+
+    @property
+    def model(self) -> MultimodalTokenizer:
+        return self.parts.model
 
     def step(self, inputs: ModelInputs) -> None:
-        """The generator step, then the discriminator step on its reconstructions."""
-        _, recon = gan_generator_step(self.model, inputs, self.g_opt, self.discriminators, GAN,
-                                      step=0, perceptual=self.perceptual)
-        discriminator_step(recon, inputs, self.discriminators, self.d_opt, GAN, step=0)
+        """The generator step, then the discriminator step on its reconstructions, as the train
+        worker's loop calls them (one micro-batch, DDP left out)."""
+        parts, clip = self.parts, self.config.grad_clip
+        _, recon = gan_generator_step(parts.model, inputs, parts.optimizers["generator"],
+                                      parts.discriminators, GAN, step=0,
+                                      perceptual=parts.perceptual, grad_clip=clip)
+        discriminator_step(recon, inputs, parts.discriminators,
+                           parts.optimizers["discriminator"], GAN, step=0, grad_clip=clip)
 
     def encode(self, inputs: ModelInputs) -> None:
-        self.model.encode(inputs)
+        self.parts.model.encode(inputs)
 
 
 def build_setup(config: TokenizerConfig, speed: SpeedConfig, device: str) -> TrainSetup:
-    """Tokenizer, PatchGAN, random-weight LPIPS and both optimizers, sped up as ``speed`` says."""
+    """Tokenizer, PatchGAN, random-weight LPIPS and both optimizers, sped up as ``speed`` says,
+    through the train worker's own :func:`pipeline.train_loop.build_parts`: the benchmark times
+    the path training runs."""
     torch.manual_seed(0)  # every variant starts from the same weights
-    model = MultimodalTokenizer(config).to(device)
-    discs = build_discriminators(GAN).to(device)
-    perceptual = build_perceptual(None, random_weights=True).to(device)  # timing only
-    g_opt = build_optimizer(model, lr=1e-4)
-    d_opt = torch.optim.Adam(discs.parameters(), lr=1e-4, betas=(0.5, 0.9))  # taming's
-    g_opt, d_opt = apply_speed(speed, device, model, discriminators=discs,
-                               perceptual=perceptual, optimizers=[g_opt, d_opt])
-    return TrainSetup(model, discs, perceptual, g_opt, d_opt)
+    train = train_config(config, speed)
+    perceptual = build_perceptual(None, random_weights=True)  # timing only
+    return TrainSetup(train, build_parts(train, torch.device(device), perceptual=perceptual))
 
 
 def image_rows(settings: BenchSettings, section: str, ceiling: float | None,

@@ -24,6 +24,7 @@ import soundfile
 import webdataset
 from PIL import Image
 
+from pipeline.formats.shards import SHARD_MANIFEST
 from pipeline.synth.scenes import Scene, caption, draw_scene, layout_scene, sample_scene, shape_mask
 from pipeline.synth.speech import Speaker, SpeechRequest, sample_voice
 
@@ -171,7 +172,7 @@ def run(config: SynthConfig, output_dir: Path, progress: bool = True) -> dict:
             bar.update(1)
     shards = {split: sink.close() for split, sink in sinks.items()}
     manifest = _manifest(config, shards)
-    _write_atomically(output_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    _write_atomically(output_dir / SHARD_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
 
@@ -310,7 +311,7 @@ def _pixel_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def _prepare_output(output_dir: Path) -> None:
-    existing = [output_dir / "manifest.json"] + [
+    existing = [output_dir / SHARD_MANIFEST] + [
         path for split in SPLITS for path in (output_dir / split).glob("shard-*.tar*")
     ]
     found = [str(path) for path in existing if path.exists()]

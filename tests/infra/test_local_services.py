@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 def test_submit_tiny_workflow_to_the_head(ray_head, mlflow_server, tmp_path, capsys):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from pipeline.cli import main
+    from workflows.cli import main
 
     root = tmp_path / "data"
     code = main(["submit", "workflows/demo.yaml", "--address", ray_head.address,
@@ -52,12 +52,12 @@ def test_submit_tiny_workflow_to_the_head(ray_head, mlflow_server, tmp_path, cap
 
 def test_job_spec_ships_the_repo_and_passes_flags(monkeypatch):
     from pipeline.config import ConfigError
-    from pipeline.submit import job_spec
+    from workflows.submit import job_spec
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     spec = job_spec(REPO / "workflows/demo.yaml", ["train.steps=5"], data_root="/mnt/data/x",
                     from_=["train"], python="/opt/venv/bin/python")
-    assert spec["entrypoint"] == ("/opt/venv/bin/python -m pipeline.cli run workflows/demo.yaml "
+    assert spec["entrypoint"] == ("/opt/venv/bin/python -m workflows.cli run workflows/demo.yaml "
                                   "--no-progress train.steps=5 data_root=/mnt/data/x "
                                   "--from train")
     env = spec["runtime_env"]

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.integration
 _IN_PROCESS = r"""
 import json, os, sys
 import ray, ray.data
-from workflows.runner import RayConfig, _init_ray
+from workflows.run import _init_ray
+from workflows.spec import RayConfig
 from pipeline.raydata import actor_pool
 
 sys.path.insert(0, sys.argv[1])

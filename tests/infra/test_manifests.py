@@ -136,12 +136,12 @@ def test_services_are_internal_and_mlflow_needs_auth():
 
 
 def test_rayjob_entrypoint_is_a_valid_mmvq_run():
-    from pipeline.cli import _parser
-    from workflows.runner import load_workflow
+    from workflows.cli import _parser
+    from workflows.plan import load_workflow
 
     [job] = [d for _, d in _all_k8s() if d["kind"] == "RayJob"]
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "pipeline.cli"]
+    assert argv[:3] == ["python", "-m", "workflows.cli"]
     args, extra = _parser().parse_known_args(argv[3:])
     assert args.command == "run" and not extra
     # The image copies the repository's workflows/ to /app/workflows (infra/docker/Dockerfile).

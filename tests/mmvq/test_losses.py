@@ -110,36 +110,7 @@ def test_adaptive_weight_from_output_gradients_equals_taming_two_grad_reference(
     assert 0 < reference < 1e4  # a real ratio, not the clamp
 
 
-# -- audio STFT, entropy, InfoNCE ------------------------------------------------------------
-
-
-def test_multi_resolution_stft_loss_is_zero_on_identical_input_and_grows_with_error():
-    t = torch.arange(4000) / 8000
-    ref = torch.sin(2 * math.pi * 440 * t)[None].repeat(2, 1)
-    assert torch.equal(L.multi_resolution_stft_loss(ref, ref, (128, 512)), torch.zeros(2))
-    noise = torch.randn_like(ref)
-    small = L.multi_resolution_stft_loss(ref, ref + 0.01 * noise, (128, 512))
-    est = (ref + 0.3 * noise).requires_grad_()
-    large = L.multi_resolution_stft_loss(ref, est, (128, 512))
-    assert small.shape == (2,) and (small > 0).all() and (large > small).all()
-    large.sum().backward()
-    assert torch.isfinite(est.grad).all() and est.grad.abs().sum() > 0
-    # An estimate twice as loud: spectral convergence |S - 2S| / |S| = 1, log magnitude log 2
-    # (white noise, so no bin is near the power floor).
-    white = torch.randn(2, 4000)
-    doubled = L.multi_resolution_stft_loss(white, 2 * white, (128, 512))
-    torch.testing.assert_close(doubled, torch.full((2,), 1 + math.log(2)))
-
-
-def test_codebook_entropy_loss_rewards_confident_and_spread_assignments():
-    k = 4
-    spread = torch.eye(k) * 50.0  # token i sure of code i: every code used once
-    collapsed = torch.zeros(k, k)
-    collapsed[:, 0] = 50.0  # every token sure of code 0
-    uniform = torch.zeros(k, k)  # every token unsure
-    assert L.codebook_entropy_loss(spread).item() == pytest.approx(-math.log(k), abs=1e-5)
-    assert L.codebook_entropy_loss(collapsed).item() == pytest.approx(0.0, abs=1e-5)
-    assert L.codebook_entropy_loss(uniform).item() == pytest.approx(0.0, abs=1e-5)
+# -- InfoNCE ---------------------------------------------------------------------------------
 
 
 def test_info_nce_by_hand_and_symmetric():

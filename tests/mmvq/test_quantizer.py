@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmvq.config import QuantizerConfig
 from mmvq.quantizers import QUANTIZERS, QuantizerOutput, SimVQ, VectorQuantizer, nearest_code
 from mmvq.quantizers.distance import block_shape
 from mmvq.quantizers.vq import rotate_to
@@ -38,9 +39,16 @@ def brute_force_indices(q: VectorQuantizer, z: torch.Tensor) -> torch.Tensor:
         return torch.cdist(x.double(), q.codes().double()).argmin(dim=1)
 
 
-def test_registry_names_every_family():
-    assert QUANTIZERS["vq"] is VectorQuantizer and QUANTIZERS["simvq"] is SimVQ
+def test_registry_builds_every_family():
     assert sorted(QUANTIZERS) == ["fsq", "lfq", "rvq", "simvq", "vq"]
+    assert type(QUANTIZERS["vq"](QuantizerConfig(kind="vq"), 64, 8)) is VectorQuantizer
+    assert type(QUANTIZERS["simvq"](QuantizerConfig(kind="simvq"), 64, 8)) is SimVQ
+
+
+@pytest.mark.parametrize("option", [{"ema": True}, {"kmeans_init": True}, {"restart_threshold": 0.5}])
+def test_simvq_refuses_the_options_that_write_codes(option):
+    with pytest.raises(TypeError, match="SimVQ has no code rows to write"):
+        SimVQ(64, 8, **option)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

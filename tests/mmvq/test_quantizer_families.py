@@ -11,6 +11,7 @@ from mmvq import MultimodalTokenizer, TokenizerConfig, to_model_inputs
 from mmvq.config import QuantizerConfig
 from mmvq.config_io import ConfigError
 from mmvq.quantizers import (
+    APPLICABLE_FIELDS,
     FSQ,
     LFQ,
     QUANTIZERS,
@@ -198,7 +199,31 @@ def test_lfq_rejects_a_codebook_size_that_is_not_a_power_of_two():
 def test_build_quantizer_makes_the_configured_kind(config, codebook_size, cls):
     q = build_quantizer(config, codebook_size, 32)
     assert type(q) is cls and q.codebook_size == codebook_size
-    assert type(q) is QUANTIZERS[config.kind]
+
+
+# Parameters at D = 32, by hand. A lookup in 8 dims adds project_in (32 * 8 + 8) and project_out
+# (8 * 32 + 32), 552 in all; SimVQ learns its d x d map, not its K codes (a frozen basis).
+@pytest.mark.parametrize(
+    "config, codebook_size, cls, num_params",
+    [
+        (QuantizerConfig(kind="vq"), 256, VectorQuantizer, 256 * 32),
+        (QuantizerConfig(kind="vq", code_dim=8), 256, VectorQuantizer, 256 * 8 + 552),
+        (QuantizerConfig(kind="simvq"), 256, SimVQ, 32 * 32),
+        (QuantizerConfig(kind="simvq", code_dim=8), 256, SimVQ, 8 * 8 + 552),
+        (QuantizerConfig(kind="rvq"), 256, ResidualVQ, 4 * 256 * 32),  # 4 levels by default
+        (QuantizerConfig(kind="fsq"), 1000, FSQ, 4 * 32 + 4 + 32 * 4 + 32),  # 4 levels: 4 dims
+        (QuantizerConfig(kind="lfq"), 256, LFQ, 552),  # 256 codes: 8 bits
+    ],
+    ids=lambda v: getattr(v, "kind", None),
+)
+def test_every_registered_kind_builds_its_module(config, codebook_size, cls, num_params):
+    q = build_quantizer(config, codebook_size, 32)
+    assert type(q) is cls
+    assert sum(p.numel() for p in q.parameters()) == num_params
+
+
+def test_the_registry_and_the_applicable_fields_name_the_same_kinds():
+    assert sorted(QUANTIZERS) == sorted(APPLICABLE_FIELDS) == ["fsq", "lfq", "rvq", "simvq", "vq"]
 
 
 def test_build_quantizer_passes_the_options_through():
@@ -216,6 +241,8 @@ def test_build_quantizer_passes_the_options_through():
     assert q.rotation_trick and not q.l2_normalize
     rvq = build_quantizer(QuantizerConfig(kind="rvq", num_levels=3, ema=True), 64, 16)
     assert len(rvq.levels) == 3 and all(level.ema for level in rvq.levels)
+    # quantizer.l2_normalize (default True) is the vq/simvq lookup: residual levels keep raw L2.
+    assert not any(level.l2_normalize for level in rvq.levels)
 
 
 @pytest.mark.parametrize(

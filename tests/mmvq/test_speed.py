@@ -67,13 +67,8 @@ CPU_FAST = SpeedConfig(device_types=("cpu",), compile=False)
 
 
 @pytest.fixture(autouse=True)
-def _restore_backend_flags():
-    """apply_speed sets process-wide flags; put torch's back after each test."""
-    flags = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-             torch.backends.cudnn.benchmark)
-    yield
-    torch.set_float32_matmul_precision(flags[0])
-    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags[1], flags[2]
+def _restore_backend_flags(torch_backend_flags):
+    """apply_speed sets process-wide flags; each test gets torch's back (tests/conftest.py)."""
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -17,7 +17,6 @@ from mmvq.text_vocab import (
     TextVocab,
     decode_ids,
     encode_text,
-    load_text_vocab,
     pretoken_counts,
     text_config_for,
     train_bpe,
@@ -163,7 +162,6 @@ def test_save_load_round_trip(tmp_path, scene_vocab):
     scene_vocab.save(path)
     loaded = BpeVocab.load(path)
     assert loaded == scene_vocab and loaded.sha256 == scene_vocab.sha256
-    assert load_text_vocab("bpe", path).encode("a blue star") == scene_vocab.encode("a blue star")
     data = json.loads(path.read_text())
     assert data["version"] == 1 and data["vocab_size"] == scene_vocab.vocab_size
     assert data["training"] == {"requested_vocab_size": 512, "min_pair_count": 2,
@@ -202,8 +200,6 @@ def test_training_arguments_are_checked():
         train_bpe(["abc"], vocab_size=257)
     with pytest.raises(ValueError, match="min_pair_count"):
         train_bpe(["abc"], vocab_size=300, min_pair_count=0)
-    with pytest.raises(ValueError, match="unknown text vocabulary kind"):
-        load_text_vocab("sentencepiece")
 
 
 # ----------------------------------------------------------------------------- config

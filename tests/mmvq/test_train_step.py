@@ -15,7 +15,8 @@ from mmvq.train_step import (
 )
 
 LOSS_KEYS = {"image/l1", "audio/l1", "audio/mel", "text/ce", "vq/commit", "vq/codebook", "total"}
-CODE_KEYS = {f"codes/{m}_{s}" for m in ("image", "audio", "text") for s in ("usage", "perplexity")}
+CODE_KEYS = {f"{m}/codebook_{s}" for m in ("image", "audio", "text")
+             for s in ("usage", "perplexity")}
 
 
 @pytest.fixture
@@ -29,7 +30,8 @@ def test_generator_step_updates_weights_and_reports_floats(inputs):
     stats = generator_step(model, inputs, build_optimizer(model), grad_clip=1.0)
     assert set(stats) == LOSS_KEYS | CODE_KEYS | {"grad_norm"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
-    assert 0 < stats["codes/image_usage"] <= 1 and 1 <= stats["codes/image_perplexity"] <= 256
+    assert 0 < stats["image/codebook_usage"] <= 1
+    assert 1 <= stats["image/codebook_perplexity"] <= 256
     assert stats["grad_norm"] > 0
     assert model.weights_hash() != before
 

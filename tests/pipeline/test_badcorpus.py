@@ -2,32 +2,22 @@
 every sample comes out valid or is quarantined with shard, key, stage and reason."""
 
 import re
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import badcorpus
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray.data
 from mlflow import MlflowClient
 
-from pipeline.ingest import read_shard
-from pipeline.preprocess import (
-    BadSample,
-    PreprocessConfig,
-    Resamplers,
-    preprocess_sample,
-    repeated_keys,
-    repeated_reason,
-    run,
-)
+from pipeline.formats.samples import BadSample, Resamplers, preprocess_sample
+from pipeline.formats.shards import read_shard
+from pipeline.preprocess import PreprocessConfig, repeated_keys, repeated_reason, run
 from pipeline.stage import StageContext
 from pipeline.tracking import RunLogger
-
-sys.path.insert(0, str(Path(__file__).parent))
-import badcorpus
 
 CONFIG = PreprocessConfig(image_size=16, sample_rate=8000, audio_samples=1600, text_max_len=16,
                           batch_size=8, num_actors=1)

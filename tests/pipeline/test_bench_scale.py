@@ -10,7 +10,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from pipeline.bench import scale as bench
+from workflows import bench_scale as bench
 
 
 def test_tiny_run_measures_every_stage_and_accounts_for_every_sample(tmp_path, capfd):
@@ -43,7 +43,7 @@ def test_tiny_run_measures_every_stage_and_accounts_for_every_sample(tmp_path, c
     # The run's peak covers every stage (and the moments between them, Ray start-up included).
     assert run["peak_memory_bytes"] >= max(s["peak_memory_bytes"] for s in stages.values())
     labels = set(run["peak_by_process"])
-    assert "python pipeline.bench.scale" in labels  # the child itself
+    assert "python workflows.bench_scale" in labels  # the child itself
     assert any(label.startswith("ray::") for label in labels)  # Ray's workers are in the tree
     assert run["spilled_bytes"] == 0
     # The work in CPU seconds: Ray's actors in the tree used some (ingest may be too short).

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.cli import main
+from workflows.cli import main
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["stage", "--help"],

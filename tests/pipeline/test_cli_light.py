@@ -12,7 +12,7 @@ HEAVY = ("torch", "ray", "mlflow", "torchaudio", "torchvision", "pandas")
 
 PROBE = """
 import contextlib, io, json, sys
-from pipeline.cli import main
+from workflows.cli import main
 for argv in [["--help"]] + [[c, "--help"] for c in {commands!r}]:
     with contextlib.redirect_stdout(io.StringIO()):
         try:
@@ -31,8 +31,8 @@ def test_help_imports_no_heavy_library():
 
 
 def test_stage_help_lists_every_registered_stage(capsys):
-    from pipeline.cli import STAGE_HELP, main
-    from pipeline.stages import STAGES
+    from workflows.cli import STAGE_HELP, main
+    from workflows.stages import STAGES
 
     assert list(STAGE_HELP) == list(STAGES)
     with pytest.raises(SystemExit):

@@ -14,9 +14,10 @@ from PIL import Image
 
 from mmvq import MultimodalTokenizer, TokenizerConfig, to_model_inputs
 from mmvq.vocabulary import split_interleaved
-from pipeline.cli import main
-from pipeline.codec import LAYOUT_KEY, Codec, collect_samples, resolve_model
-from pipeline.preprocess import PreprocessConfig, Resamplers, preprocess_sample
+from pipeline.file_tokens import LAYOUT_KEY, FileTokenizer, collect_samples, resolve_model
+from pipeline.formats.samples import Resamplers, preprocess_sample
+from pipeline.preprocess import PreprocessConfig
+from workflows.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_parquet_round_trip_and_decode_to_files(model_dir, inputs, tmp_path):
     wave, rate = soundfile.read(out / "a.wav")
     assert rate == 8000 and len(wave) == 100 * 80  # the real frames only
     # The decoded text is what the model's text decoder gives for those codes.
-    codec = Codec(model_dir / "tokenizer")
+    codec = FileTokenizer(model_dir / "tokenizer")
     expected = codec.decode(table.slice(0, 1).to_pydict())[0]["text"]
     assert (out / "a.txt").read_text() == expected + "\n"
 
@@ -133,5 +134,5 @@ def test_split_from_the_samples_json_reaches_json_and_parquet_rows(model_dir, tm
     assert dict(zip(table["key"], table["split"], strict=True)) == expected
     # The caption survived: its interleaved text run has one id per UTF-8 byte.
     parts = split_interleaved(np.asarray(rows[0]["interleaved_tokens"]),
-                              Codec(model_dir / "tokenizer").layout)
+                              FileTokenizer(model_dir / "tokenizer").layout)
     assert len(parts["text"]) == len("一只猫 🐱 café".encode())

@@ -20,11 +20,11 @@ from PIL import Image
 from skimage import data
 
 from mmvq import MultimodalTokenizer, TokenizerConfig
-from pipeline.cli import main
-from pipeline.codec import BadInput, Codec, resolve_model
+from pipeline.file_tokens import BadInput, FileTokenizer, resolve_model
 from pipeline.register import RegisterConfig, run
 from pipeline.stage import StageContext
 from pipeline.tracking import RunLogger, ensure_experiment
+from workflows.cli import main
 
 NAME = "codec-errors-tokenizer"
 
@@ -201,7 +201,7 @@ def test_bad_files_are_reported_and_the_good_samples_still_encoded(
 
 
 def test_prepare_names_the_file_instead_of_the_stream(model_dir):
-    codec = Codec(model_dir / "tokenizer")
+    codec = FileTokenizer(model_dir / "tokenizer")
     sample = {"key": "x", "image": b"\x89PNG not really", "image_file": "in/x.png",
               "text": "fine", "text_file": "in/x.txt"}
     with pytest.raises(BadInput) as caught:

@@ -6,7 +6,7 @@ import pytest
 
 from mmvq.config import TokenizerConfig
 from pipeline.config import ConfigError, apply_overrides, flatten, from_dict, load_yaml, to_dict
-from pipeline.train import TrainConfig
+from pipeline.train_config import TrainConfig
 
 
 @dataclass(frozen=True)

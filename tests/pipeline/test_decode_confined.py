@@ -2,7 +2,7 @@
 
 A token file comes from someone else; each row's key names the files decode writes. The rows
 here are real: samples encoded by the tokenize stage's own actor (through
-:class:`pipeline.codec.Codec`), written as a token dataset (``tokens/SPLIT/*.parquet`` in the
+:class:`pipeline.file_tokens.FileTokenizer`), written as a token dataset (``tokens/SPLIT/*.parquet`` in the
 token schema, ``manifest.json`` beside it), with one good key and one hostile key.
 """
 
@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from mmvq import MultimodalTokenizer, TokenizerConfig
-from pipeline.cli import main
-from pipeline.codec import Codec, write_sample
-from pipeline.tokenize import MANIFEST, TOKEN_SCHEMA, TOKENS_DIR
+from pipeline.file_tokens import FileTokenizer, write_sample
+from pipeline.formats.tokens import MANIFEST, TOKEN_SCHEMA, TOKENS_DIR
+from workflows.cli import main
 
 GOOD = "cats/tabby"  # a nested key is fine: it stays inside --out
 
@@ -48,7 +48,7 @@ def row(model_dir) -> dict:
                     format="WAV")
     sample = {"key": "x", "image": image.getvalue(), "audio": audio.getvalue(),
               "text": "a grey ramp"}
-    return Codec(model_dir).encode([sample]).to_pylist()[0]
+    return FileTokenizer(model_dir).encode([sample]).to_pylist()[0]
 
 
 def _token_dataset(root: Path, row: dict, keys: list[str]) -> Path:
@@ -117,7 +117,7 @@ def test_keys_inside_out_are_written_where_they_say(model_dir, row, tmp_path):
     out = tmp_path / "out"
     (out / "inside").mkdir(parents=True)
     (out / "alias").symlink_to(out / "inside", target_is_directory=True)
-    sample = Codec(model_dir).decode({k: [v] for k, v in row.items()})[0]
+    sample = FileTokenizer(model_dir).decode({k: [v] for k, v in row.items()})[0]
     rate = 8000
     for key in ("a/b/c", "v1.2..final", "猫/café", "./dot/x", "alias/y"):
         written = write_sample({**sample, "key": key}, rate, out)

@@ -28,7 +28,8 @@ import torchaudio
 import webdataset as wds
 from PIL import Image
 
-from pipeline.preprocess import BadSample, PreprocessConfig, Preprocessor, preprocess_sample, run
+from pipeline.formats.samples import BadSample, preprocess_sample
+from pipeline.preprocess import PreprocessConfig, Preprocessor, run
 from pipeline.stage import StageContext
 
 TARGET = 16000  # the model rate of these tests: 22.05/44.1/48 kHz sources resample to it

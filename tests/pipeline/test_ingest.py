@@ -12,9 +12,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.ingest import IngestConfig, IngestError, ingest, read_shard
+from pipeline.formats.shards import read_shard
+from pipeline.ingest import IngestConfig, IngestError, ingest
 from pipeline.storage import resolve
+from workflows.cli import main
 
 
 def _png(value: int, size: int = 16) -> bytes:

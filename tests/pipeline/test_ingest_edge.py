@@ -14,16 +14,9 @@ import soundfile
 import webdataset as wds
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.ingest import (
-    ORIGIN_FIELD,
-    IngestConfig,
-    IngestError,
-    ingest,
-    read_shard,
-    shard_key,
-    split_stem,
-)
+from pipeline.formats.shards import ORIGIN_FIELD, read_shard, shard_key, split_stem
+from pipeline.ingest import IngestConfig, IngestError, ingest
+from workflows.cli import main
 
 CAPTION = "一只猫 🐱 café"
 RATE = 44100

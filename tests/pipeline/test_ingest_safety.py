@@ -13,9 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.ingest import IngestConfig, ingest, read_shard
+from pipeline.formats.shards import read_shard
+from pipeline.ingest import IngestConfig, ingest
 from pipeline.storage import Location
+from workflows.cli import main
 
 SECRET = b"SECRET-do-not-ship"
 

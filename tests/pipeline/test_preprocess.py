@@ -9,16 +9,15 @@ import soundfile
 from PIL import Image
 
 from mmvq.text_vocab import PAD_ID
-from pipeline.preprocess import (
+from pipeline.formats.samples import (
     BadSample,
-    PreprocessConfig,
-    Preprocessor,
     Resamplers,
     decode_audio,
     decode_image,
     fit_length,
     preprocess_sample,
 )
+from pipeline.preprocess import PreprocessConfig, Preprocessor
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -11,7 +11,8 @@ import soundfile
 import webdataset as wds
 from PIL import Image
 
-from pipeline.preprocess import BadSample, PreprocessConfig, run
+from pipeline.formats.samples import BadSample
+from pipeline.preprocess import PreprocessConfig, run
 from pipeline.stage import StageContext
 
 CONFIG = PreprocessConfig(image_size=16, sample_rate=8000, audio_samples=4000, text_max_len=16,

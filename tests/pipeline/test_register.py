@@ -6,20 +6,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from rawsamples import raw_samples
 
 from mmvq import MultimodalTokenizer, TokenizerConfig
-from pipeline.codec import Codec
-from pipeline.register import RegisterConfig, previous_version, run
+from pipeline.file_tokens import FileTokenizer
+from pipeline.formats.registry import previous_version
+from pipeline.register import RegisterConfig, run
 from pipeline.stage import StageContext
 from pipeline.tracking import RunLogger, ensure_experiment
-
-sys.path.insert(0, str(Path(__file__).parent))
-from rawsamples import raw_samples
 
 LOAD_AND_PREDICT = """
 import sys, json, pandas as pd, mlflow.pyfunc
@@ -70,7 +68,7 @@ def test_fresh_process_loads_registered_model_and_gives_same_tokens(registered, 
         env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     assert done.returncode == 0, done.stderr[-3000:]
     remote = json.loads(done.stdout.strip().splitlines()[-1])
-    local = Codec(root / "train" / "tokenizer").encode(samples.to_dict("records")).to_pylist()
+    local = FileTokenizer(root / "train" / "tokenizer").encode(samples.to_dict("records")).to_pylist()
     assert [r["key"] for r in remote] == ["s0", "s1", "s2"]
     for mine, theirs in zip(local, remote, strict=True):
         for column in ("image_tokens", "audio_tokens", "text_tokens", "interleaved_tokens"):

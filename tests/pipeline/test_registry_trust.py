@@ -19,16 +19,14 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from rawsamples import raw_samples
 
 import pipeline
 from mmvq import MultimodalTokenizer, TokenizerConfig
-from pipeline.codec import Codec
+from pipeline.file_tokens import FileTokenizer
 from pipeline.register import RegisterConfig, run
 from pipeline.stage import StageContext
 from pipeline.tracking import RunLogger, ensure_experiment
-
-sys.path.insert(0, str(Path(__file__).parent))
-from rawsamples import raw_samples
 
 NAME = "trust-tokenizer"
 REPO = Path(pipeline.__file__).resolve().parent.parent
@@ -172,7 +170,7 @@ def test_fresh_process_without_the_repository_loads_and_predicts(registered, tmp
     for package in ("mmvq", "pipeline"):  # imported from the model's code/, not the checkout
         origin = Path(result[package]).resolve()
         assert not origin.is_relative_to(REPO) and "code" in origin.parts, origin
-    local = Codec(registered["tokenizer"]).encode(samples.to_dict("records")).to_pylist()
+    local = FileTokenizer(registered["tokenizer"]).encode(samples.to_dict("records")).to_pylist()
     remote = result["rows"]
     assert [r["key"] for r in remote] == ["s0", "s1", "s2"]
     for mine, theirs in zip(local, remote, strict=True):

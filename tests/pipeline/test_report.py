@@ -60,6 +60,19 @@ def test_plots_draw_with_and_without_matplotlib(tmp_path, use_matplotlib):
         assert pixels.std() > 5, name  # something was drawn, not a blank canvas
 
 
+@pytest.mark.parametrize("min_height, scale", [(0, 1), (40, 2), (47, 2)])
+def test_image_grid_puts_rows_under_each_other_and_upscales_whole(tmp_path, min_height, scale):
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 255, (3, 8, 6, 3), dtype=np.uint8) for _ in range(2)]  # n=3, 8x6
+    report.write_image_grid(rows, tmp_path / "grid.png", min_height=min_height)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * 8 * scale, 3 * 6 * scale, 3)
+    grid = grid[::scale, ::scale]  # nearest neighbour: every scale-th pixel is the original
+    for r, row in enumerate(rows):
+        for i, image in enumerate(row):
+            assert np.array_equal(grid[r * 8:(r + 1) * 8, i * 6:(i + 1) * 6], image), (r, i)
+
+
 def test_report_links_existing_files_and_tables(tmp_path):
     _evaluate_outputs(tmp_path)
     previous = {"version": 3, "metrics": {"image/psnr": 20.0}}

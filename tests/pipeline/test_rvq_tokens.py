@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from traindata import preprocessed_batch
 
 from mmvq import MultimodalTokenizer, to_model_inputs
 from mmvq.config import AudioCodecConfig, ImageCodecConfig, QuantizerConfig, TokenizerConfig
+from mmvq.scoring import ReconstructionScores
 from mmvq.vocabulary import split_interleaved
-from pipeline.evaluate import _codes_for, _read_tokens, _Scores
-from pipeline.tokenize import TokenizeActor, TokenizeConfig
-from pipeline.train import TOKENIZER_DIR
+from pipeline.evaluate import _codes_for, _read_tokens
+from pipeline.formats.checkpoint import TOKENIZER_DIR
+from pipeline.formats.tokens import TokenEncoder
+from pipeline.tokenize import TokenizeConfig
 
 LEVELS = 3
 MODEL = TokenizerConfig(image=ImageCodecConfig(image_size=32),
@@ -24,11 +26,7 @@ MODEL = TokenizerConfig(image=ImageCodecConfig(image_size=32),
 
 
 def _rows(n: int, cfg: TokenizerConfig) -> dict[str, np.ndarray]:
-    path = Path(__file__).parents[1] / "mmvq" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_mmvq_batches", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    batch = module.make_preprocessed_batch(n, seed=4, cfg=cfg)
+    batch = preprocessed_batch(n, seed=4, cfg=cfg)
     return {**batch, "split": np.array(["val"] * n), "source_shard": np.array(["s0.tar"] * n)}
 
 
@@ -43,7 +41,7 @@ def test_tokenize_rows_carry_levels_and_evaluate_reads_them_back(tmp_path):
     model, model_dir = _saved(tmp_path, MODEL)
     batch = _rows(6, MODEL)
     layout = model.vocabulary()
-    table = TokenizeActor(str(model_dir), layout, "local:test", False, audio_levels=2)(batch)
+    table = TokenEncoder(str(model_dir), audio_levels=2)(batch)
     columns = table.to_pydict()
     assert columns["audio_levels"] == [2] * 6
     frames = model.config.audio.num_frames  # 2000 samples / hop 80 = 25
@@ -64,7 +62,7 @@ def test_tokenize_rows_carry_levels_and_evaluate_reads_them_back(tmp_path):
     assert codes["audio"].shape == (6, frames, 2)
     assert torch.equal(codes["audio"], torch.from_numpy(expected))
     inputs = to_model_inputs(batch)
-    scores = _Scores(model)
+    scores = ReconstructionScores(model.codebook_sizes(), model.config.audio.sample_rate)
     scores.add(inputs, model.decode(codes), codes, {})
     scores.add_bitrates(inputs, model, codes["audio"])
     summary = scores.summary()
@@ -79,8 +77,7 @@ def test_tokenize_rows_carry_levels_and_evaluate_reads_them_back(tmp_path):
 def test_one_level_audio_rows_say_one_level(tmp_path):
     plain = TokenizerConfig(image=ImageCodecConfig(image_size=32),
                             audio=AudioCodecConfig(num_samples=2000))
-    model, model_dir = _saved(tmp_path, plain)
-    table = TokenizeActor(str(model_dir), model.vocabulary(), "local:test", False)(
-        _rows(2, plain))
+    _, model_dir = _saved(tmp_path, plain)
+    table = TokenEncoder(str(model_dir))(_rows(2, plain))
     assert table.column("audio_levels").to_pylist() == [1, 1]
     assert TokenizeConfig().audio_levels is None  # default: every level the model has

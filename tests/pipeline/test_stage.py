@@ -4,7 +4,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.stage import StageSpec, committed_dir, fingerprint, read_record, run_committed
+from pipeline.stage import (
+    StageOutput,
+    StageSpec,
+    committed_dir,
+    fingerprint,
+    read_record,
+    run_committed,
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,7 @@ def _writer(config, ctx):
 
 def test_commit_makes_output_visible_with_record(tmp_path):
     spec = StageSpec("w", Cfg, _writer)
-    out, summary = run_committed(spec, Cfg(3), tmp_path, "fp1", {}, record={"fingerprint": "fp1"})
+    out, summary = run_committed(spec, Cfg(3), StageOutput(tmp_path, "w", "fp1"), record={"fingerprint": "fp1"})
     assert out == committed_dir(tmp_path, "w", "fp1")
     assert (out / "data.txt").read_text() == "3"
     assert read_record(out) == {"fingerprint": "fp1", "summary": {"n": 3}}
@@ -41,7 +48,7 @@ def test_failed_stage_leaves_nothing(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        run_committed(StageSpec("b", Cfg, broken), Cfg(), tmp_path, "fp", {}, record={})
+        run_committed(StageSpec("b", Cfg, broken), Cfg(), StageOutput(tmp_path, "b", "fp"), record={})
     assert list((tmp_path / "b").iterdir()) == []
     assert read_record(committed_dir(tmp_path, "b", "fp")) is None
 
@@ -67,7 +74,7 @@ def test_code_version_covers_library_versions(monkeypatch):
 
 
 def test_every_stage_declares_the_libraries_that_change_its_output():
-    from pipeline.stages import STAGES
+    from workflows.stages import STAGES
 
     wanted = {"preprocess": {"soxr", "pillow", "soundfile", "numpy", "pyarrow", "mmvq"},
               "train": {"torch", "torchvision", "torchaudio", "numpy", "mmvq"},

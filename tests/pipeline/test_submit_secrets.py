@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.submit import SECRET_EXCLUDES, plan_upload, working_dir_excludes
+from workflows.cli import main
+from workflows.submit import SECRET_EXCLUDES, plan_upload, working_dir_excludes
 
 REPO = Path(__file__).resolve().parents[2]
 # Built at run time so this file itself holds no private-key marker.
@@ -87,7 +87,7 @@ def submitted(monkeypatch):
 
 
 def _submit(root: Path, *extra: str) -> int:
-    from pipeline import submit
+    from workflows import submit
 
     argv = ["submit", str(root / "workflows" / "demo.yaml"), "--address", "http://head:8265",
             "--no-wait", *extra]
@@ -147,7 +147,7 @@ def test_plan_upload_lists_exactly_what_ray_zips(workdir, tmp_path):
 
 def test_the_repository_ships_its_code_without_its_virtualenv():
     files = dict(plan_upload(REPO, working_dir_excludes()).files)
-    assert "pipeline/submit.py" in files and "workflows/demo.yaml" in files
+    assert "workflows/submit.py" in files and "workflows/demo.yaml" in files
     assert not [n for n in files if n.startswith((".venv/", ".git/", "runs/"))]
 
 

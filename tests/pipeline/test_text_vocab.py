@@ -22,15 +22,9 @@ from mmvq.text_vocab import (
     text_config_for,
     train_bpe,
 )
-from pipeline.preprocess import PreprocessConfig, run
+from pipeline.formats.preprocessed import model_config_for_data, read_data_vocab, write_contract
+from pipeline.preprocess import PreprocessConfig, fit_text_vocab, run, train_split_captions
 from pipeline.stage import StageContext
-from pipeline.text_vocab import (
-    fit_text_vocab,
-    model_config_for_data,
-    read_data_vocab,
-    train_split_captions,
-    with_data_vocab,
-)
 
 TRAIN = ["a small red circle left of a large blue square", "a large red star",
          "a small blue circle above a small red star", "a large green square",
@@ -126,18 +120,22 @@ def test_bpe_vocab_size_is_validated():
 def test_train_sizes_the_text_codec_from_the_data(tmp_path):
     vocab = train_bpe(TRAIN, 300)
     vocab.save(tmp_path / VOCAB_FILE)
-    model, found = with_data_vocab(TokenizerConfig(), tmp_path)
+    write_contract(tmp_path, PreprocessConfig(), vocab)
+    model, found = model_config_for_data(TokenizerConfig(), tmp_path)
     assert found == vocab
     assert (model.text.vocab, model.text.vocab_size, model.text.vocab_sha256) == (
         "bpe", vocab.vocab_size, vocab.sha256)
     # Byte data keeps a byte model; a model config that pins another BPE is refused.
-    assert with_data_vocab(TokenizerConfig(), tmp_path / "nothing")[0] == TokenizerConfig()
+    byte_data = tmp_path / "bytes"
+    byte_data.mkdir()
+    write_contract(byte_data, PreprocessConfig(), BYTES)
+    assert model_config_for_data(TokenizerConfig(), byte_data)[0] == TokenizerConfig()
     other = train_bpe(VAL * 3, 280)
     pinned = replace(TokenizerConfig(), text=text_config_for(TextCodecConfig(), other))
     with pytest.raises(ConfigError, match="pins a BPE vocabulary .* but the data in"):
-        model_config_for_data(pinned, vocab, tmp_path)
+        model_config_for_data(pinned, tmp_path)
     with pytest.raises(ConfigError, match="was encoded with bytes"):
-        model_config_for_data(pinned, BYTES, tmp_path)
+        model_config_for_data(pinned, byte_data)
 
 
 def test_bpe_reads_shards_as_preprocess_does(tmp_path, ray_local):

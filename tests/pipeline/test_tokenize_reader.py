@@ -1,4 +1,4 @@
-"""The token dataset reader (pipeline.tokens): paths, interleaved streams, codes, checks."""
+"""The token dataset reader (pipeline.formats.tokens): paths, interleaved streams, codes, checks."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import torch
 from PIL import Image
 
 from mmvq import MultimodalTokenizer, TokenizerConfig
-from pipeline.codec import Codec
-from pipeline.tokens import (
+from pipeline.file_tokens import FileTokenizer
+from pipeline.formats.tokens import (
     check_token_dataset,
-    mlflow_dataset,
     model_codes,
     read_manifest,
     read_token_dataset,
     split_interleaved_column,
 )
+from pipeline.tracking import mlflow_dataset
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokens")
     torch.manual_seed(0)
     MultimodalTokenizer(TokenizerConfig()).save(root / "model")
-    codec = Codec(root / "model")
+    codec = FileTokenizer(root / "model")
     rng = np.random.default_rng(0)
     counts = {}
     for split, n in (("train", 3), ("val", 2)):

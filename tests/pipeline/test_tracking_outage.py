@@ -9,7 +9,6 @@ and no Ray at all.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import signal
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import traindata
 from mlflow.tracking import MlflowClient
 
 from pipeline.stage import StageContext, StageSpec
@@ -32,14 +32,6 @@ from pipeline.tracking import TRACKING_TAG, RunLogger, replay_spools
 pytestmark = pytest.mark.integration
 
 STEPS, VAL_EVERY = 30, 10  # a few dozen steps of the tiny model; validations at 10, 20, 30
-
-
-def _helpers():
-    spec = importlib.util.spec_from_file_location("_train_helpers",
-                                                  Path(__file__).with_name("test_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Server:
@@ -102,7 +94,7 @@ def server(tmp_path):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local):
     # 30 steps per epoch (2 workers x batch 4): one epoch, one data pipeline start.
-    return _helpers().write_dataset(tmp_path_factory.mktemp("outage-data"), train_rows=240)
+    return traindata.write_dataset(tmp_path_factory.mktemp("outage-data"), train_rows=240)
 
 
 class Chaos(threading.Thread):
@@ -135,11 +127,10 @@ def _train_under(chaos_for, data: Path, tmp_path: Path, uri: str) -> tuple[str, 
     """Train STEPS tiny steps, logging to a fresh run while ``chaos_for(run_id)`` strikes."""
     from pipeline.train import run
 
-    helpers = _helpers()
-    config = helpers.tiny_config(steps=STEPS, decay_steps=STEPS, val_every=VAL_EVERY,
+    config = traindata.tiny_config(steps=STEPS, decay_steps=STEPS, val_every=VAL_EVERY,
                                  checkpoint_every=0, run_name="outage",
                                  storage_path=str(tmp_path / "ckpt"))
-    logger = helpers.start_run(uri, "outage-tests")
+    logger = traindata.start_run(uri, "outage-tests")
     chaos = chaos_for(logger.run_id)
     chaos.start()
     out = tmp_path / "out"
@@ -268,7 +259,7 @@ def _logging_stage(kill_server_after: int | None = None, server: Server | None =
 
 
 def _workflow(root: Path, uri: str, **config):
-    from workflows.runner import StageEntry, Workflow
+    from workflows.spec import StageEntry, Workflow
 
     return Workflow(name="outage", data_root=str(root), tracking_uri=uri,
                     stages={"logs": StageEntry(stage="logs", config=config)})
@@ -276,7 +267,7 @@ def _workflow(root: Path, uri: str, **config):
 
 def test_stage_ending_with_the_server_down_warns_and_the_next_run_replays(
         server, tmp_path, monkeypatch, capsys):
-    from workflows import runner
+    from workflows import run as runner
 
     monkeypatch.setenv("MMVQ_TRACKING_SPOOL", str(tmp_path / "spool"))
     monkeypatch.setattr(runner, "_init_ray", lambda *a, **k: None)  # the stage needs no Ray
@@ -304,7 +295,7 @@ KILLED_WORKFLOW = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     from test_tracking_outage import LogCfg, _logging_stage, _workflow
     from pipeline.stage import StageSpec
-    from workflows import runner
+    from workflows import run as runner
 
     runner._init_ray = lambda *a, **k: None
     runner.STAGES["logs"] = StageSpec("logs", LogCfg, _logging_stage())
@@ -333,7 +324,7 @@ def _statuses(uri: str) -> list[str]:
 
 
 def test_sigkilled_workflows_runs_are_marked_killed_by_the_next_run(tmp_path, monkeypatch):
-    from workflows import runner
+    from workflows import run as runner
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     statuses = _start_and_kill(tmp_path / "root", uri, signal.SIGKILL)

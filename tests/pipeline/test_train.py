@@ -6,8 +6,6 @@ is in ``test_train_fault.py``; it needs its own Ray, so it runs in a subprocess.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,51 +14,14 @@ import pytest
 import safetensors.torch
 import torch
 from mlflow.tracking import MlflowClient
+from traindata import start_run, tiny_config, write_dataset
 
-from mmvq.config import AudioCodecConfig, GanConfig, ImageCodecConfig, TokenizerConfig
-from pipeline.checkpoint import rank_weight_hashes, read_state
+from mmvq.config import GanConfig
+from mmvq.speed import SpeedConfig
+from pipeline.formats.checkpoint import TOKENIZER_DIR, rank_weight_hashes, read_state
 from pipeline.stage import StageContext
-from pipeline.tracking import RunLogger
-from pipeline.train import TOKENIZER_DIR, TrainConfig, run
-
-# Small enough that a step takes a few tens of milliseconds on one thread.
-MODEL = TokenizerConfig(image=ImageCodecConfig(image_size=32),
-                        audio=AudioCodecConfig(num_samples=2000))
-TRAIN_ROWS, VAL_ROWS = 24, 8  # 2 workers x batch 4: 3 steps per epoch
-
-
-def _make_batch():
-    path = Path(__file__).parents[1] / "mmvq" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_mmvq_batches", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_preprocessed_batch
-
-
-def write_dataset(root: Path, train_rows: int = TRAIN_ROWS, val_rows: int = VAL_ROWS) -> Path:
-    """A preprocess-shaped output: ``{root}/{train,val}/*.parquet`` of synthetic rows."""
-    import ray.data
-
-    make = _make_batch()
-    for split, rows, seed in (("train", train_rows, 1), ("val", val_rows, 2)):
-        batch = make(rows, seed=seed, cfg=MODEL)
-        items = [{k: v[i] for k, v in batch.items()} for i in range(rows)]
-        ray.data.from_items(items).repartition(2).write_parquet(str(root / split))
-    return root
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    base = TrainConfig(model=MODEL, num_workers=2, batch_size=4, steps=6, lr=2e-3, log_every=1,
-                       val_every=3, val_batches=1, sample_images=2, checkpoint_every=3,
-                       shuffle_buffer=8, keep_checkpoints=1)
-    return dataclasses.replace(base, **overrides)
-
-
-def start_run(uri: str, experiment: str = "train-tests") -> RunLogger:
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    exp_id = found.experiment_id if found else client.create_experiment(experiment)
-    return RunLogger(uri, client.create_run(exp_id).info.run_id)
+from pipeline.train import run
+from pipeline.train_config import TrainConfig
 
 
 def run_stage(config: TrainConfig, data: Path, out: Path, uri: str | None) -> dict:
@@ -107,9 +68,9 @@ def test_two_worker_ddp_replicas_agree_and_loss_falls(uninterrupted, mlflow_serv
     assert len(losses) == 8
     assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2]), losses
     metrics = MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"]).data.metrics
-    for key in ("codes/image_perplexity", "codes/text_usage", "grad_norm", "lr",
+    for key in ("image/codebook_perplexity", "text/codebook_usage", "grad_norm", "lr",
                 "perf/samples_per_s", "perf/data_wait_fraction", "val/image/psnr",
-                "val/loss/total", "val/codes/audio_usage"):
+                "val/loss/total", "val/audio/codebook_usage", "val/text/exact_match"):
         assert key in metrics, key
     # Warmup 2 then cosine to 0.1 x peak at step 8: the last step ran near the floor.
     lrs = {m.step: m.value for m in MlflowClient(mlflow_server).get_metric_history(
@@ -156,7 +117,9 @@ def test_stop_and_rerun_continues_from_the_checkpoint_and_matches(
 def test_gan_ema_accumulation_and_bf16_train_end_to_end(data, tmp_path):
     gan = GanConfig(disc_start=2, image_disc_channels=8, audio_disc_channels=4,
                     audio_disc_n_ffts=(64, 128), image_disc_norm="group")
-    config = tiny_config(steps=4, gan=gan, ema_decay=0.9, grad_accum=2, precision="bf16",
+    # The fast path's switches that need no compiler, on the CPU: bf16 autocast, fused AdamW.
+    speed = SpeedConfig(device_types=("cpu",), compile=False)
+    config = tiny_config(steps=4, gan=gan, ema_decay=0.9, grad_accum=2, speed=speed,
                          checkpoint_every=2, val_every=0, run_name="gan",
                          storage_path=str(tmp_path / "ckpt"), batch_size=2)
     summary = run_stage(config, data, tmp_path / "out", None)

@@ -17,7 +17,6 @@ not the case under test.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -30,22 +29,14 @@ CRASH_AT_CALL = 6  # rank 1 dies inside its 6th step of the first attempt
 STEPS, CHECKPOINT_EVERY = 10, 4
 
 
-def _helpers():
-    spec = importlib.util.spec_from_file_location("_train_helpers",
-                                                  Path(__file__).with_name("test_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, mlflow_server, ray_local):
+    import traindata
     from mlflow.tracking import MlflowClient
 
-    from pipeline.checkpoint import rank_weight_hashes, read_state
+    from pipeline.formats.checkpoint import rank_weight_hashes, read_state
 
-    helpers = _helpers()
-    data = helpers.write_dataset(tmp_path / "data")  # with the session's Ray, before the cluster
-    run_id = helpers.start_run(mlflow_server).run_id
+    data = traindata.write_dataset(tmp_path / "data")  # with the session's Ray, before the cluster
+    run_id = traindata.start_run(mlflow_server).run_id
     marker = tmp_path / "crash-once"
     marker.touch()
     ray_tmp = tempfile.mkdtemp(prefix="mmvqf-", dir="/tmp")  # short: Ray's socket paths

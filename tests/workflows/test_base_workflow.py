@@ -10,7 +10,7 @@ import torch
 from mmvq import MultimodalTokenizer
 from mmvq.config import image_preset
 from pipeline.config import ConfigError
-from workflows.runner import load_workflow, plan_workflow
+from workflows.plan import load_workflow, plan_workflow
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def base():
 
 def _config(workflow, name):
     from pipeline.config import from_dict
-    from pipeline.stages import STAGES
+    from workflows.stages import STAGES
 
     entry = workflow.stages[name]
     return from_dict(STAGES[entry.stage or name].config_type, entry.config)

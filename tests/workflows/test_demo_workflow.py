@@ -17,7 +17,8 @@ import ray.data
 from mlflow.tracking import MlflowClient
 
 from pipeline.stage import is_locked, read_record
-from workflows.runner import load_workflow, run_workflow
+from workflows.plan import load_workflow
+from workflows.run import run_workflow
 
 TINY = ["synth.num_samples=40", "synth.samples_per_shard=16", "synth.val_fraction=0.25",
         "train.steps=4", "train.batch_size=4", "train.log_every=2",
@@ -60,7 +61,7 @@ def test_token_dataset_rows_and_ranges(demo_run):
 
 
 def test_token_dataset_agrees_with_manifest_and_lineage(demo_run):
-    from pipeline.tokens import check_token_dataset, read_manifest
+    from pipeline.formats.tokens import check_token_dataset, read_manifest
 
     _, results, uri = demo_run
     out = results["tokenize"].output
@@ -80,7 +81,7 @@ def test_token_dataset_agrees_with_manifest_and_lineage(demo_run):
 def test_decoding_the_token_dataset_reproduces_evaluate_numbers(demo_run):
     from mmvq import MultimodalTokenizer, to_model_inputs
     from mmvq import metrics as M
-    from pipeline.tokens import model_codes, read_token_dataset
+    from pipeline.formats.tokens import model_codes, read_token_dataset
 
     _, results, _ = demo_run
     model = MultimodalTokenizer.load(results["train"].output / "tokenizer")
@@ -103,7 +104,7 @@ def test_decoding_the_token_dataset_reproduces_evaluate_numbers(demo_run):
 def test_report_and_registered_model(demo_run):
     import re
 
-    from pipeline.tokens import read_manifest
+    from pipeline.formats.tokens import read_manifest
 
     _, results, uri = demo_run
     out = results["evaluate"].output
@@ -159,7 +160,7 @@ def test_second_run_reuses_every_stage(demo_run):
 
 
 def test_single_stage_command_on_committed_inputs(demo_run, tmp_path, capsys):
-    from pipeline.cli import main
+    from workflows.cli import main
 
     _, results, _ = demo_run
     args = ["stage", "evaluate", "--data-root", str(tmp_path), "grid_samples=4",
@@ -180,7 +181,7 @@ def test_single_stage_command_on_committed_inputs(demo_run, tmp_path, capsys):
 # --- plans, reruns, status and kills, all on the one tiny demo run above -------------------
 
 def test_dry_run_plans_reuse_with_mlflow_run_ids(demo_run, capsys):
-    from pipeline.cli import main
+    from workflows.cli import main
 
     workflow, results, uri = demo_run
     overrides = TINY + [f"data_root={workflow.data_root}", f"tracking_uri={uri}"]
@@ -192,7 +193,7 @@ def test_dry_run_plans_reuse_with_mlflow_run_ids(demo_run, capsys):
 
 
 def test_plan_after_one_train_setting_changes(demo_run):
-    from workflows.runner import plan_workflow
+    from workflows.plan import plan_workflow
 
     workflow, results, uri = demo_run
     changed = load_workflow("workflows/demo.yaml", TINY + [
@@ -208,7 +209,7 @@ def test_plan_after_one_train_setting_changes(demo_run):
 
 
 def test_status_table_done_then_stale(demo_run, capsys):
-    from pipeline.cli import main
+    from workflows.cli import main
 
     workflow, results, uri = demo_run
     args = ["status", "workflows/demo.yaml", *TINY, f"data_root={workflow.data_root}",
@@ -242,7 +243,7 @@ def test_changed_train_setting_reruns_train_tokenize_evaluate(demo_run):
 
 
 def test_only_evaluate_reruns_just_that_stage(demo_run):
-    from workflows.runner import PlanError, plan_workflow
+    from workflows.plan import PlanError, plan_workflow
 
     workflow, results, uri = demo_run
     before = (results["evaluate"].output / "stage.json").read_text()
@@ -276,7 +277,7 @@ def test_killed_run_leaves_nothing_complete_and_rerun_matches(demo_run, tmp_path
     # The killed driver joins the test's Ray cluster, as a job does on a real cluster.
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = (tmp_path / "run.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "workflows/demo.yaml",
+    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", "workflows/demo.yaml",
                              "--no-progress", *overrides], stdout=log, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     tokenize_dir = root / "tokenize"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError
-from workflows.runner import input_locations, load_workflow, plan_workflow
+from workflows.plan import input_locations, load_workflow, plan_workflow
 
 
 def _shard(path: Path, keys: list[str]) -> None:

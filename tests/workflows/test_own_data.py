@@ -16,9 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
 from workflows.accounting import chain_counts, rejected_samples
-from workflows.runner import load_workflow, plan_workflow, run_single_stage, run_workflow
+from workflows.cli import main
+from workflows.plan import load_workflow, plan_workflow
+from workflows.run import run_single_stage, run_workflow
 
 sys.path.insert(0, str(Path(__file__).parent))
 import realcorpus

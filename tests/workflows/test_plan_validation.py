@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from pipeline.cli import main
+from workflows.cli import main
 
 BAD = [
     ("train.lr=-1", "train.lr must be > 0, got -1"),
@@ -28,6 +28,12 @@ BAD = [
                               "has splits train, val")),
     ("synth.val_fraction=0", ("evaluate.split='val': its input 'data' (stage preprocess) has "
                              "split train")),
+    # The data contract (issue 14): the model takes the shapes preprocess makes.
+    ("train.model.image.image_size=128", ("train.model.image.image_size is 128 but "
+                                          "preprocess.image_size is 64")),
+    ("train.model.audio.sample_rate=16000", ("train.model.audio.sample_rate is 16000 but "
+                                             "preprocess.sample_rate is 8000")),
+    ("train.model.text.max_len=32", "train.model.text.max_len is 32 but preprocess.text_max_len"),
 ]
 
 
@@ -83,3 +89,16 @@ def test_dead_submit_address_is_one_line(capsys):
     assert last.startswith(f"mmvq: config error: --address {address}: no Ray dashboard "
                            "answers there"), err
     assert "Traceback" not in err
+
+
+def test_model_shapes_follow_preprocess_when_unset(tmp_path):
+    """Set only on preprocess, a shape reaches the model's config (and so its fingerprint)."""
+    from workflows.plan import load_workflow, plan_workflow
+
+    workflow = load_workflow("workflows/demo.yaml", [f"data_root={tmp_path / 'data'}",
+                                                     "preprocess.image_size=32",
+                                                     "preprocess.audio_samples=16000"])
+    train = {p.name: p for p in plan_workflow(workflow)}["train"].config
+    assert train.model.image.image_size == 32
+    assert train.model.audio.num_samples == 16000
+    assert train.model.audio.sample_rate == 8000  # as preprocess, which the demo sets

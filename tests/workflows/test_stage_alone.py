@@ -14,14 +14,15 @@ import time
 
 import pytest
 
-from pipeline.train import TrainConfig
-from workflows.runner import ResourceError, check_resources
+from pipeline.train_config import TrainConfig
+from workflows.run import ResourceError, check_resources
 
 SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
 from pipeline.synth import SynthConfig, run as synth
-from workflows.runner import RayConfig, ResourceError, run_single_stage
+from workflows.run import ResourceError, run_single_stage
+from workflows.spec import RayConfig
 
 root = Path(sys.argv[1])
 synth(SynthConfig(num_samples=24, samples_per_shard=8, val_fraction=0.25), root / "shards",

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.stage import (
+    StageOutput,
     StageSpec,
     commit_stage,
     committed_dir,
@@ -24,7 +25,7 @@ from pipeline.stage import (
     output_lock,
     read_record,
 )
-from workflows.runner import PlanError, load_workflow, plan_workflow
+from workflows.plan import PlanError, load_workflow, plan_workflow
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def test_concurrent_runs_of_one_output_run_it_once(tmp_path):
     spec = StageSpec("w", Cfg, _slow_writer(calls))
 
     def worker(i):
-        results[i] = commit_stage(spec, Cfg(3), tmp_path, "fp", {}, {"fingerprint": "fp"},
+        results[i] = commit_stage(spec, Cfg(3), StageOutput(tmp_path, "w", "fp"), {"fingerprint": "fp"},
                                   on_wait=lambda: waited.append(i))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
@@ -64,16 +65,16 @@ def test_concurrent_runs_of_one_output_run_it_once(tmp_path):
 
 def test_failed_forced_rerun_keeps_the_committed_output(tmp_path):
     spec = StageSpec("w", Cfg, _slow_writer([]))
-    out, _, _ = commit_stage(spec, Cfg(1), tmp_path, "fp", {}, {"fingerprint": "fp"})
+    out, _, _ = commit_stage(spec, Cfg(1), StageOutput(tmp_path, "w", "fp"), {"fingerprint": "fp"})
 
     def broken(config, ctx):
         (ctx.output_dir / "data.txt").write_text("partial")
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        commit_stage(StageSpec("w", Cfg, broken), Cfg(2), tmp_path, "fp", {}, {}, force=True)
+        commit_stage(StageSpec("w", Cfg, broken), Cfg(2), StageOutput(tmp_path, "w", "fp"), {}, force=True)
     assert (out / "data.txt").read_text() == "1" and read_record(out)["summary"] == {"n": 1}
-    _, record, reused = commit_stage(spec, Cfg(5), tmp_path, "fp", {}, {}, force=True)
+    _, record, reused = commit_stage(spec, Cfg(5), StageOutput(tmp_path, "w", "fp"), {}, force=True)
     assert not reused and record["summary"] == {"n": 5} and (out / "data.txt").read_text() == "5"
     assert leftovers(tmp_path, "w") == []
 
@@ -82,7 +83,7 @@ KILLED_STAGE = textwrap.dedent("""
     import sys, time
     from dataclasses import dataclass
     from pathlib import Path
-    from pipeline.stage import StageSpec, commit_stage
+    from pipeline.stage import StageOutput, StageSpec, commit_stage
 
     @dataclass(frozen=True)
     class Cfg:
@@ -92,7 +93,7 @@ KILLED_STAGE = textwrap.dedent("""
         (ctx.output_dir / "half.txt").write_text("partial")
         time.sleep(600)
 
-    commit_stage(StageSpec("k", Cfg, run), Cfg(), Path(sys.argv[1]), "fp", {}, {})
+    commit_stage(StageSpec("k", Cfg, run), Cfg(), StageOutput(Path(sys.argv[1]), "k", "fp"), {})
 """)
 
 
@@ -112,7 +113,7 @@ def test_sigkilled_stage_leaves_nothing_complete_and_no_lock(tmp_path):
     with output_lock(tmp_path, "k", "fp"):  # no wait: nobody holds it
         pass
     spec = StageSpec("k", Cfg, lambda c, ctx: (ctx.output_dir / "x").write_text("ok") and {})
-    out, _, reused = commit_stage(spec, Cfg(), tmp_path, "fp", {}, {})
+    out, _, reused = commit_stage(spec, Cfg(), StageOutput(tmp_path, "k", "fp"), {})
     assert not reused and (out / "x").read_text() == "ok" and not (out / "half.txt").exists()
     assert not stale.exists() and leftovers(tmp_path, "k") == []
 

@@ -227,7 +227,7 @@ def prepare_job(workflow: Path, overrides: Sequence[str] = (), *, data_root: str
         For a workflow outside ``repo_root`` (the cluster would not have it) or an invalid one,
         or a ``!`` pattern in ``exclude``.
     """
-    from workflows.runner import load_workflow
+    from workflows.plan import load_workflow
 
     excludes = working_dir_excludes(exclude)
     workflow = Path(workflow).resolve()
@@ -245,7 +245,7 @@ def prepare_job(workflow: Path, overrides: Sequence[str] = (), *, data_root: str
         print(f"mmvq submit: note: data_root {loaded.data_root} is relative; the job writes it "
               "inside its working-directory copy on the head node. Pass --data-root with a "
               "shared path to keep the outputs.", file=sys.stderr)
-    args = [python, "-m", "pipeline.cli", "run", str(relative), "--no-progress", *overrides]
+    args = [python, "-m", "workflows.cli", "run", str(relative), "--no-progress", *overrides]
     for flag, names in (("--only", only), ("--from", from_), ("--force", force)):
         for name in names:
             args += [flag, name]

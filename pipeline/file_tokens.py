@@ -4,7 +4,7 @@
 (``cat.png``, ``cat.wav``, ``cat.txt`` and ``cat.json`` are one sample, as in a webdataset
 shard), prepares them with the preprocess stage's own pure functions (so the model sees exactly
 what training saw: EXIF-upright RGB center crop, mono resampled clip of fixed length, byte ids)
-and encodes them with the tokenize stage's actor code, so the rows equal the token dataset's
+and encodes them with the tokenize stage's row encoder, so the rows equal the token dataset's
 rows for the same inputs. ``cat.json`` is the sample's metadata: its ``split`` becomes the
 row's split (``train`` when it names none); a json without media of its stem is no sample.
 Output is JSON or parquet.
@@ -45,17 +45,17 @@ import soundfile
 import torch
 from PIL import Image
 
-from pipeline.preprocess import (
-    AUDIO_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    TEXT_EXTENSIONS,
-    BadSample,
-    PreprocessConfig,
-    Resamplers,
-    preprocess_sample,
+from mmvq.config import MODALITIES
+from pipeline.formats.samples import BadSample, Resamplers, SampleSpec, preprocess_sample
+from pipeline.formats.shards import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, MODALITY_OF
+from pipeline.formats.tokens import (
+    MANIFEST,
+    TOKEN_SCHEMA,
+    TOKENS_DIR,
+    TokenEncoder,
+    model_codes,
+    read_token_dataset,
 )
-from pipeline.tokenize import MANIFEST, TOKEN_SCHEMA, TOKENS_DIR, TokenizeActor
-from pipeline.tokens import model_codes, read_token_dataset
 
 # Where a registered model (pipeline.register) keeps the tokenizer inside its artifacts.
 REGISTERED_TOKENIZER = "artifacts/tokenizer"
@@ -63,9 +63,6 @@ REGISTERED_TOKENIZER = "artifacts/tokenizer"
 # self-describing like a token dataset with its manifest.
 LAYOUT_KEY = b"mmvq.vocabulary"
 # "json" is the sample's metadata (its split), not a modality the model encodes.
-EXTENSIONS = {**{e: "image" for e in IMAGE_EXTENSIONS}, **{e: "audio" for e in AUDIO_EXTENSIONS},
-              **{e: "text" for e in TEXT_EXTENSIONS}, "json": "json"}
-MODALITIES = ("image", "audio", "text")
 # PIL and libsndfile put the stream's repr in their messages ("<_io.BytesIO object at 0x7f..>"):
 # meaningless to a user, so it is replaced by the file's name.
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
@@ -186,7 +183,7 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-class Codec:
+class FileTokenizer:
     """A loaded tokenizer plus the tokenize stage's row encoder around it.
 
     Parameters
@@ -195,19 +192,12 @@ class Codec:
     """
 
     def __init__(self, model_dir: str | Path) -> None:
-        from mmvq import MultimodalTokenizer
-
-        model = MultimodalTokenizer.load(model_dir)
-        self.layout = model.vocabulary()
-        self.tokenizer_id = f"local:{model.weights_hash()[:16]}"  # as tokenize writes it
-        # The tokenize stage's own actor code: encode and the token dataset give equal rows.
-        self.encoder = TokenizeActor(str(model_dir), self.layout, self.tokenizer_id, False)
-        self.model = self.encoder.model
-        cfg = self.model.config
-        self.preprocess = PreprocessConfig(
-            image_size=cfg.image.image_size, sample_rate=cfg.audio.sample_rate,
-            audio_samples=cfg.audio.num_samples, text_max_len=cfg.text.max_len, required=())
-        self.resample = Resamplers(cfg.audio.sample_rate)
+        # The tokenize stage's own row encoder: encode and the token dataset give equal rows.
+        self.encoder = TokenEncoder(str(model_dir))
+        self.model, self.layout = self.encoder.model, self.encoder.layout
+        self.tokenizer_id = self.encoder.tokenizer_id
+        self.preprocess = SampleSpec.for_model(self.model.config)
+        self.resample = Resamplers(self.preprocess.sample_rate)
 
     def prepare(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         """One raw sample -> the preprocessed row that :meth:`encode_rows` takes.
@@ -288,6 +278,7 @@ class Codec:
     def _decode_modality(self, modality: str, rows: Mapping[str, Sequence[Any]],
                          have: list[int], out: list[dict[str, Any]]) -> None:
         """Decode one modality of rows ``have`` into ``out`` (their dicts)."""
+        from mmvq.modalities.image import to_uint8
         from mmvq.text_vocab import decode_ids
         from mmvq.vocabulary import split_interleaved
 
@@ -311,8 +302,7 @@ class Codec:
         streams = _column(rows, "interleaved_tokens", None)
         for j, i in enumerate(have):
             if modality == "image":
-                pixels = (decoded["image"][j] + 1) * 127.5  # (3, H, W) in [-1, 1] -> [0, 255]
-                out[i]["image"] = pixels.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+                out[i]["image"] = to_uint8(decoded["image"][j])  # (3, H, W) -> (H, W, 3)
             elif modality == "audio":
                 frames = int(frames_column[i] or 0) or shapes["audio"][0]
                 out[i]["audio"] = decoded["audio"][j][:frames * hop].clamp(-1, 1).numpy()
@@ -385,7 +375,7 @@ def collect_samples(inputs: Sequence[str | Path]) -> tuple[list[dict[str, Any]],
             continue
         files = sorted(p for p in item.rglob("*") if p.is_file()) if item.is_dir() else [item]
         for file in files:
-            member = EXTENSIONS.get(file.suffix.lower().lstrip("."))
+            member = MODALITY_OF.get(file.suffix.lower().lstrip("."))
             if member is None:
                 continue
             key = (file.relative_to(item).with_suffix("") if item.is_dir()
@@ -421,7 +411,7 @@ def read_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
     return loaded
 
 
-def write_tokens(table: pa.Table, codec: Codec, path: Path) -> None:
+def write_tokens(table: pa.Table, codec: FileTokenizer, path: Path) -> None:
     """Write token rows as ``.json`` (with the vocabulary) or ``.parquet`` (layout in metadata)."""
     if path.suffix not in (".json", ".parquet"):
         raise ValueError(f"{path}: output must end in .json or .parquet")
@@ -532,7 +522,7 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 # ----------------------------------------------------------------------------- commands
-# The parsers live in pipeline.cli (so `mmvq --help` imports none of this); these run them.
+# The parsers live in workflows.cli (so `mmvq --help` imports none of this); these run them.
 # Exit codes: 0 done; 1 done, but some samples or rows were bad (0 with --skip-bad);
 # 2 nothing done (no model, no inputs, unreadable token file).
 
@@ -557,7 +547,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     if args.out.suffix not in (".json", ".parquet"):  # before minutes of encoding, not after
         raise ValueError(f"{args.out}: output must end in .json or .parquet")
-    codec = Codec(resolve_model(args.model, args.tracking_uri))
+    codec = FileTokenizer(resolve_model(args.model, args.tracking_uri))
     samples, bad = collect_samples(args.inputs)
     _report("encode", bad)
     if not samples:
@@ -583,7 +573,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    codec = Codec(resolve_model(args.model, args.tracking_uri))
+    codec = FileTokenizer(resolve_model(args.model, args.tracking_uri))
     columns = read_tokens(args.tokens, args.split)
     if "key" not in columns:
         raise ValueError(f"{args.tokens}: no 'key' column; not a token file")
@@ -615,7 +605,7 @@ def _decode(args: argparse.Namespace) -> int:
 _ROW_ERRORS = (ValueError, TypeError, IndexError, KeyError, RuntimeError)
 
 
-def _decode_rows(codec: Codec, rows: Mapping[str, Sequence[Any]], start: int, source: str,
+def _decode_rows(codec: FileTokenizer, rows: Mapping[str, Sequence[Any]], start: int, source: str,
                  ) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, BadInput]]]:
     """(row number, decoded sample) for the rows that decode, (row number, error) for the rest.
 

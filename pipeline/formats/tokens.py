@@ -1,8 +1,10 @@
-"""Reading the token dataset back: parquet rows, the manifest, interleaved streams, model codes.
+"""The token dataset: its directories, schema, row encoder, manifest, reader and checker.
 
-The tokenize stage writes ``OUTPUT/tokens/SPLIT/*.parquet`` and ``OUTPUT/manifest.json``. A
-language-model data loader needs only pyarrow (or Ray Data) and the manifest; this module is
-the reference reader: it finds the parquet files from any of the three natural paths, splits
+The tokenize stage writes ``OUTPUT/tokens/SPLIT/*.parquet`` (:data:`TOKEN_SCHEMA`, one row per
+sample made by :class:`TokenEncoder`) and ``OUTPUT/manifest.json`` (:func:`build_manifest`).
+``mmvq encode`` and the registered model make their rows with the same encoder, so the three
+agree row for row. A language-model data loader needs only pyarrow (or Ray Data) and the
+manifest; the reader here finds the parquet files from any of the three natural paths, splits
 ``interleaved_tokens`` back into per-modality codes with the manifest's vocabulary layout,
 reshapes code columns to the tokenizer's token grids for decoding, and checks that a dataset
 agrees with its manifest.
@@ -11,17 +13,128 @@ agrees with its manifest.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mmvq.vocabulary import split_interleaved
-from pipeline.tokenize import MANIFEST, TOKENS_DIR
+from mmvq.vocabulary import interleave, split_interleaved
+
+if TYPE_CHECKING:
+    from mmvq.speed import SpeedConfig
+
+TOKENS_DIR = "tokens"
+MANIFEST = "manifest.json"
+WEBDATASET_DIR = "tokens-wds"
+# Explicit types: Ray would otherwise infer object columns from Python lists.
+_CODES = pa.list_(pa.int32())
+TOKEN_SCHEMA = pa.schema([
+    ("key", pa.string()), ("split", pa.string()), ("image_tokens", _CODES),
+    ("image_grid", _CODES), ("audio_tokens", _CODES), ("audio_frames", pa.int32()),
+    ("audio_levels", pa.int32()),
+    ("text_tokens", _CODES), ("joint_tokens", _CODES), ("interleaved_tokens", _CODES),
+    ("tokenizer", pa.string()),
+    ("source_shard", pa.string())])
+
+
+def tokenizer_id(weights_sha256: str) -> str:
+    """The id every token row names its tokenizer by: ``local:`` + the weights' sha256 prefix.
+
+    Tokenize runs before register, so no registry version exists yet; each registered version
+    carries this id as its ``tokenizer_id`` tag (pipeline.register)."""
+    return f"local:{weights_sha256[:16]}"
+
+
+class TokenEncoder:
+    """A loaded tokenizer that turns batches of preprocessed rows into token rows.
+
+    The tokenize stage runs it as its Ray Data actor; ``mmvq encode`` and the registered model
+    call it in process. Rows carry ``key``, ``split`` and ``source_shard`` when the batch has
+    them (empty strings otherwise).
+
+    ``speed`` (the tokenize stage's ``speed`` section) turns on the fast path of
+    :func:`mmvq.speed.apply_speed` for the loaded model, as training does: bf16 autocast, NHWC
+    and compile of its nets, TF32 and larger search blocks. Encoding then needs no autocast of
+    its own. On a device type the config leaves out (the CPU by default), and with None, the
+    model runs as loaded: plain fp32 eager.
+    """
+
+    def __init__(self, model_dir: str, use_gpu: bool = False, audio_levels: int | None = None,
+                 speed: SpeedConfig | None = None) -> None:
+        from mmvq.speed import apply_speed
+        from mmvq.tokenizer import MultimodalTokenizer
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = MultimodalTokenizer.load(model_dir, map_location=self.device).eval()
+        self.layout = self.model.vocabulary()
+        self.tokenizer_id = tokenizer_id(self.model.weights_hash())
+        self.hop = self.model.config.audio.hop  # waveform samples per audio token
+        self.audio_levels = audio_levels  # residual audio levels to keep (None: all)
+        if speed is not None:
+            apply_speed(speed, self.device, self.model)  # inference: no optimizers
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
+        from mmvq.batch import to_model_inputs
+
+        inputs = to_model_inputs(dict(batch), self.device)
+        with torch.no_grad():
+            codes = {k: v.cpu().numpy() for k, v in
+                     self.model.encode(inputs, audio_levels=self.audio_levels).items()}
+        return pa.table(token_rows(codes, batch, self.layout, self.tokenizer_id, self.hop),
+                        schema=TOKEN_SCHEMA)
+
+
+def token_rows(codes: Mapping[str, np.ndarray], batch: Mapping[str, Any],
+               layout: Mapping[str, Any], tokenizer: str, hop: int) -> dict[str, list]:
+    """The token dataset's columns for one encoded batch.
+
+    Parameters
+    ----------
+    codes : the tokenizer's ``encode`` output as numpy (``image`` (B, h, w), ``audio``
+        (B, frames[, levels]), ``text`` (B, L), optionally ``joint`` (B, Q)).
+    batch : the preprocessed rows encoded (``has_*``, ``audio_len``, ``text_len``, ...).
+    layout : the tokenizer's unified vocabulary layout (``interleaved_tokens``).
+    tokenizer : the id every row names (:func:`tokenizer_id`).
+    hop : waveform samples per audio frame.
+    """
+    # Residual audio codes are (B, frames, levels); one-level codes (B, frames).
+    levels = codes["audio"].shape[2] if codes["audio"].ndim == 3 else 1
+    n = len(batch["has_image"])
+    rows: dict[str, list] = {name: [] for name in TOKEN_SCHEMA.names}
+    for i in range(n):
+        image = codes["image"][i].reshape(-1) if batch["has_image"][i] else None
+        audio = codes["audio"][i] if batch["has_audio"][i] else None
+        text = codes["text"][i] if batch["has_text"][i] else None
+        joint = codes["joint"][i] if "joint" in codes else None
+        frames = math.ceil(int(batch["audio_len"][i]) / hop)
+        stream = interleave({
+            "image": image, "audio": None if audio is None else audio[:frames],
+            "text": None if text is None else text[:int(batch["text_len"][i])],
+            "joint": joint}, layout)
+        rows["key"].append(str(batch["key"][i]) if "key" in batch else "")
+        rows["split"].append(str(batch["split"][i]) if "split" in batch else "")
+        rows["image_tokens"].append(_as_list(image))
+        rows["image_grid"].append(list(codes["image"].shape[1:]) if image is not None else [])
+        rows["audio_tokens"].append(_as_list(audio))
+        rows["audio_frames"].append(frames if audio is not None else 0)
+        rows["audio_levels"].append(levels)
+        rows["text_tokens"].append(_as_list(text))
+        rows["joint_tokens"].append(_as_list(joint))
+        rows["interleaved_tokens"].append(stream.tolist())
+        rows["tokenizer"].append(tokenizer)
+        rows["source_shard"].append(str(batch["source_shard"][i]) if "source_shard" in batch
+                                    else "")
+    return rows
+
+
+def _as_list(codes: np.ndarray | None) -> list[int]:
+    return [] if codes is None else np.asarray(codes, np.int32).reshape(-1).tolist()
+
 
 # Code columns per modality, as tokenize writes them (flattened row-major).
 CODE_COLUMNS = {"image": "image_tokens", "audio": "audio_tokens", "text": "text_tokens",
@@ -208,36 +321,48 @@ def _check_rows(split: str, columns: Mapping[str, list], layout: Mapping[str, An
                                  f"from {CODE_COLUMNS[modality]}")
 
 
-def mlflow_dataset(directory: str | Path, name: str, location: str | Path | None = None) -> Any:
-    """An ``mlflow.data`` dataset describing the parquet files in ``directory`` (for lineage).
+def build_manifest(model: Any, counts: Mapping[str, int], audio_levels: int,
+                   tokenizer: Mapping[str, Any], shard_counts: Mapping[str, int],
+                   data_dir: str | Path, webdataset: bool = False) -> dict[str, Any]:
+    """The token dataset's ``manifest.json``: counts, the unified vocabulary layout, token
+    shapes, the tokenizer (id, weights hash, source), lineage and what each column holds.
 
-    Its source is ``location`` (default: the directory; a stage passes where its output will be
-    committed), its schema the parquet schema, and its digest a hash over file names and bytes,
-    so a changed dataset gets a new digest. Files are read in 1 MiB blocks, never whole.
+    Parameters
+    ----------
+    model : the ``MultimodalTokenizer`` that wrote the rows.
+    counts : rows per split; ``shard_counts`` rows per source shard.
+    audio_levels : residual levels kept per audio frame.
+    tokenizer : ``id``, ``weights_sha256``, ``source`` and ``model_version`` of the tokenizer.
     """
-    import hashlib
-    import warnings
-
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
-
-    files = sorted(Path(directory).rglob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no parquet files")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                digest.update(block)
-    def column_type(t: pa.DataType) -> Any:
-        if pa.types.is_list(t):
-            return Array(DataType.integer)  # every list column holds int32 codes
-        return DataType.integer if pa.types.is_integer(t) else DataType.string
-
-    schema = Schema([ColSpec(column_type(f.type), f.name) for f in pq.read_schema(files[0])])
-    with warnings.catch_warnings():  # "can be interpreted in multiple ways": local path, fine
-        warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(location or directory))
-    return MetaDataset(source, name=name, digest=digest.hexdigest()[:16], schema=schema)
+    splits = sorted(counts)
+    return {
+        "counts": counts, "total": sum(counts.values()), "splits": splits,
+        "vocabulary": model.vocabulary(), "token_shapes": {k: list(v) for k, v in
+                                               model.token_shapes().items()},
+        "audio_hop_samples": model.config.audio.hop,
+        "audio_levels": audio_levels,  # per frame in audio_tokens (<= token_shapes' levels)
+        # Tokenize runs before the register stage, so the registered model version is not
+        # known here: rows name the weights (local:<sha256 prefix>) and each registered
+        # version carries that id as its tokenizer_id tag (pipeline.register).
+        "tokenizer": dict(tokenizer),
+        "codebook_hash": tokenizer["weights_sha256"], "source_shards": sorted(shard_counts),
+        "source_shard_counts": dict(shard_counts), "source_data": str(data_dir),
+        "files": {"parquet": f"{TOKENS_DIR}/SPLIT/*.parquet",
+                  "webdataset": f"{WEBDATASET_DIR}/SPLIT/shard-*.tar (KEY.json per row)"
+                  if webdataset else None},
+        "columns": {"image_tokens": "row-major image code grid (image_grid = [h, w])",
+                    "audio_tokens": "all frames of the fixed window, frame-major "
+                                    "(frames x audio_levels); the first audio_frames frames "
+                                    "cover the real audio",
+                    "audio_levels": "residual levels per audio frame (1 unless the audio "
+                                    "quantizer is rvq); vocabulary.level_offsets gives each "
+                                    "level's id range",
+                    "text_tokens": "one code per text position, padding included",
+                    "joint_tokens": "fusion tokens over all modalities (empty without fusion)",
+                    "interleaved_tokens": "unified vocabulary: <boi> image <eoi> <boa> audio "
+                                          "(real frames) <eoa> <bot> text (real length) <eot> "
+                                          "<boj> joint <eoj>; mmvq.vocabulary."
+                                          "split_interleaved reads one stream back, "
+                                          "pipeline.formats.tokens.split_interleaved_column the "
+                                          "column"},
+    }

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, apply_overrides, load_yaml
 
-# What ``mmvq stage --help`` lists; a test checks it against pipeline.stages.STAGES, which
+# What ``mmvq stage --help`` lists; a test checks it against workflows.stages.STAGES, which
 # cannot be imported here (it loads every stage's dependencies).
 STAGE_HELP = {
     "synth": "generate the demo's spoken-scenes shards (no inputs)",
@@ -182,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_codec_commands(sub: argparse._SubParsersAction) -> None:
-    """``encode`` and ``decode`` (run by :mod:`pipeline.codec`)."""
+    """``encode`` and ``decode`` (run by :mod:`pipeline.file_tokens`)."""
     model_help = ("the tokenizer: a directory with config.json + model.safetensors, a train "
                   "stage output (runs/demo/train/<fp>), or models:/NAME/VERSION from the MLflow "
                   "registry")
@@ -209,7 +209,7 @@ def _add_codec_commands(sub: argparse._SubParsersAction) -> None:
     enc.add_argument("--batch-size", type=int, default=32, help="samples per encode call "
                      "(default: %(default)s)")
     enc.add_argument("--skip-bad", action="store_true", help=skip_help % "samples")
-    enc.set_defaults(handler="pipeline.codec:cmd_encode")
+    enc.set_defaults(handler="pipeline.file_tokens:cmd_encode")
 
     dec = sub.add_parser(
         "decode", help="tokens -> files (PNG, WAV, TXT)",
@@ -229,7 +229,7 @@ def _add_codec_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--batch-size", type=int, default=32, help="samples per decode call "
                      "(default: %(default)s)")
     dec.add_argument("--skip-bad", action="store_true", help=skip_help % "rows")
-    dec.set_defaults(handler="pipeline.codec:cmd_decode")
+    dec.set_defaults(handler="pipeline.file_tokens:cmd_decode")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
@@ -333,7 +333,7 @@ def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_workflow(args: argparse.Namespace):
-    from workflows.runner import load_workflow
+    from workflows.plan import load_workflow
 
     overrides = list(args.overrides)
     if args.data_root:
@@ -342,13 +342,10 @@ def _load_workflow(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from workflows.runner import (
-        format_plan,
-        format_report,
-        plan_workflow,
-        run_workflow,
-        workflow_tracking_uri,
-    )
+    from workflows.plan import format_plan, plan_workflow
+    from workflows.report import format_report
+    from workflows.run import run_workflow
+    from workflows.spec import workflow_tracking_uri
 
     workflow = _load_workflow(args)
     flags = {"only": args.only, "from_": args.from_, "force": args.force}
@@ -362,7 +359,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from workflows.runner import format_status, plan_workflow
+    from workflows.plan import format_status, plan_workflow
 
     workflow = _load_workflow(args)
     print(format_status(workflow, plan_workflow(workflow)))
@@ -379,7 +376,7 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
         format_quarantine,
         rejected_samples,
     )
-    from workflows.runner import plan_workflow
+    from workflows.plan import plan_workflow
 
     plan = plan_workflow(_load_workflow(args))
     rejected = rejected_samples(plan)
@@ -395,7 +392,7 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline.submit import submit_workflow
+    from workflows.submit import submit_workflow
 
     return submit_workflow(
         args.workflow, args.overrides, address=args.address, data_root=args.data_root,
@@ -404,7 +401,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from workflows.runner import RayConfig, format_report, load_workflow, run_single_stage
+    from workflows.plan import load_workflow
+    from workflows.report import format_report
+    from workflows.run import run_single_stage
+    from workflows.spec import RayConfig
 
     data: dict = {}
     ray = RayConfig()

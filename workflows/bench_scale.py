@@ -1,6 +1,6 @@
 """Scaling with the number of samples: ingest -> preprocess -> tokenize at several sizes.
 
-    python -m pipeline.bench.scale [--sizes 1000 4000 16000] [--image-size 64]
+    python -m workflows.bench_scale [--sizes 1000 4000 16000] [--image-size 64]
         [--out runs/bench/scale.json]
 
 For each size ``N`` a folder of ``N`` aligned samples is generated once (``KEY.jpg`` of
@@ -8,7 +8,7 @@ For each size ``N`` a folder of ``N`` aligned samples is generated once (``KEY.j
 ``KEY.txt`` caption and ``KEY.json`` with a split, about 10% ``val``; deterministic per key, so the
 first 1000 samples of every size are the same) and cached under ``--root`` as
 ``scale-data-N-pxS``. Then a fresh Python process runs the three stages one after the other with
-:func:`workflows.runner.run_single_stage` on in-process Ray (``num_cpus = --cores``) into a fresh
+:func:`workflows.run.run_single_stage` on in-process Ray (``num_cpus = --cores``) into a fresh
 data root, so nothing is reused, every size starts Ray anew and no size's memory leaks into
 another's. Between preprocess and tokenize that process saves an untrained tokenizer sized for the
 preprocessed data (what the train stage would write; not timed).
@@ -40,21 +40,21 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import datetime
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.bench import process_table, run_meta
 
 STAGES = ("ingest", "preprocess", "tokenize")
 TARGET_SECONDS_RATIO = 1.25  # issue: s/sample at 16k <= 1.25x s/sample at 1k
@@ -200,22 +200,23 @@ def save_untrained_tokenizer(data_dir: Path, pre: dict[str, Any], out: Path) -> 
 
     import torch
 
-    from mmvq import MultimodalTokenizer, TokenizerConfig
-    from pipeline.checkpoint import TOKENIZER_DIR
+    from mmvq.config import TokenizerConfig
+    from mmvq.tokenizer import MultimodalTokenizer
+    from pipeline.formats.checkpoint import TOKENIZER_DIR
+    from pipeline.formats.preprocessed import model_config_for_data
     from pipeline.stage import STAGE_RECORD
-    from pipeline.text_vocab import with_data_vocab
 
     base = TokenizerConfig()
     config = replace(base, image=replace(base.image, image_size=pre["image_size"]),
                      audio=replace(base.audio, sample_rate=pre["sample_rate"],
                                    num_samples=pre["audio_samples"]),
                      text=replace(base.text, max_len=pre["text_max_len"]))
-    config, _ = with_data_vocab(config, data_dir)  # the text codec sized as train sizes it
+    config, _ = model_config_for_data(config, data_dir)  # checked and sized as train does
     torch.manual_seed(0)
     model = MultimodalTokenizer(config)
     model.save(out / TOKENIZER_DIR)
     record = {"stage": "train", "fingerprint": f"untrained-{model.weights_hash()[:16]}",
-              "summary": {"untrained": True, "note": "pipeline.bench.scale"}}
+              "summary": {"untrained": True, "note": "workflows.bench_scale"}}
     (out / STAGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
@@ -241,7 +242,7 @@ def _bytes_under(path: Path) -> int:
 def _timed_stage(stage: str, config: dict[str, Any], inputs: dict[str, str], data_root: Path,
                  ray: Any, data_dir: Path | None = None) -> dict[str, Any]:
     """Run one stage; its window on the shared clock, seconds, output and counts."""
-    from workflows.runner import run_single_stage
+    from workflows.run import run_single_stage
 
     began = time.time()
     result = run_single_stage(stage, config, inputs, data_root=data_root, ray=ray, progress=False)
@@ -259,7 +260,7 @@ def run_child(n: int, settings: ScaleSettings, out: Path) -> None:
     ``out`` as JSON (stage windows and counts, the object store series)."""
     import ray as ray_module
 
-    from workflows.runner import RayConfig
+    from workflows.spec import RayConfig
 
     source = ensure_samples(n, settings.image_size, settings.seed, Path(settings.root))
     work = Path(settings.root) / f"scale-work-{n}-px{settings.image_size}"
@@ -315,18 +316,7 @@ def _descendants(root: int, seen: dict[int, int] | None = None) -> tuple[list[in
     a process that exited (an actor of the previous stage) keeps what it used and the total
     never falls; its reaped children's times (cutime) are not added, which would count them
     twice."""
-    children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces and ")"
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+    children, ticks = process_table()
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -435,7 +425,7 @@ def measure_size(n: int, settings: ScaleSettings) -> dict[str, Any]:
     ensure_samples(n, settings.image_size, settings.seed, Path(settings.root))  # untimed
     record_file = Path(settings.root) / f"scale-record-{n}-px{settings.image_size}.json"
     record_file.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pipeline.bench.scale", "--child", str(n),
+    command = [sys.executable, "-m", "workflows.bench_scale", "--child", str(n),
                "--child-record", str(record_file), *_settings_argv(settings)]
     began = time.time()
     # The child's console goes to stderr (file descriptor 2): stdout is this script's table.
@@ -661,28 +651,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.child is not None:  # one size, inside the fresh process measure_size started
         run_child(args.child, settings, args.child_record)
         return None
-    result = {"meta": _meta(settings, argv), **run(settings)}
+    result = {"meta": run_meta(
+        "workflows.bench_scale", settings, argv,
+        memory_total_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        memory="peak of sum(RssAnon) over the process tree + object store bytes in use "
+               "(raylet FormatGlobalMemoryInfo store_stats.object_store_bytes_used) at the same "
+               "moment; PSS (smaps_rollup) beside it, at most 10% of the time"), **run(settings)}
     print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _meta(settings: ScaleSettings, argv: list[str] | None) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python -m pipeline.bench.scale " + " ".join(argv or sys.argv[1:]),
-        "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-        "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        "ray": version("ray"), "torch": version("torch"),
-        "memory": "peak of sum(RssAnon) over the process tree + object store bytes in use "
-                  "(raylet FormatGlobalMemoryInfo store_stats.object_store_bytes_used) at the "
-                  "same moment; PSS (smaps_rollup) beside it, at most 10% of the time",
-        "settings": asdict(settings),
-    }
 
 
 if __name__ == "__main__":
