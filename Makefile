@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mmvq-installed
 DEMO_ROOT ?= runs/demo
 UI_PORT ?= 5000
 
-.PHONY: demo test bench bench-data bench-scale bench-gpu services-up services-down status lint ui clean help
+.PHONY: demo test bench bench-data bench-scale bench-train bench-gpu services-up services-down status lint ui clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,6 +43,12 @@ bench-data: $(STAMP)  ## data plane: pure-function floor vs webdataset+DataLoade
 SCALE_BENCH_ARGS ?= --sizes 1000 4000 16000 --image-size 64
 bench-scale: $(STAMP)  ## scaling: ingest+preprocess+tokenize at 1k/4k/16k samples, s/sample and peak memory
 	$(BIN)/python -m workflows.bench_scale $(SCALE_BENCH_ARGS) --out runs/bench/scale.json
+
+# Makes the demo's data once into runs/bench/train-data, then alternates the train stage and the plain
+# PyTorch loop on it (three runs of each, about 6 minutes on 2 cores).
+TRAIN_BENCH_ARGS ?= --steps 60 --repeats 3
+bench-train: $(STAMP)  ## training: the train stage (Ray Train) vs a plain PyTorch loop, same data/model/batch
+	$(BIN)/python -m workflows.bench_train $(TRAIN_BENCH_ARGS) --out runs/bench/train.json
 
 # e.g. make bench-gpu GPU_BENCH_ARGS="--device cpu --small" for the seconds-long CPU version.
 GPU_BENCH_ARGS ?= --device cuda

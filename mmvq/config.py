@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -461,3 +461,75 @@ def tokenizer_config_from_dict(d: Mapping[str, Any]) -> TokenizerConfig:
         ``audio.strid``), a value of the wrong type, or an invalid combination of values.
     """
     return from_dict(TokenizerConfig, d)
+
+
+# ----------------------------------------------------------------------------- speed
+
+# The switches of mmvq.speed.apply_speed, here (no torch import) so that a stage config holding
+# them loads without torch.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Which optimisations :func:`mmvq.speed.apply_speed` turns on; each one is a switch.
+
+    The ``speed`` section of the train and tokenize stage configs. The defaults are the fastest
+    path on a GPU; :meth:`eager_fp32` is the plain path (the benchmark's in-run baseline).
+    """
+
+    # Device types the switches apply on; on any other device apply_speed changes nothing. The
+    # CPU is left out by default: CPUs without bf16 matrix units run bf16 slower than fp32, and
+    # compiling takes minutes there (5 min for a 0.3M-parameter VQGAN on the 2-core dev machine).
+    device_types: tuple[str, ...] = ("cuda",)
+    # bf16 autocast around the conv nets; the quantizer and the losses stay fp32.
+    bf16: bool = True
+    # TF32 (10-bit mantissa) for the fp32 matmuls and convs left outside autocast, including the
+    # quantizer's distance search: ~8x the fp32 rate there; a near tie between two codes may then
+    # resolve to the other one (the benchmark reports how often). False: IEEE fp32 everywhere.
+    tf32: bool = True
+    # cuDNN tries the conv algorithms once per shape and keeps the fastest; pays with fixed shapes.
+    cudnn_benchmark: bool = True
+    # NHWC memory format for the conv nets. None: on exactly when compiled (eager GroupNorm is
+    # slower in NHWC, BENCHMARKS.md).
+    channels_last: bool | None = None
+    # torch.compile of the conv nets (first step compiles: minutes for the base preset).
+    compile: bool = True
+    # torch.compile mode; "max-autotune-no-cudagraphs" tunes the conv/matmul kernels further at a
+    # longer compile. CUDA-graph modes are not offered: the train step reads losses on the host.
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    # Replace unfused Adam/AdamW optimizers by fused ones (build_optimizer's already are).
+    fused_optimizer: bool = True
+    # Distance entries per block of the quantizers' nearest-code search (None: keep theirs, 4M).
+    # 2**27 (512 MiB in fp32) covers 8,192 tokens x 16,384 codes in one matrix product.
+    search_block_elements: int | None = 2**27
+
+    def __post_init__(self) -> None:
+        stray = sorted(set(self.device_types) - set(DEVICE_TYPES))
+        if stray:
+            raise ConfigError(f"speed.device_types: unknown {stray}; known: {list(DEVICE_TYPES)}")
+        if self.compile_mode not in ("default", "max-autotune-no-cudagraphs"):
+            raise ConfigError(f"speed.compile_mode: unknown {self.compile_mode!r}")
+        if self.search_block_elements is not None and self.search_block_elements < 1:
+            raise ConfigError(
+                f"speed.search_block_elements must be >= 1 or null, got {self.search_block_elements}"
+            )
+
+    @classmethod
+    def eager_fp32(cls) -> SpeedConfig:
+        """Every switch off: fp32 (no TF32), eager, NCHW, optimizers and search as built."""
+        return cls(bf16=False, tf32=False, cudnn_benchmark=False, channels_last=False,
+                   compile=False, fused_optimizer=False, search_block_elements=None)
+
+    @property
+    def use_channels_last(self) -> bool:
+        """channels_last with its default resolved (on iff compiled)."""
+        return self.compile if self.channels_last is None else self.channels_last
+
+    def for_device(self, device: Any) -> SpeedConfig:
+        """This config on ``device`` (a ``torch.device`` or its name, ``cuda:1``): itself where
+        it applies, :meth:`eager_fp32` elsewhere."""
+        kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+        applies = kind in self.device_types
+        return self if applies else replace(
+            self.eager_fp32(), device_types=self.device_types)

@@ -19,16 +19,11 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import soundfile
-import torch
 
-from mmvq.modalities.image import to_uint8
-from mmvq.scoring import ReconstructionScores
-from mmvq.text_vocab import TextVocab, decode_ids
 from pipeline import report
 from pipeline.config import ConfigError, at_least, positive
 from pipeline.formats.checkpoint import TOKENIZER_DIR
@@ -36,6 +31,12 @@ from pipeline.formats.registry import METRICS_FILE, previous_version
 from pipeline.formats.shards import SPLIT_NAME
 from pipeline.formats.tokens import TOKENS_DIR
 from pipeline.stage import StageContext
+
+if TYPE_CHECKING:  # the scoring runs in a Ray task: a plan importing this stage loads no torch
+    import torch
+
+    from mmvq.scoring import ReconstructionScores
+    from mmvq.text_vocab import TextVocab
 
 CODE_COLUMNS = {"image": "image_tokens", "audio": "audio_tokens", "text": "text_tokens",
                 "joint": "joint_tokens"}  # joint: fusion models only
@@ -108,7 +109,10 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
     out_dir : where metrics.json, the image grid, WAV clips, captions and the report go.
     tracking_uri : for the comparison with the newest registered version (None: none).
     """
+    import torch
+
     from mmvq.batch import to_model_inputs
+    from mmvq.scoring import ReconstructionScores
     from mmvq.tokenizer import MultimodalTokenizer
 
     device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
@@ -210,6 +214,8 @@ def _read_tokens(directory: Path) -> dict[str, dict[str, np.ndarray]]:
 def _codes_for(keys: np.ndarray, tokens: dict[str, dict[str, np.ndarray]],
                model: Any) -> dict[str, torch.Tensor]:
     """The token dataset's codes for ``keys``, reshaped to the model's token grids."""
+    import torch
+
     missing = [str(k) for k in keys if str(k) not in tokens]
     if missing:
         raise KeyError(f"token dataset lacks {len(missing)} val keys, e.g. {missing[:3]}")
@@ -229,12 +235,16 @@ def _codes_for(keys: np.ndarray, tokens: dict[str, dict[str, np.ndarray]],
 
 def _write_image_grid(examples: dict[str, Any], n: int, path: Path) -> None:
     """Rows: original, trained reconstruction, untrained reconstruction; a column per sample."""
+    from mmvq.modalities.image import to_uint8
+
     rows = [examples["inputs"].image[:n], examples["trained"]["image"][:n],
             examples["untrained"]["image"][:n]]
     report.write_image_grid([to_uint8(r) for r in rows], path, min_height=256)
 
 
 def _write_audio(examples: dict[str, Any], n: int, rate: int, directory: Path) -> None:
+    import soundfile
+
     directory.mkdir(parents=True, exist_ok=True)
     inputs = examples["inputs"]
     for i in range(min(n, len(inputs.audio))):
@@ -248,6 +258,8 @@ def _write_audio(examples: dict[str, Any], n: int, rate: int, directory: Path) -
 
 def _write_text(examples: dict[str, Any], path: Path, vocab: TextVocab) -> None:
     """Original and decoded captions as strings, through the checkpoint's text vocabulary."""
+    from mmvq.text_vocab import decode_ids
+
     inputs = examples["inputs"]
     captions = []
     for i in range(len(inputs.text_ids)):

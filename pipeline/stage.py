@@ -82,6 +82,9 @@ class StageSpec:
     # new torch changes kernels); their versions are part of the fingerprint. mmvq itself and
     # numpy/pyarrow (every stage's arrays and files) are always included.
     libraries: tuple[str, ...] = ()
+    # The stage needs the embedded Ray's dashboard (Ray Train's controller polls its state API);
+    # a run of stages that do not start none.
+    ray_dashboard: bool = False
     # The data contract this stage's output promises, from its config alone (preprocess: the
     # shapes it writes), so that a consumer can be checked before anything runs.
     contract: Callable[[Any], dict[str, Any]] | None = None

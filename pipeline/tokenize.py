@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from mmvq.speed import SpeedConfig
+from mmvq.config import SpeedConfig
 from pipeline.config import at_least
 from pipeline.formats.checkpoint import TOKENIZER_DIR
 from pipeline.formats.tokens import (

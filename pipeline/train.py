@@ -22,14 +22,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmvq.batch import MODEL_COLUMNS
 from pipeline.config import flatten, to_dict
 from pipeline.formats.checkpoint import TOKENIZER_DIR, read_state
 from pipeline.formats.preprocessed import model_config_for_data
 from pipeline.stage import StageContext, code_version
-from pipeline.tracking import RunLogger
 from pipeline.train_config import TrainConfig
-from pipeline.train_loop import WorkerArgs, train_loop_per_worker
 
 CHECKPOINTS_DIR = "checkpoints"  # default storage, beside the stage's committed outputs
 
@@ -80,6 +77,7 @@ def default_run_name(config: TrainConfig, ctx: StageContext) -> str:
 
 def _datasets(data_dir: Path, config: TrainConfig) -> dict[str, Any]:
     """The train split (and the val split when there is one), only the model's columns."""
+    from mmvq.batch import MODEL_COLUMNS
     from pipeline.raydata import read_parquet
 
     datasets = {}
@@ -101,6 +99,9 @@ def _trainer(config: TrainConfig, ctx: StageContext, datasets: dict[str, Any], s
     import ray.train
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    # What the workers run (torch, the model, MLflow): imported by the trainer, not by a plan.
+    from pipeline.train_loop import WorkerArgs, train_loop_per_worker
 
     has_val = "val" in datasets
     metric = config.checkpoint_metric if has_val else None
@@ -140,6 +141,8 @@ def _trainer(config: TrainConfig, ctx: StageContext, datasets: dict[str, Any], s
 def _close_resumed_run(ctx: StageContext, training_run_id: str | None) -> None:
     """When this invocation continued a run an earlier one started, link the two and mark the
     training run finished (the earlier invocation died with it running)."""
+    from pipeline.tracking import RunLogger
+
     if not training_run_id or ctx.logger is None or training_run_id == ctx.logger.run_id:
         return
     ctx.logger.tags({"mmvq.training_run": training_run_id})

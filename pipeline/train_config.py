@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mmvq.config import GanConfig, TokenizerConfig
-from mmvq.speed import SpeedConfig
+from mmvq.config import GanConfig, SpeedConfig, TokenizerConfig
 from pipeline.config import at_least, in_range, positive
 
 
@@ -65,6 +64,10 @@ class TrainConfig:
     run_name: str | None = None
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer; 0: no shuffle
     prefetch_batches: int = 2  # batches each worker's iterator prepares ahead
+    # A worker whose train shard takes at most this many bytes streams it once and replays it
+    # from memory in later epochs (a fresh permutation each), instead of restarting Ray Data's
+    # streaming executor every epoch (pipeline.train_data). 0: stream every epoch.
+    epoch_cache_bytes: int = 1 << 30
     # Cap on the object-store bytes Ray Data may hold for training ingest; None: Ray's default.
     data_memory_bytes: int | None = 512 * 1024 * 1024
 
@@ -78,7 +81,7 @@ class TrainConfig:
                  "data_memory_bytes")
         at_least("train", self, 0, "warmup_steps", "val_every", "val_batches",
                  "checkpoint_every", "max_failures", "shuffle_buffer", "sample_images",
-                 "weight_decay", "prefetch_batches")
+                 "weight_decay", "prefetch_batches", "epoch_cache_bytes")
         in_range("train", "ema_decay", self.ema_decay, 0.0, 1.0, closed="()")
         positive("train", self, "lr", "disc_lr", "grad_clip")
         in_range("train", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)

@@ -52,6 +52,7 @@ from mmvq.train_step import (
 from pipeline.formats.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.tracking import RunLogger
 from pipeline.train_config import TrainConfig
+from pipeline.train_data import EpochBatches
 
 # The metric whose MLflow history tells a resumed run which steps are logged already.
 HISTORY_KEY = "loss/total"
@@ -207,6 +208,7 @@ class _Loop:
         self.cfg, self.parts, self.model, self.discriminators = cfg, parts, model, discriminators
         self.device, self.rank, self.world = device, rank, world
         self.logger, self.val_shard = logger, val_shard
+        self.val_cache: list[dict[str, np.ndarray]] | None = None  # val batches, read once
         self.started = time.perf_counter()
         self.start_step = 0
 
@@ -215,12 +217,12 @@ class _Loop:
         step, epoch, consumed = state.step, state.epoch, state.batches_in_epoch
         self.start_step = step
         window = _Window()
+        # Streamed once, then replayed from memory when the shard fits (pipeline.train_data).
+        source = EpochBatches(shard, cfg.batch_size, cfg.shuffle_buffer, cfg.seed,
+                              cfg.prefetch_batches, cfg.epoch_cache_bytes)
         while step < cfg.steps:
-            batches = iter(shard.iter_torch_batches(
-                batch_size=cfg.batch_size, prefetch_batches=cfg.prefetch_batches,
-                drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                local_shuffle_seed=cfg.seed + epoch, device=self.device))
-            # Resuming mid-epoch: the same shuffle seed replays the epoch's order; skip what the
+            batches = source.epoch(epoch)
+            # Resuming mid-epoch: the epoch's order is the same on every run; skip what the
             # checkpointed run had consumed.
             for _ in itertools.islice(batches, consumed):
                 pass
@@ -235,6 +237,10 @@ class _Loop:
                 stats = self._step([to_model_inputs(b, self.device) for b in micro], step)
                 step += 1
                 steps_this_epoch += 1
+                if step == self.start_step + 1 and self.rank == 0 and not self._report_due(step):
+                    # A sign of life before the first report (and what bench-train times).
+                    _print(f"[train] step {step}/{cfg.steps}: first step done, "
+                           f"{time.perf_counter() - self.started:.1f} s after the workers began")
                 window.step_end(stats, cfg.batch_size * cfg.grad_accum * self.world)
                 position = TrainState(step, epoch, consumed, state.mlflow_run_id)
                 if self._report_due(step):
@@ -316,9 +322,10 @@ class _Loop:
         model.eval()
         scores = ReconstructionScores(model.codebook_sizes(), model.config.audio.sample_rate)
         first = None
-        batches = self.val_shard.iter_torch_batches(batch_size=self.cfg.batch_size,
-                                                    device=self.device)
-        for batch in itertools.islice(batches, self.cfg.val_batches):
+        if self.val_cache is None:  # the same first batches every time: read them once
+            self.val_cache = list(itertools.islice(self.val_shard.iter_batches(
+                batch_size=self.cfg.batch_size, batch_format="numpy"), self.cfg.val_batches))
+        for batch in self.val_cache:
             inputs = to_model_inputs(batch, self.device)
             out = model(inputs)
             recon = out.reconstructions

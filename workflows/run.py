@@ -83,7 +83,8 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
     plan = plan_workflow(workflow, only=only, from_=from_, force=force,
                          tracking_uri=tracking_uri)
     writable_dir(data_root, "data_root")
-    _init_ray(workflow.ray, progress, verbose)
+    _init_ray(workflow.ray, progress, verbose, dashboard=any(
+        STAGES[p.stage].ray_dashboard for p in plan if p.action == "run"))
     for planned in plan:  # before anything runs: a stage that cannot be placed fails now
         if planned.action == "run":
             check_resources(planned.name, planned.config)
@@ -401,7 +402,7 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
     fp = fingerprint(spec.name, cfg, input_fps, code)
     planned = PlannedStage(stage, stage, cfg, input_fps, {}, fp, code, "run", "stage command",
                            committed_dir(data_root, stage, fp), external=tuple(external))
-    _init_ray(ray or RayConfig(), progress, verbose)
+    _init_ray(ray or RayConfig(), progress, verbose, dashboard=spec.ray_dashboard)
     check_resources(spec.name, cfg)
     client = tracking_client(tracking_uri)
     experiment_id = ensure_experiment(client, f"stage-{stage}",
@@ -430,7 +431,10 @@ def _artifact_root(tracking_uri: str, data_root: Path) -> Path | None:
     return None if tracking_uri.startswith(("http://", "https://")) else data_root / "mlartifacts"
 
 
-def _init_ray(config: RayConfig, progress: bool, verbose: bool = False) -> None:
+def _init_ray(config: RayConfig, progress: bool, verbose: bool = False,
+              dashboard: bool = True) -> None:
+    """Connect to ``config.address`` (or ``RAY_ADDRESS``), else start Ray in this process on
+    loopback; its dashboard only when ``dashboard`` (a stage that needs it will run)."""
     import ray
     from ray.data import DataContext
 
@@ -443,9 +447,10 @@ def _init_ray(config: RayConfig, progress: bool, verbose: bool = False) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # Every port on loopback (init_single_node). The dashboard also serves the state API
-            # that Ray Train's controller polls.
-            init_single_node(verbose, num_cpus=config.num_cpus, include_dashboard=True,
+            # Every port on loopback (init_single_node). The dashboard (nine processes: ~2.5 s
+            # of a start on 2 cores) serves the state API that Ray Train's controller polls;
+            # a plan without training starts none.
+            init_single_node(verbose, num_cpus=config.num_cpus, include_dashboard=dashboard,
                              dashboard_host="127.0.0.1", **kwargs)
     context = DataContext.get_current()
     context.enable_progress_bars = progress

@@ -26,12 +26,13 @@ import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import safetensors.torch
-import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # Bump when the layout or the meaning of a field changes; older checkpoints are refused by name.
 FORMAT_VERSION = 1
@@ -71,6 +72,9 @@ def save_checkpoint(
     rank : only rank 0 writes the model and optimizer state; every rank writes its RNG states
     export : the model to ship under ``tokenizer/`` (EMA when on), rank 0 only
     """
+    import safetensors.torch
+    import torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
@@ -104,6 +108,9 @@ def load_checkpoint(
         Naming the file: not a checkpoint, another format version, a module the checkpoint
         lacks (EMA or GAN switched on since), or tensors that do not fit the configured model.
     """
+    import safetensors.torch
+    import torch
+
     directory = Path(directory)
     state = read_state(directory)
     for name, module in modules.items():
@@ -155,6 +162,8 @@ def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _rng_state() -> dict[str, Any]:
     """Every generator a step may draw from, in types ``torch.load(weights_only=True)`` reads."""
+    import torch
+
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -167,6 +176,8 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from mmvq.vocabulary import interleave, split_interleaved
 
 if TYPE_CHECKING:
-    from mmvq.speed import SpeedConfig
+    import torch
+
+    from mmvq.config import SpeedConfig
 
 TOKENS_DIR = "tokens"
 MANIFEST = "manifest.json"
@@ -66,6 +67,8 @@ class TokenEncoder:
 
     def __init__(self, model_dir: str, use_gpu: bool = False, audio_levels: int | None = None,
                  speed: SpeedConfig | None = None) -> None:
+        import torch
+
         from mmvq.speed import apply_speed
         from mmvq.tokenizer import MultimodalTokenizer
 
@@ -79,6 +82,8 @@ class TokenEncoder:
             apply_speed(speed, self.device, self.model)  # inference: no optimizers
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
+        import torch
+
         from mmvq.batch import to_model_inputs
 
         inputs = to_model_inputs(dict(batch), self.device)
@@ -227,6 +232,8 @@ def model_codes(rows: Mapping[str, Sequence[Any]],
         If a row's codes do not fill the modality's token shape (e.g. a dataset tokenized by
         another model configuration), naming the column and the row.
     """
+    import torch
+
     out = {}
     for modality, column in CODE_COLUMNS.items():
         if modality not in shapes or column not in rows or not any(

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Self
 
 import numpy as np
-import torch
-import torchaudio
 
 from pipeline.synth._espeak_worker import read_frame, write_frame
 
@@ -198,6 +196,10 @@ class Speaker:
         audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0  # (T,)
         if self.native_rate == self.sample_rate:
             return audio
+        # Here, not at the top: importing synth (a plan does) loads no torch.
+        import torch
+        import torchaudio
+
         with _one_torch_thread():
             resampled = torchaudio.functional.resample(
                 torch.from_numpy(audio), self.native_rate, self.sample_rate
@@ -222,6 +224,8 @@ def _one_torch_thread() -> Iterator[None]:
     120 ms instead of 3 ms on 2 cores). One thread also keeps the float sums in one fixed order,
     whatever the machine's core count.
     """
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile
-import webdataset
 from PIL import Image
 
 from pipeline.formats.shards import SHARD_MANIFEST
@@ -251,7 +251,7 @@ class ShardSink:
         self.split = split
         self.samples_per_shard = samples_per_shard
         self.records: list[dict] = []
-        self._writer: webdataset.TarWriter | None = None
+        self._writer: Any = None  # a webdataset.TarWriter while a shard is open
         self._count = 0
 
     def write(self, sample: dict) -> None:
@@ -273,6 +273,8 @@ class ShardSink:
         return self.output_dir / self.split / f"shard-{len(self.records):06d}.tar"
 
     def _open(self) -> None:
+        import webdataset  # here: webdataset imports torch, which a plan must not load
+
         self._writer = webdataset.TarWriter(
             str(self._shard_path().with_suffix(".tar.partial")),  # the writer owns the file
             user=_TAR_OWNER,
