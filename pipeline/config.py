@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from mmvq.config_io import ConfigError, to_dict
 from mmvq.config_io import from_dict as _strict_from_dict
 
@@ -99,6 +97,8 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, ...],
                     ) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested mapping copy."""
+    import yaml  # here: the configs' dataclasses load on machines without PyYAML (bench-gpu)
+
     result = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -117,6 +117,8 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, .
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; an empty file is an empty mapping."""
+    import yaml
+
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}

@@ -50,7 +50,6 @@ from mmvq.train_step import (
     warmup_cosine,
 )
 from pipeline.formats.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from pipeline.tracking import RunLogger
 from pipeline.train_config import TrainConfig
 from pipeline.train_data import EpochBatches
 
@@ -354,6 +353,10 @@ class _TrainLogger:
     FLUSH_S = 30.0  # at the end: how long rank 0 waits for a server that is down to come back
 
     def __init__(self, tracking_uri: str, run_id: str, invocation_run_id: str | None) -> None:
+        # Here, not at the top: the GPU benchmark builds through this module on a machine
+        # without MLflow (pipeline/bench/gpu_check.sh).
+        from pipeline.tracking import RunLogger
+
         self.logger = RunLogger(tracking_uri, run_id, wait_s=0.0)
         self.logged_up_to = self.logger.last_step(HISTORY_KEY)
         if invocation_run_id and invocation_run_id != run_id:

@@ -67,3 +67,16 @@ def test_fast_quantizer_rows_include_the_search_block_sweep(tmp_path):
                          for d in (8, 256)}
     assert all(r["status"] == "ok" and r["mtok_per_s"] > 0 for r in rows.values())
     assert all(r["index_agreement"] == 1.0 for r in rows.values())
+
+
+def test_the_benchmark_imports_only_what_the_device_image_has():
+    """gpu_check.sh runs on a machine with torch, torchvision, torchaudio, einops, safetensors
+    and numpy only: the benchmark builds through the train worker's code, which must not pull
+    MLflow, Ray, pyarrow, pandas or PyYAML in with it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.bench.gpu; print(sorted({m.split('.')[0] for m in sys.modules} "
+            "& {'mlflow', 'ray', 'pyarrow', 'pandas', 'yaml', 'webdataset', 'soundfile'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
