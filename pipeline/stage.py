@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -161,7 +162,12 @@ def code_closure(modules: tuple[str, ...]) -> dict[str, Path]:
 
 
 def _source_file(name: str) -> Path | None:
-    """The file of module ``name`` of our packages (``__init__.py`` for a package), or None."""
+    """The file of module ``name`` (``__init__.py`` for a package), or None: an imported
+    module's own file (a stage defined outside our packages, e.g. in a user's script or a test),
+    else found under its top-level package without importing it."""
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__file__", None):
+        return Path(module.__file__)
     top = name.split(".")[0]
     spec = importlib.util.find_spec(top)
     if spec is None or spec.origin is None:

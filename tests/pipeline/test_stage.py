@@ -81,3 +81,11 @@ def test_every_stage_declares_the_libraries_that_change_its_output():
               "tokenize": {"torch", "torchvision", "torchaudio", "pyarrow", "mmvq"}}
     for name, libraries in wanted.items():
         assert libraries <= set(STAGES[name].library_versions()), name
+
+
+def test_a_stage_defined_outside_our_packages_fingerprints_its_own_file(tmp_path):
+    """A stage whose run function lives in a user's module (here: this test file) hashes that
+    file and what it imports of ours; editing it changes the code version."""
+    spec = StageSpec("mine", Cfg, _writer)  # code defaults to the module of _writer: this file
+    assert spec.code_version() == StageSpec("again", Cfg, _writer).code_version()
+    assert spec.code_version() != StageSpec("w", Cfg, _writer, code=("pipeline.config",)).code_version()
