@@ -448,8 +448,8 @@ def _init_ray(config: RayConfig, progress: bool, verbose: bool = False,
             ray.init(address=address, **kwargs)
         else:
             # Every port on loopback (init_single_node). The dashboard (nine processes: ~2.5 s
-            # of a start on 2 cores) serves the state API that Ray Train's controller polls;
-            # a plan without training starts none.
+            # of a start on 2 cores) serves the state API through which Ray Train's
+            # placement-group cleaner watches the controller; a plan without training starts none.
             init_single_node(verbose, num_cpus=config.num_cpus, include_dashboard=dashboard,
                              dashboard_host="127.0.0.1", **kwargs)
     context = DataContext.get_current()
