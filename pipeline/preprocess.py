@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from pipeline.formats.samples import (
     sample_split,
 )
 from pipeline.formats.shards import EXTENSIONS, ORIGIN_FIELD, QUARANTINE_FILE, SHARD_MANIFEST
-from pipeline.stage import StageContext
+from pipeline.stage import StageContext, process_started
 from pipeline.storage import resolve
 
 
@@ -300,6 +301,18 @@ def repeated_reason(key: str, times: int, status: str) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
+def first_rows_timing(first: float | None, stage_started: float,
+                      command_started: float | None) -> dict[str, float]:
+    """Seconds from the stage's and the command's start to the first rows on disk (the
+    ``time/first_rows_after_*_s`` metrics; empty when nothing was written)."""
+    if first is None:
+        return {}
+    timing = {"time/first_rows_after_stage_s": round(first - stage_started, 2)}
+    if command_started is not None:
+        timing["time/first_rows_after_command_s"] = round(first - command_started, 2)
+    return timing
+
+
 def preprocessed_dataset(paths: list[str], filesystem: Any, config: PreprocessConfig,
                          vocab: TextVocab = BYTES) -> Any:
     """The stage's lazy Ray Data pipeline: shards -> :class:`Preprocessor` actor pool.
@@ -335,8 +348,9 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
     the wrong files, so every occurrence is quarantined.
     """
     from pipeline.raydata import io_tasks, write
-    from pipeline.sinks import SplitParquetSink, drop_keys, read_status, rows_in
+    from pipeline.sinks import SplitParquetSink, drop_keys, first_written, read_status, rows_in
 
+    began = time.time()
     paths, filesystem = shard_paths(ctx.inputs["shards"])
     # Text vocabulary first (a BPE trains on the train captions, text_vocab.json in the output).
     vocab = fit_text_vocab(paths, config.text_vocab, config.bpe_vocab_size,
@@ -345,6 +359,7 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
                            allow_compressed=config.allow_compressed_shards)
     write(preprocessed_dataset(paths, filesystem, config, vocab),
           SplitParquetSink(ctx.output_dir), concurrency=io_tasks(config.num_actors))
+    timing = first_rows_timing(first_written(ctx.output_dir), began, process_started())
     statuses = read_status(ctx.output_dir).to_pandas()
     repeated = repeated_keys(statuses["key"])
     again = statuses["key"].isin(list(repeated))
@@ -383,8 +398,14 @@ def run(config: PreprocessConfig, ctx: StageContext) -> dict[str, Any]:
         raise RuntimeError(f"preprocess lost samples: {counts}")
     print(f"preprocess: in {counts['in']} = out {counts['out']} + quarantined "
           f"{counts['quarantined']}")
+    if timing:
+        print("preprocess: first rows on disk " + ", ".join(
+            f"{v:.1f} s after the {what} started" for what, v in
+            (("stage", timing.get("time/first_rows_after_stage_s")),
+             ("command", timing.get("time/first_rows_after_command_s"))) if v is not None))
     if ctx.logger:
         ctx.logger.metrics({f"samples/{k}": v for k, v in counts.items()}, step=0)
+        ctx.logger.metrics(timing, step=0)
         if len(quarantine):
             ctx.logger.artifact(ctx.output_dir / QUARANTINE_FILE)
     contract = write_contract(ctx.output_dir, config, vocab)

@@ -86,6 +86,14 @@ def _write(table: pa.Table, path: Path) -> str:
     return str(path)
 
 
+def first_written(root: str | Path) -> float | None:
+    """When the first rows reached disk (epoch seconds): the oldest status file's mtime, or None
+    before any was written. Every row, ok or not, has a status file, so this is the time the
+    first preprocessed sample came out of the pipeline."""
+    times = [p.stat().st_mtime for p in Path(root, STATUS_DIR).glob("*.parquet")]
+    return min(times) if times else None
+
+
 def read_status(root: str | Path) -> pa.Table:
     """Every row's bookkeeping columns written by :class:`SplitParquetSink` under ``root``."""
     directory = Path(root, STATUS_DIR)

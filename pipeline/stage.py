@@ -104,6 +104,21 @@ class StageSpec:
         return code_version(self.code or (self.run.__module__,), extra=versions)
 
 
+def process_started() -> float | None:
+    """When this process started (epoch seconds), from Linux's /proc; None elsewhere.
+
+    A stage's "first sample after N s" counts from the command's start, imports and ``ray.init``
+    included, which is what a user waits through; the stage itself starts seconds later.
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def library_versions(distributions: tuple[str, ...]) -> dict[str, str]:
     """Installed version of each distribution (``"absent"`` if not installed).
 
