@@ -435,9 +435,9 @@ def _start_tracking_and_ray(tracking_uri: str, config: RayConfig, progress: bool
                             dashboard: bool) -> MlflowClient:
     """The tracking client, opened on a thread while Ray starts (:func:`_init_ray`).
 
-    Both mostly wait: ``ray.init`` on the daemons it spawns, the client on importing MLflow and,
-    for a new SQLite store, on creating its tables (~2 s). One after the other they were the
-    first ~8 s of ``mmvq stage preprocess``.
+    Both mostly wait: ``ray.init`` on the daemons it spawns, the client, for a new SQLite store,
+    on creating its tables (~2 s; MLflow itself is imported with this module, before either).
+    One after the other they were the first ~8 s of ``mmvq stage preprocess``.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmvq-tracking") as pool:
         client = pool.submit(tracking_client, tracking_uri)
