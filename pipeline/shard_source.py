@@ -7,8 +7,11 @@ the reason, so the stage quarantines one row naming the shard. A few KiB of gzip
 to hundreds of MiB of members.
 
 A module of its own, importing only pyarrow, Ray Data's datasource base and the tar reader: the
-read tasks that unpickle it must not pay for torch, torchaudio and Pillow, which only the
-preprocessing actors use (:mod:`pipeline.preprocess`).
+read tasks that unpickle it must not pay for torch, torchaudio and Pillow. Preprocess fits its
+BPE vocabulary on the captions read through it (``pipeline.preprocess.fit_text_vocab``: text
+only, no decoding); the preprocessing itself reads each shard inside its actor
+(``pipeline.preprocess.ShardPreprocessor``), where handing raw members over from read tasks
+cost more than decoding them.
 """
 
 from __future__ import annotations

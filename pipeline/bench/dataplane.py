@@ -12,8 +12,9 @@ For each image size the demo's synth stage generates ``N`` spoken scenes once (c
 (b) ``webdataset``: ``webdataset.WebDataset(urls)`` mapped with the same function, batched to
     NumPy, through ``torch.utils.data.DataLoader(num_workers=cores)``;
 (c) ``ray-data``: the preprocess stage's own pipeline
-    (:func:`pipeline.preprocess.preprocessed_dataset`: our shard reader, then the
-    ``Preprocessor`` actor pool), on in-process Ray with ``num_cpus = cores``, streamed with
+    (:func:`pipeline.preprocess.preprocessed_dataset`: shard paths into the
+    ``ShardPreprocessor`` actor pool, whose actors read and preprocess whole shards), on
+    in-process Ray with ``num_cpus = cores``, streamed with
     ``iter_batches`` as training reads it (default), or materialized as the stage does before
     writing parquet (``--ray-consume materialize``).
 

@@ -119,3 +119,39 @@ def test_preprocessor_accounts_for_every_row_and_strict_mode_names_the_sample():
     assert out["status"][0] == "ok" and out["status"][1].startswith("json: does not parse")
     with pytest.raises(BadSample, match="shard shard-0.tar, key k2: json"):
         Preprocessor(PreprocessConfig(image_size=8, audio_samples=100, strict=True))(batch)
+
+
+def _tar(path, samples):
+    import tarfile
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext.startswith("__"):
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_shard_actor_reads_whole_shards_a_batch_at_a_time(tmp_path):
+    """The stage's actor reads each shard itself and hands out at most batch_size rows at a
+    time, in shard order, every sample accounted for; a shard it cannot open is one refused
+    row naming it, not a crash."""
+    import pyarrow.fs
+
+    from pipeline.preprocess import ShardPreprocessor
+
+    shard = tmp_path / "s-000.tar"
+    _tar(shard, [_sample(__key__=f"k{i:02d}", txt=f"caption {i} 色 🎨".encode())
+                 for i in range(7)])
+    config = PreprocessConfig(image_size=8, audio_samples=400, batch_size=3)
+    actor = ShardPreprocessor(config, filesystem=pyarrow.fs.LocalFileSystem())
+    missing = str(tmp_path / "gone.tar")
+    batches = list(actor({"path": np.array([str(shard), missing], object)}))
+    assert [len(b["key"]) for b in batches] == [3, 3, 1, 1]  # per shard: 7 = 3 + 3 + 1
+    assert [k for b in batches[:3] for k in b["key"]] == [f"k{i:02d}" for i in range(7)]
+    assert all(s == "ok" for b in batches[:3] for s in b["status"])
+    assert batches[0]["image"].shape == (3, 8, 8, 3)
+    last = batches[3]
+    assert last["source_shard"][0] == missing
+    assert last["status"][0].startswith("shard is not a readable tar")
