@@ -413,8 +413,12 @@ class GanConfig:
     adaptive: bool = True
     # Clamp of the adaptive weight (taming: 1e4), for when the adversarial gradient vanishes.
     max_adaptive_weight: float = 1e4
-    # File of LPIPS weights (mmvq.perceptual); None: no perceptual loss. Never downloaded:
-    # training nodes may have no network, and a silent download is an unpinned dependency.
+    # The LPIPS perceptual loss (weight image/perceptual), from this file of weights
+    # (mmvq.perceptual), or when it is None from torch's hub cache (lpips_vgg.pt, or
+    # torchvision's vgg16-397923af.pth with LPIPS's vgg.pth); none there: off, said in one line.
+    # Never downloaded: training nodes may have no network, and a silent download is an
+    # unpinned dependency.
+    perceptual: bool = True
     perceptual_weights_path: Path | None = None
     # Modalities that get a discriminator and an adversarial loss.
     modalities: tuple[str, ...] = GAN_MODALITIES

@@ -4,8 +4,8 @@ Both images go through VGG16's conv layers; at relu1_2, relu2_2, relu3_3, relu4_
 features are unit-normalised along channels, their squared difference is weighted per channel by
 a learned 1x1 "linear head", averaged over space and summed over the five layers.
 
-Weights come only from a local file (``GanConfig.perceptual_weights_path``); nothing is ever
-downloaded. The file is a plain state dict, either this module's own (``features.*``,
+Weights come only from local files (``GanConfig.perceptual_weights_path``, else torch's hub cache:
+:func:`find_lpips_weights`); nothing is ever downloaded. The file is a plain state dict, either this module's own (``features.*``,
 ``lins.*``) or the reference keys, which are renamed on load: torchvision's VGG16
 (``features.*``; ``classifier.*`` is ignored) merged with the LPIPS heads of richzhang's
 ``vgg.pth`` or taming's ``vgg_lpips`` (``lin0.model.1.weight`` ...), e.g.::
@@ -123,6 +123,54 @@ def _in_taps(key: str) -> bool:
     return int(key.split(".")[1]) < TAPS[-1]
 
 
+# What :func:`find_lpips_weights` looks for in torch's hub cache (``torch.hub.get_dir()``/
+# checkpoints, where torchvision and taming put downloaded weights): our merged file, or the two
+# files it is made of, torchvision's ImageNet VGG16 and the LPIPS v0.1 heads (richzhang's
+# ``vgg.pth``, which the ``lpips`` package also ships in ``lpips/weights/v0.1/``).
+MERGED_FILE = "lpips_vgg.pt"
+VGG16_FILE = "vgg16-397923af.pth"
+HEADS_FILE = "vgg.pth"
+
+
+def find_lpips_weights(hub_dir: str | Path | None = None) -> list[Path]:
+    """The local LPIPS weight files in the standard places, or [] when there are none.
+
+    One file (:data:`MERGED_FILE`) or two (:data:`VGG16_FILE` and :data:`HEADS_FILE`), whose
+    state dicts together make the weights. Only looks; nothing is ever downloaded.
+    """
+    import importlib.util
+
+    checkpoints = Path(hub_dir if hub_dir is not None else torch.hub.get_dir()) / "checkpoints"
+    if (checkpoints / MERGED_FILE).is_file():
+        return [checkpoints / MERGED_FILE]
+    heads = [checkpoints / HEADS_FILE]
+    spec = importlib.util.find_spec("lpips")
+    if spec is not None and spec.origin is not None:  # the lpips package ships the heads
+        heads.append(Path(spec.origin).parent / "weights" / "v0.1" / HEADS_FILE)
+    found = [h for h in heads if h.is_file()]
+    if (checkpoints / VGG16_FILE).is_file() and found:
+        return [checkpoints / VGG16_FILE, found[0]]
+    return []
+
+
+def where_lpips_is_looked_for(hub_dir: str | Path | None = None) -> str:
+    """One phrase for messages: where :func:`find_lpips_weights` looked."""
+    checkpoints = Path(hub_dir if hub_dir is not None else torch.hub.get_dir()) / "checkpoints"
+    return f"{checkpoints}/{MERGED_FILE}, or {VGG16_FILE} with {HEADS_FILE} there"
+
+
+def load_lpips_files(paths: list[Path]) -> LPIPS:
+    """An :class:`LPIPS` from the files :func:`find_lpips_weights` returns (merged in order)."""
+    if len(paths) == 1:
+        return load_lpips(paths[0])
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
+    model = LPIPS()
+    model.load_state_dict(lpips_state_dict(state), strict=True)
+    return model
+
+
 def load_lpips(path: str | Path) -> LPIPS:
     """An :class:`LPIPS` with the weights in the local file ``path`` (on the CPU).
 
@@ -145,14 +193,19 @@ def load_lpips(path: str | Path) -> LPIPS:
     return model
 
 
-def build_perceptual(path: str | Path | None, *, random_weights: bool = False) -> LPIPS | None:
-    """The perceptual net a run asked for: loaded from ``path``, random, or none.
+def build_perceptual(path: str | Path | None, *, random_weights: bool = False,
+                     hub_dir: str | Path | None = None,
+                     announce: bool = True) -> LPIPS | None:
+    """The perceptual net a run asked for: loaded from ``path``, found in torch's hub cache,
+    random, or none.
 
     Parameters
     ----------
-    path : local weights file, or None for no perceptual loss (logged once at INFO)
+    path : local weights file; None: the standard places (:func:`find_lpips_weights`), and no
+        perceptual loss when they hold none, said in one line (printed when ``announce``)
     random_weights : with ``path`` None, build an untrained net instead (timing runs only: a
         random VGG's distance is not perceptual)
+    hub_dir : torch's hub directory to look in (default ``torch.hub.get_dir()``)
     """
     if path is not None:
         if random_weights:
@@ -160,8 +213,16 @@ def build_perceptual(path: str | Path | None, *, random_weights: bool = False) -
         return load_lpips(path)
     if random_weights:
         return LPIPS()
-    logger.info(
-        "perceptual loss off: gan.perceptual_weights_path is not set (LPIPS weights are never "
-        "downloaded; point it at a local file to turn the loss on)"
-    )
-    return None
+    files = find_lpips_weights(hub_dir)
+    if files:
+        message = f"perceptual loss on: LPIPS weights from {', '.join(map(str, files))}"
+        net = load_lpips_files(files)
+    else:
+        message = ("perceptual loss off: no LPIPS weights (gan.perceptual_weights_path is not "
+                   f"set, and there is no {where_lpips_is_looked_for(hub_dir)}); weights are "
+                   "never downloaded")
+        net = None
+    logger.info(message)
+    if announce:
+        print(f"[train] {message}", flush=True)
+    return net

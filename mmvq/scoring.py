@@ -5,8 +5,11 @@ weights it would ship, over a few val batches) both score with :class:`Reconstru
 so a key means the same number in both. Keys are ``{modality}/{metric}``:
 
 - ``image/psnr``, ``image/ssim``, and ``image/lpips`` with an LPIPS network (local weights):
-  per-sample means over the samples with an image
+  per-sample means over the samples with an image; ``image/psnr_flat``, the PSNR of a flat
+  image of each sample's mean colour: the baseline a tokenizer must beat (out of domain, the
+  demo's does not)
 - ``audio/si_snr``, ``audio/mel_distance``: per-sample means over the samples with audio;
+  with ``speech``, ``audio/stoi`` and ``audio/pesq`` (:mod:`mmvq.speech_scores`);
   residual audio adds ``audio/si_snr_levels{n}``, decoded from levels 1..n
   (:meth:`ReconstructionScores.add_bitrates`)
 - ``text/token_accuracy``, ``text/exact_match``: per-sample means over the samples with text
@@ -85,13 +88,16 @@ class ReconstructionScores:
     codebook_sizes : ``model.codebook_sizes()``; its keys are the codebooks scored
     sample_rate : of the audio, for the mel distance
     lpips : an LPIPS network ((B, 3, H, W) x2 -> (B,)); None: ``image/lpips`` is left out
+    speech : also score ``audio/stoi`` and ``audio/pesq`` (~50 ms a clip on a CPU: evaluate
+        does, training's few validation batches do not)
     """
 
     def __init__(self, codebook_sizes: Mapping[str, int], sample_rate: int,
-                 lpips: torch.nn.Module | None = None) -> None:
+                 lpips: torch.nn.Module | None = None, speech: bool = False) -> None:
         self.sizes = dict(codebook_sizes)
         self.sample_rate = sample_rate
         self.lpips = lpips
+        self.speech = speech
         self.values: dict[str, list[float]] = {}
         self.codes: dict[str, list[torch.Tensor]] = {m: [] for m in self.sizes}  # on the CPU
         self.paired: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
@@ -117,6 +123,8 @@ class ReconstructionScores:
         image = reconstructions["image"].float().clamp(-1, 1)
         self._extend("image/psnr", M.psnr(inputs.image[img], image[img]))
         self._extend("image/ssim", M.ssim(inputs.image[img], image[img]))
+        flat = inputs.image[img].mean(dim=(2, 3), keepdim=True).expand_as(inputs.image[img])
+        self._extend("image/psnr_flat", M.psnr(inputs.image[img], flat))
         if self.lpips is not None:
             self._extend("image/lpips", self.lpips(image[img], inputs.image[img]))
         audio = reconstructions["audio"].float()
@@ -124,6 +132,13 @@ class ReconstructionScores:
                                               inputs.audio_len[aud]))
         self._extend("audio/mel_distance", M.mel_distance(inputs.audio[aud], audio[aud],
                                                           self.sample_rate))
+        if self.speech:
+            from mmvq.speech_scores import speech_scores
+
+            for name, values in speech_scores(
+                    inputs.audio[aud].cpu().numpy(), audio[aud].cpu().numpy(),
+                    inputs.audio_len[aud].cpu().numpy(), self.sample_rate).items():
+                self._extend(f"audio/{name}", torch.tensor(values))
         ids = reconstructions["text_ids"]
         self._extend("text/token_accuracy", M.token_accuracy(
             inputs.text_ids[txt], ids[txt], inputs.text_len[txt]))

@@ -38,6 +38,7 @@ VOCAB_SIZE = BYTE_VOCAB_SIZE  # the byte vocabulary: 256 byte values + PAD (257)
 FIRST_MERGE_ID = VOCAB_SIZE  # a BPE's merge i gets id FIRST_MERGE_ID + i
 
 VOCAB_FILE = "text_vocab.json"  # name of a BPE vocabulary inside a checkpoint or stage output
+TOKENIZER_JSON = "tokenizer.json"  # the same BPE for Hugging Face tokenizers, beside it
 BPE_FORMAT = "mmvq-byte-bpe"
 BPE_VERSION = 1  # bumped whenever the meaning of a saved vocabulary changes; load refuses others
 
@@ -49,6 +50,32 @@ BPE_VERSION = 1  # bumped whenever the meaning of a saved vocabulary changes; lo
 # to the text.
 PRETOKENIZE_PATTERN = r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+|_+|\s+(?!\S)|\s+"
 _PRETOKENIZE = re.compile(PRETOKENIZE_PATTERN)
+
+# The same pre-tokenizer in the Oniguruma syntax of Hugging Face ``tokenizers``, for the
+# ``tokenizer.json`` a BPE exports. The two engines disagree on ``\s`` and ``\w`` (Python's
+# whitespace includes U+001C..U+001F, Oniguruma's words include combining marks), so the classes
+# are spelled out: Python's 29 whitespace characters (``str.isspace``), letters plus the numbers
+# that are not decimal digits for ``[^\W\d_]``. tests/mmvq/test_text_tokens.py checks that
+# both give the same ids on random text of every script.
+_PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028"
+                  "\u2029\u202f\u205f\u3000")
+TOKENIZER_JSON_PRETOKENIZE = (
+    rf" ?[\p{{L}}\p{{Nl}}\p{{No}}]+| ?\p{{Nd}}+| ?[^{_PY_WHITESPACE}\p{{L}}\p{{N}}_]+|_+"
+    rf"|[{_PY_WHITESPACE}]+(?![^{_PY_WHITESPACE}])|[{_PY_WHITESPACE}]+")
+PAD_TOKEN = "<pad>"  # PAD_ID's name in an exported tokenizer.json
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, which byte-level BPE vocabularies spell their
+    tokens in: printable Latin-1 bytes stand for themselves, the rest for code points 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable},
+            **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+_BYTE_TO_UNICODE = _byte_to_unicode()
 
 
 @runtime_checkable
@@ -202,12 +229,7 @@ class BpeVocab:
             pre-tokenizer, a sha256 that does not match the content, or invalid merges.
         """
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: no text vocabulary file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: text vocabulary is not valid JSON ({err})") from err
+        data = _read_vocab_json(path)
         try:
             return cls.from_dict(data)
         except ValueError as err:
@@ -239,6 +261,54 @@ class BpeVocab:
             raise ValueError(f"text vocabulary sha256 {data.get('sha256')!r} does not match its "
                              f"content ({vocab.sha256}): the file was edited or corrupted")
         return vocab
+
+    # -- Hugging Face tokenizers -----------------------------------------------------------------
+
+    def to_tokenizer_json(self) -> str:
+        """This vocabulary as a Hugging Face ``tokenizer.json``: ``tokenizers.Tokenizer`` loads
+        it and encodes every string to the same ids as :meth:`encode` (PAD is the special token
+        ``<pad>``), so a language model's data loader can use it in place of this module.
+
+        Raises
+        ------
+        ValueError
+            If two merges spell the same bytes (a vocabulary file maps each string to one id).
+        """
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        table = [_BYTE_TO_UNICODE[b] for b in range(256)] + [PAD_TOKEN]
+        vocab = {token: i for i, token in enumerate(table)}
+        merges = []
+        for i, (a, b) in enumerate(self.merges):
+            token = table[a] + table[b]
+            if token in vocab:
+                raise ValueError(f"BPE merge {i} spells the same bytes as id {vocab[token]} "
+                                 f"({self.token_bytes(vocab[token])!r}): a tokenizer.json "
+                                 "cannot hold both")
+            table.append(token)
+            vocab[token] = FIRST_MERGE_ID + i
+            merges.append((table[a], table[b]))
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(TOKENIZER_JSON_PRETOKENIZE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.add_special_tokens([PAD_TOKEN])
+        return tokenizer.to_str(pretty=True)
+
+    def save_tokenizer_json(self, path: str | Path) -> None:
+        """Write :meth:`to_tokenizer_json` to ``path``."""
+        Path(path).write_text(self.to_tokenizer_json(), encoding="utf-8")
+
+
+def _read_vocab_json(path: Path) -> Any:
+    """The parsed JSON of a vocabulary file; ValueError naming ``path`` if missing or not JSON."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no text vocabulary file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: text vocabulary is not valid JSON ({err})") from err
 
 
 def _canonical(payload: dict[str, Any]) -> bytes:
@@ -361,6 +431,82 @@ def _learn_merges(words: list[list[int]], counts: list[int], num_merges: int,
                 pair_counts.pop(p, None)
                 where.pop(p, None)
     return merges
+
+
+# ----------------------------------------------------------------------------- tokenizer.json
+
+
+class TokenizerJsonVocab:
+    """A Hugging Face ``tokenizer.json`` (through the ``tokenizers`` library) as a text
+    vocabulary, for text tokens that match the language model a user will train.
+
+    Ids are the tokenizer's own, without special tokens added; :meth:`decode` keeps every id.
+    ``sha256`` is the file's, so a token dataset names exactly the tokenizer it was made with.
+    Only a tokenizer that gives every string back (byte-level BPE, as GPT-2, Llama 3 and
+    Qwen use) keeps text tokens lossless: :func:`check_lossless` says when one does not.
+    """
+
+    kind = "tokenizer.json"
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        data = self.path.read_bytes()
+        try:
+            self._tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # tokenizers raises its own Exception type on bad files
+            raise ValueError(f"{self.path}: not a tokenizer.json that the tokenizers library "
+                             f"loads ({err})") from err
+        self._sha256 = hashlib.sha256(data).hexdigest()
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        pad = self._tokenizer.token_to_id(PAD_TOKEN)
+        self.pad_id = self.vocab_size if pad is None else pad
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_text_vocab(path: str | Path) -> TextVocab:
+    """A vocabulary file: our BPE's ``text_vocab.json`` or a Hugging Face ``tokenizer.json``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` when it is missing or neither kind.
+    """
+    path = Path(path)
+    data = _read_vocab_json(path)
+    if isinstance(data, dict) and data.get("format") == BPE_FORMAT:
+        return BpeVocab.load(path)
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return TokenizerJsonVocab(path)
+    raise ValueError(f"{path}: neither an mmvq BPE vocabulary ({VOCAB_FILE}) nor a Hugging Face "
+                     "tokenizer.json")
+
+
+# Strings a lossless vocabulary must give back; a tokenizer that lower-cases, strips accents
+# or spaces, or maps characters to <unk> fails on one of them.
+_LOSSLESS_PROBES = ("A Red Circle, 3 dots!", "  two  spaces\tand a tab\n", "caf\u00e9 na\u0308ive",
+                    "\u8272\u5f69 \U0001f3a8 \u05e9\u05dc\u05d5\u05dd", "\x00\x07\x1b ctl")
+
+
+def check_lossless(vocab: TextVocab, where: str) -> None:
+    """Raise ValueError (naming ``where``) unless ``vocab`` gives back a few demanding strings
+    exactly: text tokens must decode to the caption they came from."""
+    for text in _LOSSLESS_PROBES:
+        back = vocab.decode(vocab.encode(text))
+        if back != text:
+            raise ValueError(f"{where}: the text vocabulary is lossy: {text!r} comes back as "
+                             f"{back!r}; text tokens need one that keeps every string (a "
+                             "byte-level BPE such as GPT-2's, or text_tokens: bytes)")
 
 
 # ----------------------------------------------------------------------------- fixed-length ids

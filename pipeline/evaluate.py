@@ -29,7 +29,7 @@ from pipeline.config import ConfigError, at_least, positive
 from pipeline.formats.checkpoint import TOKENIZER_DIR
 from pipeline.formats.registry import METRICS_FILE, previous_version
 from pipeline.formats.shards import SPLIT_NAME
-from pipeline.formats.tokens import TOKENS_DIR
+from pipeline.formats.tokens import TOKENS_DIR, read_manifest
 from pipeline.stage import StageContext
 
 if TYPE_CHECKING:  # the scoring runs in a Ray task: a plan importing this stage loads no torch
@@ -86,6 +86,7 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
         Path(ctx.inputs["tokens"]) / TOKENS_DIR / config.split, ctx.output_dir,
         ctx.tracking_uri))
     out_dir = ctx.output_dir
+    print(baseline_line(results["trained"]), flush=True)
     if ctx.logger:
         flat = {f"{name}/{k}": v for name, r in results.items() for k, v in r.items()}
         ctx.logger.metrics(flat, step=0)
@@ -95,6 +96,19 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
                 ctx.logger.artifact(out_dir / artifact)
         ctx.logger.artifacts(out_dir / "audio", "audio")
     return results
+
+
+def baseline_line(trained: dict[str, float]) -> str:
+    """The trained model's image PSNR beside that of a flat image of each sample's mean colour,
+    in one line: a tokenizer used out of its training domain can score below it."""
+    ours, flat = trained.get("image/psnr"), trained.get("image/psnr_flat")
+    if ours is None or flat is None:
+        return "[evaluate] no images scored"
+    verdict = ("above" if ours > flat else
+               "NOT above: on these images the tokenizer is worse than no tokenizer; train it "
+               "on data like them (README: Your own data)")
+    return (f"[evaluate] image PSNR {ours:.2f} dB, flat mean-colour baseline {flat:.2f} dB: "
+            f"{verdict}")
 
 
 def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: Path,
@@ -121,10 +135,13 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
     untrained = MultimodalTokenizer(trained.config, text_vocab=trained.text_vocab).eval()
     untrained.to(device)
     tokens = _read_tokens(tokens_dir)
+    # Text tokens that are the caption's ids (the default) say nothing of the text codec; its
+    # own codes are scored instead, so the text metrics still measure the codec.
+    text_ids = read_manifest(tokens_dir)["vocabulary"].get("text_tokens", {}).get("kind") == "ids"
 
     lpips = _load_lpips(config.lpips_weights)
     rate = trained.config.audio.sample_rate
-    scores = {name: ReconstructionScores(model.codebook_sizes(), rate, lpips)
+    scores = {name: ReconstructionScores(model.codebook_sizes(), rate, lpips, speech=True)
               for name, model in (("trained", trained), ("untrained", untrained))}
     examples: dict[str, dict[str, Any]] = {}
     models = {"trained": trained, "untrained": untrained}
@@ -132,7 +149,10 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
         inputs = to_model_inputs(batch, device)
         # Trained: the token dataset's codes, as a language model will see them.
         trained_codes = {k: v.to(device) for k, v in
-                         _codes_for(batch["key"], tokens, trained).items()}
+                         _codes_for(batch["key"], tokens, trained, text_ids).items()}
+        if text_ids:
+            with torch.no_grad():
+                trained_codes["text"] = trained.encode(inputs)["text"]
         # Residual audio: the baseline gets as many levels as the token dataset holds.
         levels = trained_codes["audio"].shape[2] if trained_codes["audio"].ndim == 3 else None
         with torch.no_grad():
@@ -153,7 +173,7 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
     _write_audio(examples, config.audio_samples, trained.config.audio.sample_rate,
                  out_dir / "audio")
     _write_text(examples, out_dir / "captions.json", trained.text_vocab)
-    _write_report(config, out_dir, tracking_uri, trained, scores["trained"], results)
+    _write_report(config, out_dir, tracking_uri, trained, scores["trained"], results, text_ids)
     return results
 
 
@@ -183,7 +203,8 @@ def _load_lpips(path: str | None) -> torch.nn.Module | None:
 
 
 def _write_report(config: EvaluateConfig, out_dir: Path, tracking_uri: str | None, model: Any,
-                  scores: ReconstructionScores, results: dict[str, Any]) -> None:
+                  scores: ReconstructionScores, results: dict[str, Any],
+                  text_ids: bool = False) -> None:
     """Usage histograms, the comparison with the last registered version, report.html."""
 
     report.plot_usage(scores.code_counts(), out_dir / report.USAGE_PNG)  # trained model
@@ -199,7 +220,18 @@ def _write_report(config: EvaluateConfig, out_dir: Path, tracking_uri: str | Non
                  f"{cfg.audio.sample_rate} Hz, cropped or zero-padded (preprocess)",
         "trained": "decoded from the token dataset", "untrained": f"same architecture, "
                                                                    f"seed {config.seed}",
-        "image/lpips": "on" if scores.lpips is not None else "off (no local LPIPS weights)"}
+        "image/lpips": "on" if scores.lpips is not None else "off (no local LPIPS weights)",
+        "image/psnr_flat": "PSNR of a flat image of each sample's mean colour: the baseline "
+                           "to beat",
+        "audio/stoi": "short-time objective intelligibility (pystoi; Taal et al. 2011), 0..1, "
+                      "over each clip's real length",
+        "audio/pesq": f"PESQ MOS-LQO (pesq; ITU-T P.862), "
+                      f"{'narrow-band' if cfg.audio.sample_rate == 8000 else 'wide-band'}"
+                      f"{'' if cfg.audio.sample_rate in (8000, 16000) else ' after resampling to 16 kHz'}"
+                      ", over each clip's real length; clips without speech are left out",
+        "text": "scored on the text codec's own codes" + (
+            " (the token dataset's text tokens are the caption's ids, exact by construction)"
+            if text_ids else "")}
     report.write_report(out_dir, results, previous, protocol)
 
 
@@ -212,8 +244,9 @@ def _read_tokens(directory: Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def _codes_for(keys: np.ndarray, tokens: dict[str, dict[str, np.ndarray]],
-               model: Any) -> dict[str, torch.Tensor]:
-    """The token dataset's codes for ``keys``, reshaped to the model's token grids."""
+               model: Any, text_ids: bool = False) -> dict[str, torch.Tensor]:
+    """The token dataset's codes for ``keys``, reshaped to the model's token grids; no text
+    when its text tokens are caption ids (``text_ids``), not codes."""
     import torch
 
     missing = [str(k) for k in keys if str(k) not in tokens]
@@ -222,7 +255,7 @@ def _codes_for(keys: np.ndarray, tokens: dict[str, dict[str, np.ndarray]],
     shapes = model.token_shapes()
     out = {}
     for modality, column in CODE_COLUMNS.items():
-        if modality not in shapes:  # joint tokens exist only with fusion
+        if modality not in shapes or (modality == "text" and text_ids):  # joint: fusion only
             continue
         shape = shapes[modality]
         if modality == "audio" and len(shape) == 2:

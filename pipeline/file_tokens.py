@@ -46,7 +46,13 @@ import torch
 from PIL import Image
 
 from mmvq.config import MODALITIES
-from pipeline.formats.samples import BadSample, Resamplers, SampleSpec, preprocess_sample
+from pipeline.formats.samples import (
+    BadSample,
+    Resamplers,
+    SampleSpec,
+    preprocess_sample,
+    stack_rows,
+)
 from pipeline.formats.shards import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, MODALITY_OF
 from pipeline.formats.tokens import (
     MANIFEST,
@@ -191,9 +197,12 @@ class FileTokenizer:
     model_dir : a tokenizer directory (see :func:`resolve_model`)
     """
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, text_tokens: str = "ids",
+                 text_vocab: str | Path | None = None) -> None:
         # The tokenize stage's own row encoder: encode and the token dataset give equal rows.
-        self.encoder = TokenEncoder(str(model_dir))
+        self.encoder = TokenEncoder(str(model_dir), text_tokens=text_tokens,
+                                    text_vocab=str(text_vocab) if text_vocab else None)
+        self.text_vocab = self.encoder.text_vocab  # None: text tokens are codec codes
         self.model, self.layout = self.encoder.model, self.encoder.layout
         self.tokenizer_id = self.encoder.tokenizer_id
         self.preprocess = SampleSpec.for_model(self.model.config)
@@ -230,8 +239,7 @@ class FileTokenizer:
         """Token rows (the token dataset schema) for rows from :meth:`prepare`."""
         if not rows:
             return TOKEN_SCHEMA.empty_table()
-        batch = {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
-        return self.encoder(batch)
+        return self.encoder(stack_rows(list(rows)))
 
     def encode(self, samples: Sequence[Mapping[str, Any]]) -> pa.Table:
         """Token rows (the token dataset schema) for raw samples, all or nothing.
@@ -286,6 +294,15 @@ class FileTokenizer:
         size = self.layout["codebook_sizes"][modality]
         subset = {name: [rows[name][i] for i in have]
                   for name in (column, "audio_levels") if name in rows}
+        if modality == "text" and self.text_vocab is not None:
+            for j, i in enumerate(have):  # the caption's own ids: no model involved
+                ids = subset[column][j]
+                wrong = [c for c in ids if not (isinstance(c, int | np.integer) and 0 <= c < size)]
+                if wrong:
+                    raise ValueError(f"{column}: id {wrong[0]!r} is not in the text vocabulary "
+                                     f"[0, {size})")
+                out[i]["text"] = self.text_vocab.decode(ids)
+            return
         for codes in subset[column]:
             # The embedding lookup would fail with "index out of range in self", or a
             # scalar quantizer decode garbage: say which code is wrong instead.
@@ -408,6 +425,10 @@ def read_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
                 loaded[member] = file.read_bytes()
             except OSError as err:
                 raise BadInput(str(file), f"cannot read ({err.strerror or err})") from err
+    if isinstance(loaded.get("text"), bytes) and loaded["text"].endswith(b"\n"):
+        # A text file's last line ends in a newline, which is not part of the caption;
+        # decode writes it back (write_sample), so every caption makes the round trip.
+        loaded["text"] = loaded["text"][:-1]
     return loaded
 
 
@@ -425,6 +446,30 @@ def write_tokens(table: pa.Table, codec: FileTokenizer, path: Path) -> None:
     else:
         metadata = {**(table.schema.metadata or {}), LAYOUT_KEY: json.dumps(header).encode()}
         pq.write_table(table.replace_schema_metadata(metadata), path)
+
+
+def token_text_tokens(path: str | Path) -> dict[str, Any]:
+    """What the text tokens of a token file or dataset are (its layout's ``text_tokens``):
+    ``{"kind": "ids", "vocab", "vocab_size", "sha256"}`` or ``{"kind": "codes"}``, the latter
+    also for files whose layout predates text ids; ``{"kind": "ids"}`` (the tokenizer's own
+    vocabulary) when there is no layout at all."""
+    path = Path(path)
+    layout: Any = None
+    try:
+        if path.suffix == ".json":
+            layout = json.loads(path.read_text(encoding="utf-8")).get("vocabulary")
+        elif path.suffix == ".parquet":
+            metadata = pq.read_schema(path).metadata or {}
+            layout = json.loads(metadata.get(LAYOUT_KEY, b"{}")).get("vocabulary")
+        elif path.is_dir():
+            from pipeline.formats.tokens import read_manifest
+            layout = read_manifest(path).get("vocabulary")
+    except (OSError, ValueError, AttributeError):
+        layout = None  # read_tokens reports an unreadable file with its reason
+    if not isinstance(layout, dict):  # hand-made, or unreadable: the default, the model's ids
+        return {"kind": "ids"}
+    recorded = layout.get("text_tokens")
+    return dict(recorded) if isinstance(recorded, dict) and "kind" in recorded else {"kind": "codes"}
 
 
 def read_tokens(path: str | Path, split: str | None = None) -> dict[str, list]:
@@ -547,7 +592,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     if args.out.suffix not in (".json", ".parquet"):  # before minutes of encoding, not after
         raise ValueError(f"{args.out}: output must end in .json or .parquet")
-    codec = FileTokenizer(resolve_model(args.model, args.tracking_uri))
+    codec = FileTokenizer(resolve_model(args.model, args.tracking_uri), args.text_tokens,
+                          args.text_vocab)
     samples, bad = collect_samples(args.inputs)
     _report("encode", bad)
     if not samples:
@@ -573,7 +619,15 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    codec = FileTokenizer(resolve_model(args.model, args.tracking_uri))
+    recorded = token_text_tokens(args.tokens)
+    codec = FileTokenizer(resolve_model(args.model, args.tracking_uri), recorded["kind"],
+                          args.text_vocab if recorded["kind"] == "ids" else None)
+    have = None if codec.text_vocab is None else codec.text_vocab.sha256
+    if recorded["kind"] == "ids" and "sha256" in recorded and recorded["sha256"] != have:
+        raise ValueError(
+            f"{args.tokens}: its text tokens are ids of a {recorded.get('vocab')} vocabulary with "
+            f"sha256 {recorded['sha256']}; this decode has {codec.text_vocab.kind} "
+            f"{codec.text_vocab.sha256}: pass the file they were encoded with as --text-vocab")
     columns = read_tokens(args.tokens, args.split)
     if "key" not in columns:
         raise ValueError(f"{args.tokens}: no 'key' column; not a token file")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,11 +29,13 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 
 from mmvq.config_io import ConfigError
 from mmvq.text_vocab import (
     BYTES,
+    TOKENIZER_JSON,
     VOCAB_FILE,
     VOCAB_SIZE,
     TextVocab,
@@ -49,6 +52,7 @@ from pipeline.formats.samples import (
     member,
     preprocess_sample,
     sample_split,
+    stack_rows,
 )
 from pipeline.formats.shards import (
     EXTENSIONS,
@@ -182,7 +186,7 @@ class Preprocessor:
             row["source_shard"] = shard
             row["origin"] = sample_origin(sample, row["status"])
             rows.append(row)
-        return {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
+        return stack_rows(rows)
 
     def _placeholder(self) -> dict[str, Any]:
         c = self.config
@@ -190,7 +194,7 @@ class Preprocessor:
                 "audio": np.zeros(c.audio_samples, np.float32), "audio_len": 0,
                 "text_ids": np.zeros(c.text_max_len, np.int32), "text_len": 0,
                 "has_image": False, "has_audio": False, "has_text": False,
-                "split": c.default_split}
+                "text": "", "split": c.default_split}
 
 
 class ShardPreprocessor(Preprocessor):
@@ -209,7 +213,7 @@ class ShardPreprocessor(Preprocessor):
     def __init__(self, config: PreprocessConfig, vocab: TextVocab = BYTES,
                  filesystem: Any = None) -> None:
         super().__init__(config, vocab)
-        self.filesystem = filesystem
+        self.filesystem = filesystem if filesystem is not None else pa.fs.LocalFileSystem()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:  # type: ignore[override]
         for path in batch["path"]:
@@ -226,8 +230,7 @@ class ShardPreprocessor(Preprocessor):
     def _read(self, path: str) -> Iterator[RawSample]:
         """The shard's samples; one that cannot be opened is one refused sample naming it."""
         try:
-            stream = (self.filesystem.open_input_stream(path) if self.filesystem is not None
-                      else open(path, "rb"))
+            stream = self.filesystem.open_input_stream(path)
         except OSError as err:
             yield RawSample("", path, error=f"shard is not a readable tar: {err}")
             return
@@ -323,6 +326,11 @@ def fit_text_vocab(paths: list[str], kind: str, vocab_size: int, default_split: 
                          f"{len(paths)} shards has no captions to train it on")
     vocab = train_bpe_from_counts(counts, vocab_size, num_texts=num_texts)
     vocab.save(Path(output_dir) / VOCAB_FILE)
+    # The same vocabulary for a language model's data loader (Hugging Face tokenizers).
+    try:
+        vocab.save_tokenizer_json(Path(output_dir) / TOKENIZER_JSON)
+    except ValueError as err:  # two merges spelling the same bytes: rare, and only a convenience
+        print(f"preprocess: no {TOKENIZER_JSON} beside {VOCAB_FILE}: {err}", file=sys.stderr)
     return vocab
 
 

@@ -18,14 +18,17 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from mmvq.config import SpeedConfig
-from pipeline.config import at_least
+from pipeline.config import ConfigError, at_least
 from pipeline.formats.checkpoint import TOKENIZER_DIR
 from pipeline.formats.tokens import (
     MANIFEST,
+    TEXT_TOKENS,
     TOKENS_DIR,
     WEBDATASET_DIR,
     TokenEncoder,
     build_manifest,
+    text_token_vocab,
+    token_layout,
     tokenizer_id,
 )
 from pipeline.raydata import actor_pool, bounded, io_tasks, read_parquet, write
@@ -49,6 +52,14 @@ class TokenizeConfig:
     # TF32 (a near tie between two codes may then resolve to the other one), compile, on the
     # device types it names (CUDA by default: CPU tokens are those of the plain fp32 model).
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    # What text_tokens (and the text run of interleaved_tokens) hold: "ids", the whole caption
+    # as written, in a text vocabulary, so that it decodes back exactly; or "codes", the text
+    # codec's VQ codes (lossy, one per text position; for experiments).
+    text_tokens: str = "ids"
+    # With "ids": a vocabulary file for them, a Hugging Face tokenizer.json (the tokens then
+    # match the language model that will read them) or an mmvq BPE text_vocab.json; None: the
+    # tokenizer's own text vocabulary (UTF-8 bytes in the demo).
+    text_vocab: str | None = None
 
     def min_resources(self) -> dict[str, float]:
         """What Ray must have for the first actor: one GPU or one CPU."""
@@ -57,6 +68,12 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         at_least("tokenize", self, 1, "batch_size", "num_actors", "samples_per_shard",
                  "audio_levels")
+        if self.text_tokens not in TEXT_TOKENS:
+            raise ConfigError(f"tokenize.text_tokens must be one of {list(TEXT_TOKENS)}, got "
+                              f"{self.text_tokens!r}")
+        if self.text_vocab and self.text_tokens != "ids":
+            raise ConfigError("tokenize.text_vocab is the vocabulary of text ids; it needs "
+                              "tokenize.text_tokens: ids")
 
 
 def _write_webdataset(parquet_dir: Path, out_dir: Path, samples_per_shard: int) -> None:
@@ -97,7 +114,8 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
 
     model_dir = Path(ctx.inputs["model"]) / TOKENIZER_DIR
     model = MultimodalTokenizer.load(model_dir)
-    layout = model.vocabulary()
+    # The text vocabulary is loaded and checked here, once, not first inside every actor.
+    layout = token_layout(model, text_token_vocab(model, config.text_tokens, config.text_vocab))
     audio_levels = model.audio_levels if config.audio_levels is None else config.audio_levels
     if not 1 <= audio_levels <= model.audio_levels:  # fail here, not inside every actor
         raise ValueError(f"tokenize.audio_levels={config.audio_levels}: the tokenizer's audio "
@@ -113,7 +131,8 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
                         concurrency=io_tasks(config.num_actors))
     tokens = bounded(rows.map_batches(
         TokenEncoder,
-        fn_constructor_args=(str(model_dir), config.use_gpu, config.audio_levels, config.speed),
+        fn_constructor_args=(str(model_dir), config.use_gpu, config.audio_levels, config.speed,
+                             config.text_tokens, config.text_vocab),
         batch_size=config.batch_size, batch_format="numpy",
         **actor_pool(config.num_actors, use_gpu=config.use_gpu),
     ), config.num_actors)
@@ -134,7 +153,8 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     manifest = build_manifest(model, counts, audio_levels,
                               {"id": tokenizer, "weights_sha256": weights_hash,
                                "source": str(model_dir), "model_version": None},
-                              shard_counts, data_dir, webdataset=config.webdataset)
+                              shard_counts, data_dir, webdataset=config.webdataset,
+                              layout=layout)
     (ctx.output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if ctx.logger:
         ctx.logger.metrics({f"tokens/rows/{k}": v for k, v in counts.items()}, step=0)

@@ -21,13 +21,18 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 from pipeline.formats.registry import ARTIFACT, INPUT_COLUMNS, OUTPUT_COLUMNS
-from pipeline.formats.samples import BadSample, Resamplers, SampleSpec, preprocess_sample
+from pipeline.formats.samples import (
+    BadSample,
+    Resamplers,
+    SampleSpec,
+    preprocess_sample,
+    stack_rows,
+)
 from pipeline.formats.tokens import TokenEncoder
 
 # PIL and libsndfile put the stream's repr in their messages: meaningless to a caller.
@@ -85,8 +90,7 @@ class TokenizerModel(PythonModel):
         """Token rows as the tokenize stage writes them, in ``OUTPUT_COLUMNS``."""
         if not rows:
             return []
-        batch = {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
-        table = self.encoder(batch).select(list(OUTPUT_COLUMNS))
+        table = self.encoder(stack_rows(rows)).select(list(OUTPUT_COLUMNS))
         return table.to_pylist()
 
 

@@ -75,6 +75,33 @@ class TrainConfig:
         """What Ray must have before training can start: one CPU or GPU per worker."""
         return {"GPU" if self.use_gpu else "CPU": float(self.num_workers)}
 
+    def describe(self) -> list[str]:
+        """What the run trains with, for ``mmvq run --dry-run``: the loss terms per modality
+        (weight > 0) and when the discriminators start."""
+        weights, gan = self.model.loss_weights, self.gan
+
+        def terms(modality: str, names: tuple[str, ...]) -> str:
+            on = [f"{name.split('/')[1]} {weights[name]:g}" for name in names
+                  if weights.get(name, 0) > 0]
+            if gan is not None and modality in gan.modalities and weights.get(f"adv/{modality}"):
+                kind = "PatchGAN" if modality == "image" else "multi-scale STFT"
+                adaptive = ", adaptive weight" if gan.adaptive else ""
+                on.append(f"adversarial {weights[f'adv/{modality}']:g} ({gan.loss} {kind} "
+                          f"discriminator from step {gan.disc_start}{adaptive})")
+            return f"{modality}: " + ", ".join(on)
+
+        image = ("image/l1", "image/perceptual") if gan is not None and gan.perceptual \
+            else ("image/l1",)
+        lines = [terms("image", image), terms("audio", ("audio/l1", "audio/mel")),
+                 terms("text", ("text/ce",))]
+        if gan is not None and gan.perceptual and weights.get("image/perceptual", 0) > 0:
+            source = (str(gan.perceptual_weights_path) if gan.perceptual_weights_path
+                      else "torch's hub cache; off with a line if it holds none")
+            lines.append(f"perceptual: LPIPS VGG16 from {source}")
+        elif gan is None:
+            lines.append("adversarial and perceptual terms off (train.gan unset)")
+        return lines
+
     def __post_init__(self) -> None:
         at_least("train", self, 1, "num_workers", "threads_per_worker", "batch_size",
                  "grad_accum", "steps", "log_every", "keep_checkpoints", "decay_steps",

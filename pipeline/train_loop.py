@@ -105,7 +105,7 @@ def train_loop_per_worker(loop_config: dict[str, WorkerArgs]) -> None:
     torch.manual_seed(cfg.seed)  # identical init everywhere; DDP also broadcasts rank 0's
     np.random.seed(cfg.seed)
     device = ray.train.torch.get_device()
-    parts = build_parts(cfg, device, args.text_vocab)
+    parts = build_parts(cfg, device, args.text_vocab, announce=rank == 0)
     state = TrainState(0, 0, 0, args.run_id)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -129,7 +129,7 @@ def train_loop_per_worker(loop_config: dict[str, WorkerArgs]) -> None:
 
 
 def build_parts(cfg: TrainConfig, device: torch.device, text_vocab: TextVocab | None = None,
-                perceptual: nn.Module | None = None) -> _Parts:
+                perceptual: nn.Module | None = None, announce: bool = True) -> _Parts:
     """One worker's model, EMA, discriminators, LPIPS, optimizers and LR schedulers on
     ``device``, sped up as ``cfg.speed`` says (:func:`mmvq.speed.apply_speed`; on a device type
     it leaves out, the CPU by default, nothing changes).
@@ -142,15 +142,16 @@ def build_parts(cfg: TrainConfig, device: torch.device, text_vocab: TextVocab | 
 
     Parameters
     ----------
-    perceptual : the LPIPS net to train with instead of the one ``cfg.gan.perceptual_weights_path``
-        names (the benchmark's random-weight VGG16); None: that one, if any
+    perceptual : the LPIPS net to train with instead of the one ``cfg.gan`` asks for (the
+        benchmark's random-weight VGG16); None: that one, if any
+    announce : print whether the perceptual loss is on (rank 0 does, once)
     """
     model = MultimodalTokenizer(cfg.model, text_vocab=text_vocab).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay is not None else None
     gan = cfg.gan
     discriminators = build_discriminators(gan).to(device) if gan is not None else None
-    if perceptual is None and gan is not None and gan.perceptual_weights_path is not None:
-        perceptual = build_perceptual(gan.perceptual_weights_path)
+    if perceptual is None and gan is not None and gan.perceptual:
+        perceptual = build_perceptual(gan.perceptual_weights_path, announce=announce)
     if perceptual is not None:
         perceptual = perceptual.to(device).eval().requires_grad_(False)
     optimizers = _optimizers(cfg, model, discriminators)

@@ -209,6 +209,13 @@ def _add_codec_commands(sub: argparse._SubParsersAction) -> None:
     enc.add_argument("--batch-size", type=int, default=32, help="samples per encode call "
                      "(default: %(default)s)")
     enc.add_argument("--skip-bad", action="store_true", help=skip_help % "samples")
+    enc.add_argument("--text-tokens", choices=["ids", "codes"], default="ids",
+                     help="text tokens: the caption's ids in a text vocabulary, whole and exact "
+                     "(default), or the text codec's VQ codes (lossy)")
+    enc.add_argument("--text-vocab", type=Path, metavar="FILE",
+                     help="vocabulary of the text ids: a Hugging Face tokenizer.json (tokens "
+                     "that match your language model's) or an mmvq BPE text_vocab.json "
+                     "(default: the tokenizer's own, UTF-8 bytes in the demo)")
     enc.set_defaults(handler="pipeline.file_tokens:cmd_encode")
 
     dec = sub.add_parser(
@@ -229,6 +236,9 @@ def _add_codec_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--batch-size", type=int, default=32, help="samples per decode call "
                      "(default: %(default)s)")
     dec.add_argument("--skip-bad", action="store_true", help=skip_help % "rows")
+    dec.add_argument("--text-vocab", type=Path, metavar="FILE",
+                     help="the text vocabulary file the tokens were encoded with, when it is not "
+                     "the tokenizer's own (the tokens record its sha256, which must match)")
     dec.set_defaults(handler="pipeline.file_tokens:cmd_decode")
 
 

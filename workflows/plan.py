@@ -336,6 +336,8 @@ def format_plan(plan: Sequence[PlannedStage]) -> str:
     lines = []
     for step in plan:
         lines.append(f"{step.name:<12} {step.fingerprint}  {step.action}: {step.reason}")
+        if step.action == "run" and hasattr(step.config, "describe"):
+            lines += [f"{'':<12} {line}" for line in step.config.describe()]
     return "\n".join(lines)
 
 

@@ -206,14 +206,31 @@ def decode_text(data: bytes, max_bytes: int = MAX_TEXT_BYTES) -> str:
     """UTF-8 bytes -> normalised text: NFC (one code point sequence per character, so equal
     captions give equal ids) and runs of whitespace collapsed to one space. More than
     ``max_bytes`` bytes is refused before anything is decoded."""
+    return normalize_text(verbatim_text(data, max_bytes))
+
+
+def verbatim_text(data: bytes, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """UTF-8 bytes -> the caption exactly as written (what text tokens keep: a language model
+    trained on them must reproduce its prompt). More than ``max_bytes`` bytes is refused before
+    anything is decoded."""
     if len(data) > max_bytes:
         raise BadSample(f"text: {len(data)} bytes, over the {max_bytes}-byte limit "
                         "(preprocess.max_text_bytes)")
     try:
-        text = unicodedata.normalize("NFC", data.decode("utf-8"))
+        return bytes(data).decode("utf-8")
     except UnicodeDecodeError as err:
         raise BadSample(f"text: not UTF-8 ({err})") from err
-    text = " ".join(text.split())
+
+
+def normalize_text(text: str) -> str:
+    """The text codec's view of a caption: NFC, whitespace runs as one space.
+
+    Raises
+    ------
+    BadSample
+        If nothing but whitespace is left.
+    """
+    text = " ".join(unicodedata.normalize("NFC", text).split())
     if not text:
         raise BadSample("text: empty")
     return text
@@ -321,10 +338,21 @@ def preprocess_sample(sample: dict[str, Any], config: SampleSpec,
                                   rates=(config.min_audio_rate, config.max_audio_rate),
                                   max_channels=config.max_audio_channels)
         audio, audio_len = fit_length(resample_clip(resample, wave, rate, config.sample_rate), n)
+    text = ""
     if raw["text"] is not None:
-        text = decode_text(raw["text"], config.max_text_bytes)
-        text_ids, text_len = encode_text(text, config.text_max_len, vocab)
+        text = verbatim_text(raw["text"], config.max_text_bytes)
+        text_ids, text_len = encode_text(normalize_text(text), config.text_max_len, vocab)
     return {"image": image, "audio": audio, "audio_len": audio_len, "text_ids": text_ids,
             "text_len": text_len, "has_image": raw["image"] is not None,
             "has_audio": raw["audio"] is not None, "has_text": raw["text"] is not None,
+            "text": text,
             "split": str(split)}
+
+
+def stack_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Preprocessed rows -> one array per column. Strings go into object arrays: NumPy's
+    fixed-width strings drop trailing NUL characters, and a caption must come out as it went in.
+    """
+    return {name: (np.array([r[name] for r in rows], dtype=object)
+                   if isinstance(rows[0][name], str)
+                   else np.stack([np.asarray(r[name]) for r in rows])) for name in rows[0]}

@@ -66,7 +66,8 @@ class TokenEncoder:
     """
 
     def __init__(self, model_dir: str, use_gpu: bool = False, audio_levels: int | None = None,
-                 speed: SpeedConfig | None = None) -> None:
+                 speed: SpeedConfig | None = None, text_tokens: str = "ids",
+                 text_vocab: str | None = None) -> None:
         import torch
 
         from mmvq.speed import apply_speed
@@ -74,7 +75,8 @@ class TokenEncoder:
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = MultimodalTokenizer.load(model_dir, map_location=self.device).eval()
-        self.layout = self.model.vocabulary()
+        self.text_vocab = text_token_vocab(self.model, text_tokens, text_vocab)
+        self.layout = token_layout(self.model, self.text_vocab)
         self.tokenizer_id = tokenizer_id(self.model.weights_hash())
         self.hop = self.model.config.audio.hop  # waveform samples per audio token
         self.audio_levels = audio_levels  # residual audio levels to keep (None: all)
@@ -90,12 +92,86 @@ class TokenEncoder:
         with torch.no_grad():
             codes = {k: v.cpu().numpy() for k, v in
                      self.model.encode(inputs, audio_levels=self.audio_levels).items()}
-        return pa.table(token_rows(codes, batch, self.layout, self.tokenizer_id, self.hop),
+        text = None if self.text_vocab is None else caption_ids(batch, self.text_vocab)
+        return pa.table(token_rows(codes, batch, self.layout, self.tokenizer_id, self.hop, text),
                         schema=TOKEN_SCHEMA)
 
 
+# Text tokens: "ids" (the default) are the caption's ids in a text vocabulary, exact and whole;
+# "codes" are the text codec's VQ codes, one per text position (lossy: a learned re-encoding of
+# ids that were already discrete, kept for experiments).
+TEXT_TOKENS = ("ids", "codes")
+
+
+def text_token_vocab(model: Any, text_tokens: str = "ids",
+                     text_vocab: str | None = None) -> Any:
+    """The vocabulary whose ids the text tokens are, or None for ``codes``.
+
+    ``text_vocab`` is a vocabulary file (a Hugging Face ``tokenizer.json``, so that the tokens
+    match the language model's own, or an mmvq BPE ``text_vocab.json``); None takes the
+    tokenizer's own text vocabulary (UTF-8 bytes, or the BPE it was trained with).
+
+    Raises
+    ------
+    ValueError
+        For another ``text_tokens``, ``text_vocab`` with ``codes``, or a vocabulary file that
+        does not load or does not give every string back.
+    """
+    from mmvq.text_vocab import check_lossless, load_text_vocab
+
+    if text_tokens not in TEXT_TOKENS:
+        raise ValueError(f"text_tokens must be one of {TEXT_TOKENS}, got {text_tokens!r}")
+    if text_tokens == "codes":
+        if text_vocab:
+            raise ValueError("text_vocab names the vocabulary of text ids; with "
+                             "text_tokens: codes the text tokens are codec codes")
+        return None
+    vocab = model.text_vocab if not text_vocab else load_text_vocab(text_vocab)
+    check_lossless(vocab, str(text_vocab or "the tokenizer's text vocabulary"))
+    return vocab
+
+
+def token_layout(model: Any, text_vocab: Any) -> dict[str, Any]:
+    """The unified vocabulary of a token dataset: the model's codebooks, with the text range
+    sized to ``text_vocab`` when text tokens are its ids, and ``text_tokens`` saying which."""
+    from mmvq.vocabulary import vocabulary_layout
+
+    if text_vocab is None:
+        return {**model.vocabulary(), "text_tokens": {"kind": "codes"}}
+    sizes = {**model.codebook_sizes(), "text": int(text_vocab.vocab_size)}
+    return {**vocabulary_layout(sizes, model.codebook_levels()),
+            "text_tokens": {"kind": "ids", "vocab": text_vocab.kind,
+                            "vocab_size": int(text_vocab.vocab_size),
+                            "sha256": text_vocab.sha256}}
+
+
+def caption_ids(batch: Mapping[str, Any], vocab: Any) -> list[list[int]]:
+    """Each row's whole caption (``text``, as written) as ids of ``vocab``; [] without text.
+
+    Raises
+    ------
+    KeyError
+        If the batch has no ``text`` column (preprocessed before captions were kept).
+    ValueError
+        Naming the row's key if the vocabulary does not give its caption back.
+    """
+    if "text" not in batch:
+        raise KeyError("the preprocessed rows have no 'text' column (written before text "
+                       "tokens kept the caption): rerun preprocess, or set text_tokens: codes")
+    out = []
+    for i, (text, has_text) in enumerate(zip(batch["text"], batch["has_text"], strict=True)):
+        ids = vocab.encode(str(text)) if has_text else []
+        if has_text and vocab.decode(ids) != str(text):
+            key = batch["key"][i] if "key" in batch else i
+            raise ValueError(f"sample {key}: the text vocabulary ({vocab.kind}) does not give "
+                             f"its caption back exactly")
+        out.append(ids)
+    return out
+
+
 def token_rows(codes: Mapping[str, np.ndarray], batch: Mapping[str, Any],
-               layout: Mapping[str, Any], tokenizer: str, hop: int) -> dict[str, list]:
+               layout: Mapping[str, Any], tokenizer: str, hop: int,
+               text_ids: Sequence[Sequence[int]] | None = None) -> dict[str, list]:
     """The token dataset's columns for one encoded batch.
 
     Parameters
@@ -106,6 +182,8 @@ def token_rows(codes: Mapping[str, np.ndarray], batch: Mapping[str, Any],
     layout : the tokenizer's unified vocabulary layout (``interleaved_tokens``).
     tokenizer : the id every row names (:func:`tokenizer_id`).
     hop : waveform samples per audio frame.
+    text_ids : each row's caption ids (:func:`caption_ids`), the text tokens when given;
+        None: the text codec's codes, cut to the row's ``text_len``.
     """
     # Residual audio codes are (B, frames, levels); one-level codes (B, frames).
     levels = codes["audio"].shape[2] if codes["audio"].ndim == 3 else 1
@@ -114,12 +192,19 @@ def token_rows(codes: Mapping[str, np.ndarray], batch: Mapping[str, Any],
     for i in range(n):
         image = codes["image"][i].reshape(-1) if batch["has_image"][i] else None
         audio = codes["audio"][i] if batch["has_audio"][i] else None
-        text = codes["text"][i] if batch["has_text"][i] else None
+        # Text ids are the caption's whole; codec codes fill every position, and the stream
+        # takes those of the real length.
+        text = text_run = None
+        if batch["has_text"][i] and text_ids is not None:
+            text = text_run = np.asarray(text_ids[i], np.int64)
+        elif batch["has_text"][i]:
+            text = codes["text"][i]
+            text_run = text[:int(batch["text_len"][i])]
         joint = codes["joint"][i] if "joint" in codes else None
         frames = math.ceil(int(batch["audio_len"][i]) / hop)
         stream = interleave({
             "image": image, "audio": None if audio is None else audio[:frames],
-            "text": None if text is None else text[:int(batch["text_len"][i])],
+            "text": text_run,
             "joint": joint}, layout)
         rows["key"].append(str(batch["key"][i]) if "key" in batch else "")
         rows["split"].append(str(batch["split"][i]) if "split" in batch else "")
@@ -210,8 +295,8 @@ def split_interleaved_column(streams: pa.ChunkedArray | Sequence[Sequence[int]],
     return [split_interleaved(np.asarray(s, np.int64), layout) for s in values]
 
 
-def model_codes(rows: Mapping[str, Sequence[Any]],
-                shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+def model_codes(rows: Mapping[str, Sequence[Any]], shapes: Mapping[str, Sequence[int]],
+                layout: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The code columns of ``rows`` as the tokenizer's ``decode`` input.
 
     Parameters
@@ -221,6 +306,8 @@ def model_codes(rows: Mapping[str, Sequence[Any]],
         fusion) or in ``rows``, or with no codes in any row, are left out. A row without codes
         for a modality the others have (a sample lacking it) gets code 0 there, as the model's
         own ``encode`` gives every sample codes; its ``has_*`` says they mean nothing.
+    layout : the rows' vocabulary (the manifest's); when its ``text_tokens`` are caption ids,
+        not codec codes, text is left out (``text_vocab.decode`` reads those directly)
 
     Returns
     -------
@@ -234,10 +321,11 @@ def model_codes(rows: Mapping[str, Sequence[Any]],
     """
     import torch
 
+    text_ids = (layout or {}).get("text_tokens", {}).get("kind") == "ids"
     out = {}
     for modality, column in CODE_COLUMNS.items():
         if modality not in shapes or column not in rows or not any(
-                len(codes) for codes in rows[column]):
+                len(codes) for codes in rows[column]) or (modality == "text" and text_ids):
             continue
         shape = tuple(shapes[modality])
         if modality == "audio" and "audio_levels" in rows:
@@ -330,7 +418,8 @@ def _check_rows(split: str, columns: Mapping[str, list], layout: Mapping[str, An
 
 def build_manifest(model: Any, counts: Mapping[str, int], audio_levels: int,
                    tokenizer: Mapping[str, Any], shard_counts: Mapping[str, int],
-                   data_dir: str | Path, webdataset: bool = False) -> dict[str, Any]:
+                   data_dir: str | Path, webdataset: bool = False,
+                   layout: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The token dataset's ``manifest.json``: counts, the unified vocabulary layout, token
     shapes, the tokenizer (id, weights hash, source), lineage and what each column holds.
 
@@ -340,12 +429,16 @@ def build_manifest(model: Any, counts: Mapping[str, int], audio_levels: int,
     counts : rows per split; ``shard_counts`` rows per source shard.
     audio_levels : residual levels kept per audio frame.
     tokenizer : ``id``, ``weights_sha256``, ``source`` and ``model_version`` of the tokenizer.
+    layout : the rows' unified vocabulary (:func:`token_layout`); None: the model's own.
     """
     splits = sorted(counts)
+    layout = dict(layout or model.vocabulary())
+    shapes = {k: list(v) for k, v in model.token_shapes().items()}
+    if layout.get("text_tokens", {}).get("kind") == "ids":
+        shapes.pop("text")  # a caption's ids are as many as it needs
     return {
         "counts": counts, "total": sum(counts.values()), "splits": splits,
-        "vocabulary": model.vocabulary(), "token_shapes": {k: list(v) for k, v in
-                                               model.token_shapes().items()},
+        "vocabulary": layout, "token_shapes": shapes,
         "audio_hop_samples": model.config.audio.hop,
         "audio_levels": audio_levels,  # per frame in audio_tokens (<= token_shapes' levels)
         # Tokenize runs before the register stage, so the registered model version is not
@@ -364,7 +457,10 @@ def build_manifest(model: Any, counts: Mapping[str, int], audio_levels: int,
                     "audio_levels": "residual levels per audio frame (1 unless the audio "
                                     "quantizer is rvq); vocabulary.level_offsets gives each "
                                     "level's id range",
-                    "text_tokens": "one code per text position, padding included",
+                    "text_tokens": "the caption's ids in vocabulary.text_tokens' text "
+                                   "vocabulary, whole and exact (text_tokens kind 'ids'), or "
+                                   "one codec code per text position, padding included "
+                                   "('codes')",
                     "joint_tokens": "fusion tokens over all modalities (empty without fusion)",
                     "interleaved_tokens": "unified vocabulary: <boi> image <eoi> <boa> audio "
                                           "(real frames) <eoa> <bot> text (real length) <eot> "

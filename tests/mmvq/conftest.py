@@ -49,7 +49,7 @@ def make_preprocessed_batch(
     """``n`` aligned synthetic samples as the preprocess stage emits them (all modalities on)."""
     cfg = cfg or TokenizerConfig()
     rng = np.random.default_rng(seed)
-    images, audios, audio_lens, ids, text_lens, keys = [], [], [], [], [], []
+    images, audios, audio_lens, ids, text_lens, keys, texts = [], [], [], [], [], [], []
     for i in range(n):
         image, caption = _image(rng, cfg.image.image_size)
         wav, length = _audio(rng, cfg.audio.num_samples, cfg.audio.sample_rate)
@@ -60,6 +60,7 @@ def make_preprocessed_batch(
         ids.append(text_ids)
         text_lens.append(text_len)
         keys.append(f"sample-{seed}-{i:04d}")
+        texts.append(caption)
     return {
         "key": np.array(keys),
         "image": np.stack(images),
@@ -70,6 +71,7 @@ def make_preprocessed_batch(
         "has_image": np.ones(n, dtype=bool),
         "has_audio": np.ones(n, dtype=bool),
         "has_text": np.ones(n, dtype=bool),
+        "text": np.array(texts, dtype=object),  # the caption as written (text tokens' source)
     }
 
 

@@ -13,7 +13,7 @@ from mmvq.train_step import code_stats
 
 SIZES = {"image": 8, "audio": 4, "text": 16}
 RATE = TokenizerConfig().audio.sample_rate
-PER_SAMPLE = {"image/psnr", "image/ssim", "audio/si_snr", "audio/mel_distance",
+PER_SAMPLE = {"image/psnr", "image/psnr_flat", "image/ssim", "audio/si_snr", "audio/mel_distance",
               "text/token_accuracy", "text/exact_match"}
 CODEBOOK = {f"{m}/codebook_{s}" for m in SIZES for s in ("usage", "perplexity")}
 CROSS = {"cross/nmi_image_audio", "cross/nmi_image_text", "cross/nmi_audio_text"}

@@ -36,8 +36,12 @@ def _evaluate_outputs(out_dir):
     report.plot_usage(counts, out_dir / report.USAGE_PNG)
 
 
-RESULTS = {"trained": {"image/psnr": 21.5, "text/exact_match": 1.0},
-           "untrained": {"image/psnr": 10.25, "text/exact_match": 0.0}}
+RESULTS = {"trained": {"image/psnr": 21.5, "image/psnr_flat": 14.125, "audio/stoi": 0.8125,
+                       "audio/pesq": 2.375, "text/exact_match": 1.0},
+           "untrained": {"image/psnr": 10.25, "image/psnr_flat": 14.125, "audio/stoi": 0.25,
+                         "audio/pesq": 1.0625, "text/exact_match": 0.0}}
+# The scores people compare tokenizers by, as the rendered page must show them.
+SHOWN = ("audio/pesq", "2.3750", "audio/stoi", "0.8125", "image/psnr_flat", "14.1250")
 
 
 def test_spectrogram_peaks_at_the_tone_frequency():
@@ -84,9 +88,11 @@ def test_report_links_existing_files_and_tables(tmp_path):
     assert all(not link.startswith("/") and (tmp_path / link).is_file() for link in links)
     assert "registered v3" in text and "+1.5000" in text  # 21.5 vs the previous 20.0
     assert "a red &lt;circle&gt;" in text  # captions are escaped
+    assert all(shown in text for shown in SHOWN)
     assert "No earlier registered version" in report.write_report(tmp_path, RESULTS).read_text()
 
 
+# .ci/run installs Debian's chromium where it is missing, so in CI this runs.
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="chromium is not on PATH (Debian package 'chromium'); the headless "
                            "rendering check needs it")
@@ -96,12 +102,19 @@ def test_report_renders_in_headless_chromium(tmp_path):
     _evaluate_outputs(out)
     page = report.write_report(out, RESULTS, None, {"split": "val"})
     shot = tmp_path / "report.png"
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / 'profile'}"]
     done = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-         "--window-size=1400,1000", page.as_uri()],
+        [*browser, f"--screenshot={shot}", "--window-size=1400,1000", page.as_uri()],
         check=False, capture_output=True, text=True, timeout=120)
     assert shot.is_file(), done.stderr[-2000:]
+    # The page as the browser built it: the metrics table holds the speech and baseline scores.
+    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    table = dom[dom.index('<table id="metrics">'):]
+    table = table[:table.index("</table>")]
+    for text in SHOWN:
+        assert text in table, text
     pixels = np.asarray(Image.open(shot).convert("RGB"), np.float64)
     assert pixels.shape[:2] == (1000, 1400)
     assert pixels.std() > 20  # text, tables and images, not a blank page

@@ -40,8 +40,9 @@ def _saved(tmp_path: Path, cfg: TokenizerConfig) -> tuple[MultimodalTokenizer, P
 def test_tokenize_rows_carry_levels_and_evaluate_reads_them_back(tmp_path):
     model, model_dir = _saved(tmp_path, MODEL)
     batch = _rows(6, MODEL)
-    layout = model.vocabulary()
-    table = TokenEncoder(str(model_dir), audio_levels=2)(batch)
+    encoder = TokenEncoder(str(model_dir), audio_levels=2)
+    layout = encoder.layout  # the model's codebooks, the text range sized to the text ids
+    table = encoder(batch)
     columns = table.to_pydict()
     assert columns["audio_levels"] == [2] * 6
     frames = model.config.audio.num_frames  # 2000 samples / hop 80 = 25
@@ -58,10 +59,11 @@ def test_tokenize_rows_carry_levels_and_evaluate_reads_them_back(tmp_path):
     (tmp_path / "tokens").mkdir()
     pq.write_table(table, tmp_path / "tokens" / "val.parquet")
     tokens = _read_tokens(tmp_path / "tokens")
-    codes = _codes_for(batch["key"], tokens, model)
-    assert codes["audio"].shape == (6, frames, 2)
+    codes = _codes_for(batch["key"], tokens, model, text_ids=True)
+    assert codes["audio"].shape == (6, frames, 2) and "text" not in codes
     assert torch.equal(codes["audio"], torch.from_numpy(expected))
     inputs = to_model_inputs(batch)
+    codes["text"] = model.encode(inputs)["text"]  # as evaluate: the codec's own text codes
     scores = ReconstructionScores(model.codebook_sizes(), model.config.audio.sample_rate)
     scores.add(inputs, model.decode(codes), codes, {})
     scores.add_bitrates(inputs, model, codes["audio"])

@@ -89,6 +89,11 @@ def test_preprocess_trains_bpe_on_train_captions_and_encodes_with_it(tmp_path, s
     assert summary["text_vocab"] == {"kind": "bpe", "vocab_size": vocab.vocab_size,
                                      "sha256": vocab.sha256}
     assert read_data_vocab(out) == vocab
+    # The same vocabulary for a language model's loader: tokenizers gives our ids.
+    from tokenizers import Tokenizer
+    exported = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for text in TRAIN + VAL:
+        assert exported.encode(text, add_special_tokens=False).ids == vocab.encode(text)
     for split, texts in (("train", TRAIN), ("val", VAL)):
         rows = ray.data.read_parquet(str(out / split)).take_all()
         decoded = {decode_ids(r["text_ids"], r["text_len"], vocab) for r in rows}

@@ -73,8 +73,11 @@ def test_interleaved_column_splits_into_the_code_columns(dataset):
         assert "audio" not in part  # the samples have no audio
         assert part["text"].tolist() == row["text_tokens"][:len(part["text"])]
     assert [len(p["text"]) for p in parts] == [len("caption 0"), 2 * len("caption 1")]
-    codes = model_codes(table.to_pydict(), codec.model.token_shapes())
-    assert set(codes) == {"image", "text"} and codes["image"].shape == (2, 8, 8)
+    layout = read_manifest(out)["vocabulary"]
+    codes = model_codes(table.to_pydict(), codec.model.token_shapes(), layout)
+    # Text tokens are the captions' ids, which the vocabulary decodes, not the model.
+    assert set(codes) == {"image"} and codes["image"].shape == (2, 8, 8)
+    assert [bytes(r["text_tokens"]).decode() for r in rows] == ["caption 0", "caption 1" * 2]
     assert codes["image"][1].reshape(-1).tolist() == rows[1]["image_tokens"]
 
 

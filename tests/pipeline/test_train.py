@@ -154,3 +154,28 @@ def test_config_rejects_bad_values():
 
 if __name__ == "__main__":  # pragma: no cover - handy for a manual run
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_base_recipe_starts_its_discriminators_at_disc_start(data, tmp_path, mlflow_server):
+    """workflows/base.yaml's GAN section, at a tiny size on the CPU: the discriminators and the
+    adaptive weight come in at disc_start, and MLflow has both from there on."""
+    from dataclasses import replace
+
+    from pipeline.config import from_dict
+    from workflows.plan import load_workflow
+
+    entry = load_workflow("workflows/base.yaml").stages["train"]
+    base = from_dict(TrainConfig, entry.config).gan
+    assert base is not None and base.adaptive and base.perceptual and base.loss == "hinge"
+    gan = replace(base, disc_start=3, image_disc_channels=8, audio_disc_channels=4,
+                  audio_disc_n_ffts=(64, 128), image_disc_norm="group")
+    config = tiny_config(steps=6, gan=gan, log_every=1, val_every=0, checkpoint_every=0,
+                         run_name="base-gan", storage_path=str(tmp_path / "ckpt"))
+    summary = run_stage(config, data, tmp_path / "out", mlflow_server)
+    run_id = summary["stage_run_id"]
+    for key in ("disc/image", "disc/audio", "adv/image_weight", "adv/audio_weight"):
+        history = MlflowClient(mlflow_server).get_metric_history(run_id, key)
+        before = [m.value for m in history if m.step < 3]
+        after = [m.value for m in history if m.step >= 3]
+        assert after and all(v > 0 for v in after), key
+        assert all(v == 0 for v in before), (key, before)  # nothing before disc_start

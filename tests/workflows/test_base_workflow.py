@@ -53,3 +53,24 @@ def test_base_plans_like_demo_and_unknown_keys_fail(base, tmp_path):
     assert [p.action for p in plan_workflow(moved)] == ["run"] * len(base.stages)
     with pytest.raises(ConfigError, match=r"stages\.train\.config\.model\.image\.codebok_size"):
         load_workflow("workflows/base.yaml", ["train.model.image.codebok_size=8"])
+
+
+def test_base_trains_taming_f16_vqgan_recipe_and_the_dry_run_says_so(base, tmp_path):
+    """L1 + LPIPS + PatchGAN hinge with the adaptive weight and a delayed discriminator for the
+    image branch, the STFT discriminator and mel loss for audio: on in the config and in the
+    plan a user reads before spending GPU hours."""
+    from workflows.plan import format_plan, plan_workflow
+
+    train = _config(base, "train")
+    gan = train.gan
+    assert gan is not None and gan.loss == "hinge" and gan.adaptive and gan.perceptual
+    assert 0 < gan.disc_start < train.steps and set(gan.modalities) == {"image", "audio"}
+    weights = train.model.loss_weights
+    assert min(weights["image/perceptual"], weights["adv/image"], weights["audio/mel"],
+               weights["adv/audio"]) > 0
+    lines = format_plan(plan_workflow(base)).splitlines()
+    plan = "\n".join(lines[lines.index(next(ln for ln in lines if ln.startswith("train"))):])
+    assert (f"adversarial 0.8 (hinge PatchGAN discriminator from step {gan.disc_start}, "
+            "adaptive weight)") in plan
+    assert "multi-scale STFT discriminator" in plan and "mel 1" in plan
+    assert "perceptual 1" in plan and "LPIPS VGG16 from torch's hub cache" in plan

@@ -81,7 +81,7 @@ def test_token_dataset_agrees_with_manifest_and_lineage(demo_run):
 def test_decoding_the_token_dataset_reproduces_evaluate_numbers(demo_run):
     from mmvq import MultimodalTokenizer, to_model_inputs
     from mmvq import metrics as M
-    from pipeline.formats.tokens import model_codes, read_token_dataset
+    from pipeline.formats.tokens import model_codes, read_manifest, read_token_dataset
 
     _, results, _ = demo_run
     model = MultimodalTokenizer.load(results["train"].output / "tokenizer")
@@ -90,7 +90,12 @@ def test_decoding_the_token_dataset_reproduces_evaluate_numbers(demo_run):
     batch = next(iter(rows.sort("key").iter_batches(batch_size=1000, batch_format="numpy")))
     assert list(batch["key"]) == tokens["key"]
     inputs = to_model_inputs(batch)
-    out = model.decode(model_codes(tokens, model.token_shapes()))
+    layout = read_manifest(results["tokenize"].output)["vocabulary"]
+    codes = model_codes(tokens, model.token_shapes(), layout)
+    assert "text" not in codes  # text tokens are the captions' byte ids: exact by construction
+    assert [bytes(ids).decode() for ids in tokens["text_tokens"]] == list(batch["text"])
+    codes["text"] = model.encode(inputs)["text"]  # evaluate scores the text codec on its own
+    out = model.decode(codes)
     again = {"image/psnr": M.psnr(inputs.image, out["image"]),
              "image/ssim": M.ssim(inputs.image, out["image"]),
              "audio/si_snr": M.si_snr(inputs.audio, out["audio"], inputs.audio_len),
