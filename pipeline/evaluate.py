@@ -106,7 +106,7 @@ def baseline_line(trained: dict[str, float]) -> str:
         return "[evaluate] no images scored"
     verdict = ("above" if ours > flat else
                "NOT above: on these images the tokenizer is worse than no tokenizer; train it "
-               "on data like them (README: Your own data)")
+               "on data like them (README: Bring your own data)")
     return (f"[evaluate] image PSNR {ours:.2f} dB, flat mean-colour baseline {flat:.2f} dB: "
             f"{verdict}")
 
