@@ -514,7 +514,7 @@ def write_sample(sample: Mapping[str, Any], sample_rate: int, out_dir: Path) -> 
     if "audio" in targets:
         soundfile.write(targets["audio"], sample["audio"], sample_rate)
     if "text" in targets:
-        targets["text"].write_text(sample["text"] + "\n", encoding="utf-8")
+        targets["text"].write_text(sample["text"] + "\n", encoding="utf-8", newline="")
     return list(targets.values())
 
 
