@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -222,7 +223,8 @@ def build_perceptual(path: str | Path | None, *, random_weights: bool = False,
                    f"set, and there is no {where_lpips_is_looked_for(hub_dir)}); weights are "
                    "never downloaded")
         net = None
-    logger.info(message)
+    logger.debug(message)
     if announce:
-        print(f"[train] {message}", flush=True)
+        # The process's real stdout: in a Ray Train worker a plain print is printed twice.
+        print(f"[train] {message}", file=sys.__stdout__, flush=True)
     return net

@@ -101,22 +101,22 @@ def test_file_missing_some_weights_is_rejected(lpips, tmp_path):
         load_lpips(tmp_path / "partial.pt")
 
 
-def test_no_path_turns_the_loss_off_with_one_log_line(caplog):
-    with caplog.at_level(logging.INFO, logger="mmvq.perceptual"):
-        assert build_perceptual(None) is None
+def test_no_path_turns_the_loss_off_with_one_log_line(caplog, tmp_path):
+    with caplog.at_level(logging.DEBUG, logger="mmvq.perceptual"):
+        assert build_perceptual(None, hub_dir=tmp_path, announce=False) is None
     assert len(caplog.records) == 1 and "perceptual loss off" in caplog.records[0].message
     assert isinstance(build_perceptual(None, random_weights=True), LPIPS)
     with pytest.raises(ValueError, match="not both"):
         build_perceptual("x.pt", random_weights=True)
 
 
-def test_weights_in_the_hub_cache_are_found_and_their_absence_said_once(tmp_path, capsys):
+def test_weights_in_the_hub_cache_are_found_and_their_absence_said_once(tmp_path, capfd):
     """gan.perceptual_weights_path unset: torch's hub cache is looked in (never the network),
     for our merged file or torchvision's VGG16 with LPIPS's heads; none: one line, no loss."""
     from mmvq.perceptual import HEADS_FILE, MERGED_FILE, VGG16_FILE
 
     assert build_perceptual(None, hub_dir=tmp_path) is None
-    assert capsys.readouterr().out.count("perceptual loss off: no LPIPS weights") == 1
+    assert capfd.readouterr().out.count("perceptual loss off: no LPIPS weights") == 1
     torch.manual_seed(0)
     reference = LPIPS()
     checkpoints = tmp_path / "checkpoints"
@@ -127,11 +127,11 @@ def test_weights_in_the_hub_cache_are_found_and_their_absence_said_once(tmp_path
     torch.save({f"lin{k}.model.1.weight": lin.weight for k, lin in enumerate(reference.lins)},
                checkpoints / HEADS_FILE)
     pair = build_perceptual(None, hub_dir=tmp_path)
-    assert "perceptual loss on" in capsys.readouterr().out
+    assert "perceptual loss on" in capfd.readouterr().out
     image, target = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(pair(image, target), reference(image, target))
     torch.save(reference.state_dict(), checkpoints / MERGED_FILE)  # the merged file wins
     (checkpoints / HEADS_FILE).unlink()
     merged = build_perceptual(None, hub_dir=tmp_path, announce=False)
     assert torch.allclose(merged(image, target), reference(image, target))
-    assert capsys.readouterr().out == ""
+    assert capfd.readouterr().out == ""
