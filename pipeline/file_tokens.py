@@ -294,22 +294,19 @@ class FileTokenizer:
         size = self.layout["codebook_sizes"][modality]
         subset = {name: [rows[name][i] for i in have]
                   for name in (column, "audio_levels") if name in rows}
-        if modality == "text" and self.text_vocab is not None:
-            for j, i in enumerate(have):  # the caption's own ids: no model involved
-                ids = subset[column][j]
-                wrong = [c for c in ids if not (isinstance(c, int | np.integer) and 0 <= c < size)]
-                if wrong:
-                    raise ValueError(f"{column}: id {wrong[0]!r} is not in the text vocabulary "
-                                     f"[0, {size})")
-                out[i]["text"] = self.text_vocab.decode(ids)
-            return
+        text_ids = modality == "text" and self.text_vocab is not None
         for codes in subset[column]:
             # The embedding lookup would fail with "index out of range in self", or a
             # scalar quantizer decode garbage: say which code is wrong instead.
             wrong = [c for c in codes if not (isinstance(c, int | np.integer) and 0 <= c < size)]
             if wrong:
-                raise ValueError(f"{column}: code {wrong[0]!r} is not in the codebook "
-                                 f"[0, {size})")
+                what = "id" if text_ids else "code"
+                where = "the text vocabulary" if text_ids else "the codebook"
+                raise ValueError(f"{column}: {what} {wrong[0]!r} is not in {where} [0, {size})")
+        if text_ids:  # the caption's own ids: the vocabulary decodes them, no model involved
+            for j, i in enumerate(have):
+                out[i]["text"] = self.text_vocab.decode(subset[column][j])
+            return
         shapes = self.model.token_shapes()
         codes = model_codes(subset, {modality: shapes[modality]})
         with torch.no_grad():

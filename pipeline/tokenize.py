@@ -114,7 +114,8 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
 
     model_dir = Path(ctx.inputs["model"]) / TOKENIZER_DIR
     model = MultimodalTokenizer.load(model_dir)
-    # The text vocabulary is loaded and checked here, once, not first inside every actor.
+    # The text vocabulary is loaded and checked here first (each actor loads it again), so a
+    # bad or lossy file fails before any actor starts.
     layout = token_layout(model, text_token_vocab(model, config.text_tokens, config.text_vocab))
     audio_levels = model.audio_levels if config.audio_levels is None else config.audio_levels
     if not 1 <= audio_levels <= model.audio_levels:  # fail here, not inside every actor
