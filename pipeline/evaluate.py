@@ -5,7 +5,9 @@ tokens a language model will see; the untrained baseline (same architecture, sam
 training) encodes and decodes the same rows. Metrics, a PNG grid of originals vs
 reconstructions, WAV clips and decoded captions go to the output directory and to MLflow. The
 scores and their keys (``image/psnr``, ``image/codebook_usage``, ...) are those of
-:class:`mmvq.scoring.ReconstructionScores`, the scorer training's validation uses too.
+:class:`mmvq.scoring.ReconstructionScores`, the scorer training's validation uses too, plus the
+split-level ``image/rfid`` (:mod:`mmvq.fid`) when local Inception weights are found. The
+report's protocol section defines each.
 
 The scoring runs as one Ray task with its own resources (``num_cpus``, or a GPU with
 ``use_gpu``), not in the driver: on a cluster the driver is a small head process, and the models
@@ -49,9 +51,14 @@ class EvaluateConfig:
     seed: int = 0  # init seed of the untrained baseline; the train stage's seed makes it match
     grid_samples: int = 8  # columns of the original / trained / untrained image grid
     audio_samples: int = 3  # clips written as WAV per model
-    # Local LPIPS weights file (mmvq/perceptual.py says how to make one); never downloaded.
-    # Unset or missing: image/lpips is left out and a log line says why.
+    # Local LPIPS weights file (mmvq/perceptual.py says how to make one); unset: torch's hub
+    # cache is looked in, as training does. Never downloaded; none: image/lpips is left out and
+    # a log line says why.
     lpips_weights: str | None = None
+    # torch-fidelity's Inception-v3 weights for image/rfid (mmvq/fid.py); unset: torch's hub
+    # cache (checkpoints/weights-inception-2015-12-05-6726825d.pth). Never downloaded; none:
+    # image/rfid is left out and a log line says why.
+    inception_weights: str | None = None
     # Registered model whose newest version the report compares with (its eval/* tags);
     # None: no comparison. The register stage registers under the same name.
     compare_with: str | None = "mmvq-tokenizer"
@@ -140,6 +147,7 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
     text_ids = read_manifest(tokens_dir)["vocabulary"].get("text_tokens", {}).get("kind") == "ids"
 
     lpips = _load_lpips(config.lpips_weights)
+    rfid = _load_rfid(config.inception_weights, device)
     rate = trained.config.audio.sample_rate
     scores = {name: ReconstructionScores(model.codebook_sizes(), rate, lpips, speech=True)
               for name, model in (("trained", trained), ("untrained", untrained))}
@@ -164,10 +172,16 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
                 scores[name].add(inputs, outputs[name], codes[name], embeddings)
                 if levels is not None:
                     scores[name].add_bitrates(inputs, model, codes[name]["audio"])
+            if rfid is not None:  # the originals' features once, for both models
+                img = inputs.has_image
+                rfid.add(inputs.image[img], {name: out["image"][img].float()
+                                             for name, out in outputs.items()})
         if not examples:
             examples = {"inputs": inputs, **outputs}
 
     results = {name: s.summary() for name, s in scores.items()}
+    for name, distance in (rfid.distances() if rfid is not None else {}).items():
+        results[name]["image/rfid"] = distance
     (out_dir / METRICS_FILE).write_text(json.dumps(results, indent=2))
     _write_image_grid(examples, config.grid_samples, out_dir / "reconstructions.png")
     _write_audio(examples, config.audio_samples, trained.config.audio.sample_rate,
@@ -192,14 +206,32 @@ def _batches(directory: Path, batch_size: int) -> Iterator[dict[str, np.ndarray]
 
 
 def _load_lpips(path: str | None) -> torch.nn.Module | None:
-    from mmvq.perceptual import load_lpips
+    """The configured LPIPS file, else the hub cache's; None (said in a line) without one."""
+    from mmvq.perceptual import find_lpips_weights, load_lpips, load_lpips_files
+    from mmvq.perceptual import where_lpips_is_looked_for
 
-    if path is None or not Path(path).is_file():
-        # A line in the run's output, like the runner's own: the metric is missing on purpose.
-        print("[evaluate] image/lpips skipped: " + ("evaluate.lpips_weights is not set"
-              if path is None else f"no LPIPS weights file at {path}"), flush=True)
+    if path is not None and Path(path).is_file():
+        return load_lpips(path)
+    files = find_lpips_weights() if path is None else []
+    if files:
+        return load_lpips_files(files)
+    # A line in the run's output, like the runner's own: the metric is missing on purpose.
+    print("[evaluate] image/lpips skipped: " + (
+        f"evaluate.lpips_weights is not set and there is no {where_lpips_is_looked_for()}"
+        if path is None else f"no LPIPS weights file at {path}"), flush=True)
+    return None
+
+
+def _load_rfid(path: str | None, device: torch.device) -> Any:
+    """A :class:`mmvq.fid.ReconstructionFID` over the local Inception weights; None (said in a
+    line) without them."""
+    from mmvq.fid import ReconstructionFID, find_inception_weights, load_inception
+
+    found, reason = find_inception_weights(path)
+    if found is None:
+        print(f"[evaluate] image/rfid skipped: {reason}", flush=True)
         return None
-    return load_lpips(path)
+    return ReconstructionFID(load_inception(found).to(device), ("trained", "untrained"))
 
 
 def _write_report(config: EvaluateConfig, out_dir: Path, tracking_uri: str | None, model: Any,
@@ -220,7 +252,27 @@ def _write_report(config: EvaluateConfig, out_dir: Path, tracking_uri: str | Non
                  f"{cfg.audio.sample_rate} Hz, cropped or zero-padded (preprocess)",
         "trained": "decoded from the token dataset", "untrained": f"same architecture, "
                                                                    f"seed {config.seed}",
-        "image/lpips": "on" if scores.lpips is not None else "off (no local LPIPS weights)",
+        "image/lpips": "LPIPS distance (VGG16, Zhang et al. 2018), per-sample mean; lower "
+                       "is better" if scores.lpips is not None else
+                       "off (no local LPIPS weights)",
+        "image/rfid": f"Fréchet Inception distance of the reconstructions to the originals "
+                      f"(torch-fidelity's Inception-v3 pool3, 2048-d, uint8 pixels resized to "
+                      f"299; Heusel et al. 2017) over the split's "
+                      f"{int(results['trained']['samples'])} images; lower is better, and at "
+                      f"this few images biased upward: compare runs on the same split"
+                      if "image/rfid" in results["trained"] else
+                      "off (no local Inception weights)",
+        "image/psnr": "peak signal-to-noise ratio in dB over pixels in [-1, 1] (range 2), "
+                      "per-sample mean; higher is better",
+        "image/ssim": "structural similarity (Wang et al. 2004; 11x11 Gaussian window, "
+                      "sigma 1.5), per-sample mean, -1..1",
+        "audio/si_snr": "scale-invariant SNR in dB (Le Roux et al. 2019) over each clip's real "
+                        "length",
+        "audio/mel_distance": "L1 distance of log-mel spectrograms at STFT sizes 128 and 512 "
+                              "(mean of the two); lower is better",
+        "codebook_usage": "fraction of a codebook's codes used at least once on the split; "
+                          "perplexity: exp of the code distribution's entropy (K at uniform "
+                          "use)",
         "image/psnr_flat": "PSNR of a flat image of each sample's mean colour: the baseline "
                            "to beat",
         "audio/stoi": "short-time objective intelligibility (pystoi; Taal et al. 2011), 0..1, "

@@ -1,4 +1,5 @@
-"""Shared fixtures: real local services, started by the tests that need them and stopped after."""
+"""Shared fixtures: real local services, started by the tests that need them and stopped after,
+and the weights files of the metrics' networks, made here (nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,38 @@ def torch_backend_flags():
     yield
     torch.set_float32_matmul_precision(flags[0])
     torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags[1], flags[2]
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """torch-fidelity's Inception-v3 as a state dict file with random weights: the real
+    architecture and file format, so code that loads and runs it is tested as with the real
+    weights (which would be a 92 MB download)."""
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})
+        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict",
+                      lambda self, *a, **k: None)  # keep the random init
+        torch.manual_seed(0)
+        model = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for layer in model.modules():  # He init: features keep their scale through 40 layers
+        if isinstance(layer, torch.nn.Conv2d):  # (torch's default shrinks them to ~1e-7)
+            torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lpips_weights(tmp_path_factory) -> Path:
+    """An LPIPS state dict file (random weights, this project's own key layout)."""
+    import torch
+
+    from mmvq.perceptual import LPIPS
+
+    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.pt"
+    torch.manual_seed(0)
+    torch.save(LPIPS().state_dict(), path)
+    return path

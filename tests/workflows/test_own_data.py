@@ -48,11 +48,13 @@ def _account(expected: list[realcorpus.Expected], keys: set[str], rejected: list
 
 
 @pytest.fixture(scope="module")
-def folder_run(tmp_path_factory, mlflow_server, ray_local):
+def folder_run(tmp_path_factory, mlflow_server, ray_local, inception_weights, lpips_weights):
     root = tmp_path_factory.mktemp("own")
     expected = realcorpus.folder_corpus(root / "photos")
     overrides = [f"ingest.source={root / 'photos'}", f"data_root={root / 'runs'}",
-                 f"tracking_uri={mlflow_server}", *TINY]
+                 f"tracking_uri={mlflow_server}", *TINY,
+                 f"evaluate.inception_weights={inception_weights}",
+                 f"evaluate.lpips_weights={lpips_weights}"]
     workflow = load_workflow("workflows/own-data.yaml", overrides)
     results = {r.name: r for r in run_workflow(workflow, progress=False)}
     return root, overrides, expected, results
@@ -74,6 +76,32 @@ def test_folder_route_accounts_for_every_sample(folder_run):
     assert chain["tokenize"].out == chain["preprocess"].out == len(
         [e for e in expected if e.key])
     assert all(line.consistent for line in chain.values())
+
+
+# The scores people compare tokenizers by, each in evaluate's metrics, its report (with its
+# definition in the protocol section) and the registered version's tags.
+STANDARD_SCORES = ("image/rfid", "image/lpips", "image/psnr", "image/ssim", "audio/pesq",
+                   "audio/stoi", "audio/si_snr", "audio/mel_distance")
+
+
+def test_standard_scores_reach_metrics_report_and_registry(folder_run):
+    from pipeline.formats.registry import previous_version
+
+    _, overrides, _, results = folder_run
+    summary = results["evaluate"].summary
+    for model in ("trained", "untrained"):
+        missing = [k for k in STANDARD_SCORES if k not in summary[model]]
+        assert not missing, (model, missing)
+    assert summary["trained"]["image/rfid"] > 0 and summary["trained"]["image/lpips"] > 0
+    html = (results["evaluate"].output / "report.html").read_text(encoding="utf-8")
+    protocol = html[html.index("Protocol"):]
+    for key in STANDARD_SCORES:
+        assert key in html, key
+    assert "Fréchet Inception distance" in protocol and "LPIPS distance" in protocol
+    uri = next(o.split("=", 1)[1] for o in overrides if o.startswith("tracking_uri="))
+    name = load_workflow("workflows/own-data.yaml", overrides).stages["register"].config["name"]
+    tags = previous_version(uri, name)["metrics"]
+    assert tags["image/rfid"] == pytest.approx(summary["trained"]["image/rfid"])
 
 
 def test_quarantine_command_names_original_files(folder_run, capsys, tmp_path):
