@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmvq.modalities.image import to_pixels
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FEATURES = "2048"  # the pool3 features FID is defined on
-KEY = "image/rfid"
 
 
 class InceptionWeightsError(ValueError):
@@ -86,11 +87,6 @@ def load_inception(path: str | Path) -> torch.nn.Module:
             f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from error
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Model-space images (B, 3, H, W) in [-1, 1] -> uint8 pixels, as written to PNG."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 class FeatureStatistics:
     """Running sum and sum of outer products of feature rows (float64): mean and covariance
     of any number of rows in O(D^2) memory."""
@@ -145,7 +141,7 @@ class ReconstructionFID:
     @torch.no_grad()
     def _features(self, images: torch.Tensor) -> np.ndarray:
         device = next(self.extractor.parameters()).device
-        (features,) = self.extractor(to_uint8(images).to(device))
+        (features,) = self.extractor(to_pixels(images).to(device))
         return features.double().cpu().numpy()
 
     def add(self, originals: torch.Tensor, reconstructions: dict[str, torch.Tensor]) -> None:

@@ -206,20 +206,19 @@ def _batches(directory: Path, batch_size: int) -> Iterator[dict[str, np.ndarray]
 
 
 def _load_lpips(path: str | None) -> torch.nn.Module | None:
-    """The configured LPIPS file, else the hub cache's; None (said in a line) without one."""
-    from mmvq.perceptual import find_lpips_weights, load_lpips, load_lpips_files
-    from mmvq.perceptual import where_lpips_is_looked_for
+    """The configured LPIPS file, else the hub cache's (as training finds it); None (said in a
+    line) without one."""
+    from mmvq.perceptual import build_perceptual, load_lpips, where_lpips_is_looked_for
 
     if path is not None and Path(path).is_file():
         return load_lpips(path)
-    files = find_lpips_weights() if path is None else []
-    if files:
-        return load_lpips_files(files)
-    # A line in the run's output, like the runner's own: the metric is missing on purpose.
-    print("[evaluate] image/lpips skipped: " + (
-        f"evaluate.lpips_weights is not set and there is no {where_lpips_is_looked_for()}"
-        if path is None else f"no LPIPS weights file at {path}"), flush=True)
-    return None
+    net = build_perceptual(None, announce=False) if path is None else None
+    if net is None:
+        # A line in the run's output, like the runner's own: the metric is missing on purpose.
+        print("[evaluate] image/lpips skipped: " + (
+            f"evaluate.lpips_weights is not set and there is no {where_lpips_is_looked_for()}"
+            if path is None else f"no LPIPS weights file at {path}"), flush=True)
+    return net
 
 
 def _load_rfid(path: str | None, device: torch.device) -> Any:

@@ -292,5 +292,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     The inverse of the ``/ 127.5 - 1`` of :func:`mmvq.batch.to_model_inputs`; values outside
     [-1, 1] are clamped. For sample grids, the decode CLI and evaluation outputs.
     """
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
-    return pixels.movedim(-3, -1).numpy()  # (..., 3, H, W) -> (..., H, W, 3)
+    return to_pixels(images).cpu().movedim(-3, -1).numpy()  # (..., 3, H, W) -> (..., H, W, 3)
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Model-space images in [-1, 1] -> uint8 pixels of the same (..., 3, H, W) layout and
+    device: the quantisation of :func:`to_uint8`, for networks that read uint8 (rFID)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -15,8 +15,8 @@ from mmvq.fid import (
     find_inception_weights,
     hub_inception_path,
     load_inception,
-    to_uint8,
 )
+from mmvq.modalities.image import to_pixels
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")
 
@@ -44,7 +44,7 @@ class _Images(torch.utils.data.Dataset):
     """uint8 (3, H, W) per item: what torch-fidelity's calculate_metrics reads."""
 
     def __init__(self, images: torch.Tensor) -> None:
-        self.images = to_uint8(images)
+        self.images = to_pixels(images)
 
     def __len__(self) -> int:
         return len(self.images)
