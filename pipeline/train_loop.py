@@ -25,6 +25,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,30 @@ def build_parts(cfg: TrainConfig, device: torch.device, text_vocab: TextVocab | 
     optimizers = dict(zip(optimizers, apply_speed(
         cfg.speed, device, model, discriminators=discriminators, perceptual=perceptual,
         optimizers=list(optimizers.values()))))
-    total = cfg.decay_steps or cfg.steps
-    schedulers = {
-        name: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total, cfg.min_lr_ratio))
-        for name, opt in optimizers.items()}
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, name))
+                  for name, opt in optimizers.items()}
     return _Parts(model, ema, discriminators, perceptual, optimizers, schedulers)
+
+
+def _schedule_start(cfg: TrainConfig, name: str) -> int:
+    """The step at which optimizer ``name`` first updates: the discriminator's at disc_start."""
+    return cfg.gan.disc_start if name == "discriminator" and cfg.gan is not None else 0
+
+
+def advance_schedules(schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler],
+                      cfg: TrainConfig, step: int) -> None:
+    """After training step ``step``: advance the schedule of each optimizer that updated."""
+    for name, scheduler in schedulers.items():
+        if step >= _schedule_start(cfg, name):
+            scheduler.step()
+
+
+def _schedule(cfg: TrainConfig, name: str) -> Callable[[int], float]:
+    """LR multiplier by the number of updates optimizer ``name`` has made. The discriminator's
+    warmup and cosine run over its own steps from disc_start: counted from step 0 instead, a
+    late disc_start would begin it near the end of the decay, at a fraction of its rate."""
+    total = (cfg.decay_steps or cfg.steps) - _schedule_start(cfg, name)
+    return lambda s: warmup_cosine(s, cfg.warmup_steps, max(1, total), cfg.min_lr_ratio)
 
 
 def _optimizers(cfg: TrainConfig, model: nn.Module,
@@ -266,8 +285,7 @@ class _Loop:
                                         parts.optimizers["discriminator"], cfg.gan, step,
                                         cfg.grad_clip)
         stats["lr"] = opt.param_groups[0]["lr"]  # the rate this step used
-        for scheduler in parts.schedulers.values():
-            scheduler.step()
+        advance_schedules(parts.schedulers, cfg, step)
         if parts.ema is not None:
             update_ema(parts.ema, self.model, cfg.ema_decay)
         return stats

@@ -21,7 +21,7 @@ from mmvq.config import AudioCodecConfig, GanConfig, ImageCodecConfig, Tokenizer
 from mmvq.perceptual import build_perceptual
 from mmvq.quantizers.distance import DEFAULT_BLOCK_ELEMENTS
 from mmvq.speed import TOKENIZER_TARGETS, FastForward, SpeedConfig
-from mmvq.train_step import build_optimizer, generator_step
+from mmvq.train_step import build_optimizer, generator_step, warmup_cosine
 from pipeline.bench import gpu
 from pipeline.formats.checkpoint import TOKENIZER_DIR
 from pipeline.formats.tokens import TokenEncoder
@@ -29,7 +29,7 @@ from pipeline.stage import StageContext
 from pipeline.tokenize import TokenizeConfig
 from pipeline.tokenize import run as tokenize_run
 from pipeline.train_config import TrainConfig
-from pipeline.train_loop import build_parts
+from pipeline.train_loop import advance_schedules, build_parts
 
 MODEL = TokenizerConfig(image=ImageCodecConfig(image_size=32),
                         audio=AudioCodecConfig(num_samples=2000))
@@ -182,3 +182,26 @@ def test_tokenize_stage_hands_its_speed_config_to_the_encoder(tmp_path, monkeypa
     fn, kwargs = captured.value.args
     encoder = fn(*kwargs["fn_constructor_args"])  # what each actor builds
     assert isinstance(encoder, TokenEncoder) and _sped_up(encoder.model.image_encoder)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler")  # no optimizer here
+def test_discriminator_schedule_starts_at_disc_start():
+    """The discriminator's warmup and cosine run over its own updates: at disc_start it gets
+    its warmup's first rate, not the generator's nearly decayed one (the demo starts it at
+    step 250 of 300, where the generator's multiplier is 0.16)."""
+    config = TrainConfig(model=MODEL, gan=dataclasses.replace(GAN, disc_start=75), steps=100,
+                         warmup_steps=5)
+    parts = build_parts(config, CPU)
+    generator, discriminator = (parts.optimizers[k] for k in ("generator", "discriminator"))
+    disc_peak = discriminator.param_groups[0]["initial_lr"]
+    rates = []
+    for step in range(config.steps):
+        rates.append((generator.param_groups[0]["lr"], discriminator.param_groups[0]["lr"]))
+        advance_schedules(parts.schedulers, config, step)
+    assert rates[0] == (config.lr / 5, disc_peak / 5)  # both begin with the warmup
+    assert all(d == disc_peak / 5 for _, d in rates[:76])  # waits, unchanged, until step 75
+    assert rates[79][1] == pytest.approx(disc_peak)  # warmed up over its own steps 75-79
+    assert rates[75][0] < 0.3 * config.lr  # the generator is far into its decay there
+    # Its cosine spans its own 25 steps; the generator's all 100.
+    assert rates[99][1] == pytest.approx(disc_peak * warmup_cosine(24, 5, 25, config.min_lr_ratio))
+    assert rates[99][0] == pytest.approx(config.lr * warmup_cosine(99, 5, 100, config.min_lr_ratio))
