@@ -3,12 +3,17 @@
 Each modality tokenizes on its own; fusion reads the modalities' *quantized* latents (so joint
 tokens are a function of the modality tokens and a caller with only an image still gets image
 tokens). A small transformer runs over learned query tokens followed by every present
-modality's latents, each tagged with a modality embedding; the queries come out as the joint
+modality's latents (average-pooled to at most ``max_tokens_per_modality`` each, for cost), each
+tagged with a modality embedding; the queries come out as the joint
 latents and are quantized into ``num_queries`` joint tokens per sample (Q-Former-style learned
 queries, Li et al. 2023). A pooled embedding per modality feeds a symmetric InfoNCE loss
 (van den Oord et al. 2018; CLIP, Radford et al. 2021) that pulls the modalities of one sample
 together, raising the mutual information between their tokens. Modality dropout hides whole
 modalities during training so fusion works with whatever a sample has.
+
+Loss balance: only that alignment loss reaches the modality encoders. The joint path reads the
+latents detached, so the joint tokens' losses (commitment, ``fusion/recon``) shape fusion alone
+and cannot pull the modality latents away from what reconstruction needs.
 
 The joint tokens get their own training target, without which nothing depends on their value
 and the joint codebook collapses to one code: a small head reads the quantized joint tokens
@@ -87,12 +92,18 @@ class Fusion(nn.Module):
         present : modality -> (B,) bool, whether the sample has that modality
         """
         visible = self._drop_modalities(present) if self.training else dict(present)
+        limit = self.config.max_tokens_per_modality
         tokens, masks, pooled = [], [], {}
         for m in self.modalities:
-            x = self.project[m](latents[m].float()) + self.modality_embedding[m]  # (B, N_m, dim)
+            # The joint path reads the latents detached: the joint tokens' losses train fusion
+            # only, never the modality encoders, so they cannot trade reconstruction for
+            # predictability. Only the alignment below reaches the encoders, through the
+            # quantized latents, so the modality tokens themselves carry it.
+            x = self.project[m](_pool(latents[m].detach().float(), limit))
+            x = x + self.modality_embedding[m]  # (B, min(N_m, limit), dim)
             tokens.append(x)
             masks.append(~visible[m][:, None].expand(-1, x.shape[1]))  # True = hidden
-            pooled[m] = x.mean(dim=1)  # (B, dim), for the contrastive embedding
+            pooled[m] = self.project[m](latents[m].float()).mean(dim=1)  # (B, dim), for InfoNCE
         batch = tokens[0].shape[0]
         queries = self.queries.expand(batch, -1, -1)  # (B, Q, dim)
         sequence = torch.cat([queries, *tokens], dim=1)  # (B, Q + sum N_m, dim)
@@ -149,6 +160,14 @@ class Fusion(nn.Module):
             for i, m in enumerate(self.modalities):
                 visible[m] = visible[m] | (empty & (first == i) & present[m])
         return visible
+
+
+def _pool(x: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """(B, N, D) -> (B, min(N, limit), D), averaging neighbouring positions along N."""
+    if limit is None or x.shape[1] <= limit:
+        return x
+    pooled = nn.functional.adaptive_avg_pool1d(rearrange(x, "b n d -> b d n"), limit)
+    return rearrange(pooled, "b d n -> b n d")
 
 
 def _standardize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

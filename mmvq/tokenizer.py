@@ -48,7 +48,10 @@ from mmvq.vocabulary import vocabulary_layout
 # 2: weights in safetensors (1 was a torch pickle, model.pt).
 # 3: audio_quantizer in the config (residual audio codes); fusion has a latent-prediction head
 #    (fusion.predict.*) and a configurable joint quantizer.
-FORMAT_VERSION = 3
+# 4: fusion.max_tokens_per_modality (fusion pools each modality's latents). A version-3
+#    config has no such key; it loads with None, which is what those models did.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -392,13 +395,13 @@ class MultimodalTokenizer(nn.Module):
         except json.JSONDecodeError as err:
             raise ValueError(f"{directory / CONFIG_FILE}: not valid JSON ({err})") from err
         version = meta.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
                 f"{directory}: checkpoint format_version {version!r}, this code reads "
-                f"{FORMAT_VERSION}"
+                f"{' and '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
-            config = tokenizer_config_from_dict(meta["config"])
+            config = tokenizer_config_from_dict(_upgrade_config(meta["config"], version))
         except (KeyError, ValueError) as err:
             raise ValueError(f"{directory / CONFIG_FILE}: invalid config ({err})") from err
         text_vocab = read_checkpoint_vocab(config.text, directory)  # errors name the file
@@ -423,3 +426,11 @@ class MultimodalTokenizer(nn.Module):
             # Raw bytes via a uint8 view: exact, and works for dtypes numpy lacks (bfloat16).
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+
+def _upgrade_config(data: Any, version: int) -> Any:
+    """A saved config of ``version`` as this FORMAT_VERSION reads it: keys added since then get
+    the value that reproduces what the saved model computed, not today's default."""
+    if version == 3 and isinstance(data, dict) and isinstance(data.get("fusion"), dict):
+        data = {**data, "fusion": {"max_tokens_per_modality": None, **data["fusion"]}}
+    return data

@@ -125,7 +125,7 @@ def test_a_weights_file_with_code_is_refused_without_running_it(tmp_path, monkey
     torch.save({"Conv2d_1a_3x3.conv.weight": _RunsCode(marker)}, hostile)
     # The attack: torch-fidelity's own loader unpickles with weights_only=False.
     monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):  # load_state_dict: the value is not a tensor
         FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                     feature_extractor_weights_path=str(hostile))
     assert marker.exists()

@@ -53,6 +53,20 @@ def test_absent_modality_does_not_influence_joint_tokens():
     )  # present modalities do matter
 
 
+def test_only_alignment_reaches_the_modality_latents():
+    """The joint tokens' losses train fusion alone; InfoNCE's gradient reaches the latents."""
+    torch.manual_seed(0)
+    fusion = Fusion(CONFIG, DIMS).train()
+    latents = {m: x.requires_grad_() for m, x in _latents(6).items()}
+    losses = fusion(latents, _present(6)).losses
+    for name in ("fusion/commit", "fusion/recon"):
+        grads = torch.autograd.grad(losses[name], list(latents.values()), allow_unused=True,
+                                    retain_graph=True)
+        assert all(g is None or not g.any() for g in grads), name
+    grads = torch.autograd.grad(losses["align/infonce"], list(latents.values()))
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
 def test_modality_dropout_keeps_one_modality_per_sample():
     torch.manual_seed(0)
     fusion = Fusion(FusionConfig(modality_dropout=0.9, dim=32, num_heads=4), DIMS).train()
@@ -114,3 +128,30 @@ def test_tokenizer_with_fusion_gives_joint_tokens_that_survive_save_load(make_ba
     decoded = loaded.decode(tokens)  # joint tokens are accepted and not decoded
     assert set(decoded) == {"image", "audio", "text_ids"}
     assert loaded.embed(inputs)["image"].shape == (4, 64)
+
+
+def test_a_version_3_fusion_checkpoint_loads_without_pooling(make_batch, tmp_path):
+    """Version 3 had no max_tokens_per_modality and fused every latent; loading one must not
+    give it today's default pooling (its joint tokens would change under the same weights)."""
+    import dataclasses
+    import json
+
+    from mmvq import MultimodalTokenizer, TokenizerConfig, to_model_inputs
+
+    torch.manual_seed(0)
+    fusion = FusionConfig(enabled=True, dim=32, num_layers=1, num_heads=4, num_queries=4,
+                          codebook_size=32, max_tokens_per_modality=None)
+    old = MultimodalTokenizer(dataclasses.replace(TokenizerConfig(), fusion=fusion)).eval()
+    old.save(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["config"]["fusion"]["max_tokens_per_modality"]  # as version 3 wrote it
+    meta["format_version"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded = MultimodalTokenizer.load(tmp_path)
+    assert loaded.config.fusion.max_tokens_per_modality is None
+    inputs = to_model_inputs(make_batch(4, seed=0))
+    assert torch.equal(loaded.encode(inputs)["joint"], old.encode(inputs)["joint"])
+    pooled = dataclasses.replace(loaded.config.fusion, max_tokens_per_modality=8)
+    pooled_model = MultimodalTokenizer(dataclasses.replace(loaded.config, fusion=pooled)).eval()
+    pooled_model.load_state_dict(old.state_dict())
+    assert not torch.equal(pooled_model.encode(inputs)["joint"], old.encode(inputs)["joint"])
