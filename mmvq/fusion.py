@@ -103,7 +103,9 @@ class Fusion(nn.Module):
             x = x + self.modality_embedding[m]  # (B, min(N_m, limit), dim)
             tokens.append(x)
             masks.append(~visible[m][:, None].expand(-1, x.shape[1]))  # True = hidden
-            pooled[m] = self.project[m](latents[m].float()).mean(dim=1)  # (B, dim), for InfoNCE
+            # (B, dim), for InfoNCE; project is linear, so projecting the mean equals averaging
+            # the projections, without projecting every one of the N_m positions.
+            pooled[m] = self.project[m](latents[m].float().mean(dim=1))
         batch = tokens[0].shape[0]
         queries = self.queries.expand(batch, -1, -1)  # (B, Q, dim)
         sequence = torch.cat([queries, *tokens], dim=1)  # (B, Q + sum N_m, dim)
