@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Helper modules shared by every test folder (``own_lines``): with ``--import-mode=importlib``
+# pytest puts no test folder on ``sys.path`` itself.
+sys.path.insert(0, str(Path(__file__).parent))
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

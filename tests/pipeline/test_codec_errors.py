@@ -16,6 +16,7 @@ import pytest
 import soundfile
 import torch
 from mlflow.tracking import MlflowClient
+from own_lines import own_stderr_lines
 from PIL import Image
 from skimage import data
 
@@ -171,7 +172,7 @@ def mixed(photos, tmp_path) -> tuple[Path, dict[str, str]]:
 
 def _check_reports(err: str, command: str, expected: dict[str, str]) -> None:
     """One stderr line per bad item, starting with its file(s), with no object repr."""
-    lines = err.strip().splitlines()
+    lines = own_stderr_lines(err)
     assert len(lines) == len(expected), err
     for where, reason in expected.items():
         assert any(line.startswith(f"mmvq {command}: {where}: {reason}") for line in lines), \

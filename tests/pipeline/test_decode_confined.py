@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 import torch
+from own_lines import own_stderr_lines
 from PIL import Image
 
 from mmvq import MultimodalTokenizer, TokenizerConfig
@@ -94,7 +95,7 @@ def test_hostile_key_is_refused_and_nothing_lands_outside_out(
     args = ["decode", str(tokens), "--model", str(model_dir), "--out", str(out)]
     assert main(args) == 1
     captured = capsys.readouterr()
-    lines = captured.err.splitlines()
+    lines = own_stderr_lines(captured.err)
     assert len(lines) == 1, captured.err  # one line: a newline in a key forges none
     # The row names the whole key; the reason quotes at most 80 characters of it.
     assert lines[0].startswith(f"mmvq decode: {tokens} row 1 (key {key!r}): key "), lines[0]
