@@ -13,17 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Columns of the preprocessed batch that the model reads; anything else (e.g. ``key``) is ignored.
-MODEL_COLUMNS = (
-    "image",
-    "audio",
-    "audio_len",
-    "text_ids",
-    "text_len",
-    "has_image",
-    "has_audio",
-    "has_text",
-)
+from mmvq.columns import MODEL_COLUMNS
 
 
 @dataclass

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,11 @@ def _vgg16_features() -> nn.Sequential:
 
     Built on the meta device and then materialised: constructing ``vgg16()`` directly also
     initialises its 120M-parameter classifier, 6 s of CPU for weights LPIPS never uses.
+    torchvision is imported here, not with the module: every train worker imports this module,
+    and most runs build no LPIPS (no weights on disk), so 1.7 s of CPU per worker went to it.
     """
+    import torchvision
+
     with torch.device("meta"):
         vgg = torchvision.models.vgg16(weights=None)
     features = vgg.features[: TAPS[-1]].to_empty(device="cpu")

@@ -72,6 +72,32 @@ def read_parquet(paths: str | list[str], columns: list[str] | None = None,
         context.use_datasource_v2 = previous
 
 
+def parquet_split(path: str | Path, columns: list[str], preload_bytes: int,
+                  concurrency: int = 2) -> Any:
+    """The parquet files of one split under ``path`` as a Ray Dataset of ``columns``.
+
+    A split whose files hold at most ``preload_bytes`` (uncompressed, all columns, from their
+    footers) is read here with pyarrow and handed to Ray Data from the object store. Streaming
+    it from its files costs, before its first row, a task that samples the files' encoding ratio
+    and a read task per file group, each a worker process to start: ~4 s of the train stage's
+    first step on 2 cores, for a split read in 0.3 s. A larger split streams (:func:`read_parquet`).
+    The rows come in file-name order either way.
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    files = [str(file) for file in sorted(Path(path).glob("*.parquet"))]
+    size = 0
+    for file in files:
+        metadata = pq.read_metadata(file)
+        size += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+        if size > preload_bytes:
+            break
+    if not files or size > preload_bytes:
+        return read_parquet(files or str(path), columns=columns, concurrency=concurrency)
+    return ray.data.from_arrow(pq.read_table(files, columns=columns))
+
+
 def write(dataset: Any, sink: Any, concurrency: int = 2) -> None:
     """``dataset.write_datasink(sink)`` with write tasks that reserve no CPU, at most
     ``concurrency`` at a time (see above)."""
@@ -119,6 +145,11 @@ def actor_pool(num_actors: int, use_gpu: bool = False) -> dict[str, Any]:
         options["max_restarts"] = 0
     return options
 
+
+
+def in_process_ray() -> bool:
+    """Whether this process started the Ray it uses (:func:`init_single_node`)."""
+    return _in_process_ray
 
 
 def init_single_node(verbose: bool = False, **init_kwargs: Any) -> None:

@@ -83,10 +83,6 @@ class StageSpec:
     # new torch changes kernels); their versions are part of the fingerprint. mmvq itself and
     # numpy/pyarrow (every stage's arrays and files) are always included.
     libraries: tuple[str, ...] = ()
-    # The stage wants the embedded Ray's dashboard: Ray Train's placement-group cleaner polls the
-    # controller's state through its state API (without it, training runs but the cleaner warns
-    # every few seconds). A run of stages that do not want it starts none.
-    ray_dashboard: bool = False
     # The data contract this stage's output promises, from its config alone (preprocess: the
     # shapes it writes), so that a consumer can be checked before anything runs.
     contract: Callable[[Any], dict[str, Any]] | None = None

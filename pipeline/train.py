@@ -77,20 +77,37 @@ def default_run_name(config: TrainConfig, ctx: StageContext) -> str:
 
 def _datasets(data_dir: Path, config: TrainConfig) -> dict[str, Any]:
     """The train split (and the val split when there is one), only the model's columns."""
-    from mmvq.batch import MODEL_COLUMNS
-    from pipeline.raydata import read_parquet
+    from mmvq.columns import MODEL_COLUMNS
+    from pipeline.raydata import parquet_split
 
     datasets = {}
     for split in ("train", "val"):
         if split == "val" and (config.val_batches == 0 or not (data_dir / split).is_dir()):
             continue
-        # Read tasks reserve no CPU: the workers hold theirs for the whole run, and on a
-        # machine with exactly num_workers CPUs a 1-CPU read would never be scheduled.
-        dataset = read_parquet(str(data_dir / split), columns=list(MODEL_COLUMNS))
+        # A streamed split's read tasks reserve no CPU: the workers hold theirs for the whole
+        # run, and on a machine with exactly num_workers CPUs a 1-CPU read would never run.
+        dataset = parquet_split(data_dir / split, list(MODEL_COLUMNS), config.preload_bytes)
         # One data progress bar per epoch per worker buries the training progress line.
         dataset.context.enable_progress_bars = False
         datasets[split] = dataset
     return datasets
+
+
+def _run_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: :func:`pipeline.train_loop.train_loop_per_worker`,
+    imported here, in the worker, so that the driver does not import torch and the model code
+    (~2 s of the driver's CPU before it starts the controller, on the path to the first step).
+
+    It asks for the train shard first: rank 0's call makes Ray Data's split coordinator, an
+    actor in a new process (~3 s on 2 cores), which then starts while this worker imports torch
+    and builds the model instead of after. The loop's own call gets the same iterator back.
+    """
+    import ray.train
+
+    ray.train.get_dataset_shard("train")
+    from pipeline.train_loop import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
 
 
 def _trainer(config: TrainConfig, ctx: StageContext, datasets: dict[str, Any], storage: str,
@@ -98,10 +115,9 @@ def _trainer(config: TrainConfig, ctx: StageContext, datasets: dict[str, Any], s
     import ray
     import ray.train
     from ray.data import ExecutionOptions, ExecutionResources
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    # What the workers run (torch, the model, MLflow): imported by the trainer, not by a plan.
-    from pipeline.train_loop import WorkerArgs, train_loop_per_worker
+    from pipeline.train_config import WorkerArgs
 
     has_val = "val" in datasets
     metric = config.checkpoint_metric if has_val else None
@@ -112,8 +128,8 @@ def _trainer(config: TrainConfig, ctx: StageContext, datasets: dict[str, Any], s
     ingest = ExecutionOptions(
         preserve_order=True,
         resource_limits=ExecutionResources(object_store_memory=config.data_memory_bytes))
-    return TorchTrainer(
-        train_loop_per_worker,
+    return trainer_class()(
+        _run_worker,
         # Ray Train passes a dict to every worker; it holds one typed value.
         train_loop_config={"args": WorkerArgs(
             config=config, text_vocab=text_vocab, tracking_uri=ctx.tracking_uri,
@@ -136,6 +152,35 @@ def _trainer(config: TrainConfig, ctx: StageContext, datasets: dict[str, Any], s
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
                                             execution_options=ingest),
     )
+
+
+def trainer_class() -> Any:
+    """``TorchTrainer``; on the embedded Ray, one without Ray Train's placement-group cleaner.
+
+    The cleaner is a detached actor that polls the controller through Ray's state API, served
+    by the dashboard, to remove the workers' placement group should the controller die while
+    the cluster lives on. The embedded Ray lives and dies with this process, its placement
+    groups with it, and it starts no dashboard (a third of the CPU of a 2-core machine while
+    training starts; BENCHMARKS.md, issue 15), without which the cleaner warns every second.
+    ``_create_default_callbacks`` is Ray Train 2.58's (ray is pinned);
+    ``tests/pipeline/test_train.py`` checks that the cleaner is gone and the run still trains.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from pipeline.raydata import in_process_ray
+
+    if not in_process_ray():
+        return TorchTrainer
+
+    class EmbeddedTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return EmbeddedTorchTrainer
 
 
 def _close_resumed_run(ctx: StageContext, training_run_id: str | None) -> None:

@@ -1,7 +1,8 @@
 """The train stage's typed config: what Ray Train runs, how long, and how it is checkpointed.
 
 A module of its own so that the driver (:mod:`pipeline.train`) and the workers
-(:mod:`pipeline.train_loop`) share one definition without importing each other.
+(:mod:`pipeline.train_loop`) share one definition without importing each other: the driver
+builds what the workers get (:class:`WorkerArgs`) without importing torch or the model.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mmvq.config import GanConfig, SpeedConfig, TokenizerConfig
+from mmvq.text_vocab import TextVocab
 from pipeline.config import at_least, in_range, positive
 
 
@@ -70,6 +72,11 @@ class TrainConfig:
     epoch_cache_bytes: int = 1 << 30
     # Cap on the object-store bytes Ray Data may hold for training ingest; None: Ray's default.
     data_memory_bytes: int | None = 512 * 1024 * 1024
+    # A split whose parquet holds at most this many bytes (uncompressed, from the files'
+    # metadata) is read once by the driver into the object store, so that Ray Data starts no
+    # read task and samples no file before the first step (pipeline.raydata.parquet_split);
+    # a larger one streams from its files. 0: always stream.
+    preload_bytes: int = 256 * 1024 * 1024
 
     def min_resources(self) -> dict[str, float]:
         """What Ray must have before training can start: one CPU or GPU per worker."""
@@ -108,10 +115,21 @@ class TrainConfig:
                  "data_memory_bytes")
         at_least("train", self, 0, "warmup_steps", "val_every", "val_batches",
                  "checkpoint_every", "max_failures", "shuffle_buffer", "sample_images",
-                 "weight_decay", "prefetch_batches", "epoch_cache_bytes")
+                 "weight_decay", "prefetch_batches", "epoch_cache_bytes", "preload_bytes")
         in_range("train", "ema_decay", self.ema_decay, 0.0, 1.0, closed="()")
         positive("train", self, "lr", "disc_lr", "grad_clip")
         in_range("train", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         for name in ("betas", "disc_betas"):
             for i, beta in enumerate(getattr(self, name)):
                 in_range("train", f"{name}[{i}]", beta, 0.0, 1.0, closed="[)")
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the driver (:mod:`pipeline.train`) hands every worker, in Ray Train's loop config."""
+
+    config: TrainConfig
+    text_vocab: TextVocab  # the data's vocabulary (the contract): sizes and ships the text codec
+    tracking_uri: str | None  # rank 0 logs here
+    has_val: bool  # a val split exists (and val_batches > 0)
+    run_id: str | None  # the stage's MLflow run; a resumed run keeps its own

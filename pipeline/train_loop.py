@@ -51,7 +51,7 @@ from mmvq.train_step import (
     warmup_cosine,
 )
 from pipeline.formats.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from pipeline.train_config import TrainConfig
+from pipeline.train_config import TrainConfig, WorkerArgs
 from pipeline.train_data import EpochBatches
 
 # The metric whose MLflow history tells a resumed run which steps are logged already.
@@ -79,17 +79,6 @@ class _Parts:
     def export(self) -> MultimodalTokenizer:
         """The weights to ship and validate: the EMA when on."""
         return self.ema if self.ema is not None else self.model
-
-
-@dataclass(frozen=True)
-class WorkerArgs:
-    """What the driver (:mod:`pipeline.train`) hands every worker, in Ray Train's loop config."""
-
-    config: TrainConfig
-    text_vocab: TextVocab  # the data's vocabulary (the contract): sizes and ships the text codec
-    tracking_uri: str | None  # rank 0 logs here
-    has_val: bool  # a val split exists (and val_batches > 0)
-    run_id: str | None  # the stage's MLflow run; a resumed run keeps its own
 
 
 def train_loop_per_worker(loop_config: dict[str, WorkerArgs]) -> None:

@@ -13,6 +13,9 @@ the same number of steps, on the same cores:
 - ``plain``: one process with ``num_workers x threads_per_worker`` torch threads reads the same
   parquet into memory and steps the same model on whole global batches (a fresh permutation per
   epoch), with :func:`mmvq.train_step.generator_step`, as the stage's workers do.
+- ``floor``: Ray Train's own start-up and nothing of ours: the embedded Ray started as the
+  stage starts it, and a trainer of the stage's size whose workers import torch and print one
+  line. Its time to that line is what the stage's time to step 0 cannot go below here.
 
 The data (synth + preprocess of the demo, 768 samples) is made once under ``--root`` and reused.
 This process reads each child's output line by line and stamps it: *time to step 0* is from the
@@ -23,7 +26,7 @@ times the steps between the ``--warmup`` step and the last progress line before 
 hits both; the table gives the median, min and max of each.
 
 Targets (issue 15): steady samples/s of the stage >= 0.95x the plain loop's; time to step 0 of
-the stage <= 15 s on the 2-core development machine.
+the stage <= 15 s on the 2-core development machine. Repeats run stage, plain, floor in turn.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ TARGET_STEADY_RATIO = 0.95  # stage steady samples/s >= 0.95x the plain loop's
 TARGET_STEP0_S = 15.0  # command start -> first step of the stage
 WORKFLOW = "workflows/demo.yaml"
 # "[train] step 5/60 ..." (the stage's rank 0, forwarded by Ray) or "[plain] step 5/60 ..."
-STEP_LINE = re.compile(r"\[(?:train|plain)\] step (\d+)/(\d+)")
+STEP_LINE = re.compile(r"\[(?:train|plain|floor)\] step (\d+)/(\d+)")
 DATA_WAIT = re.compile(r"data-wait (\d+)%")
 
 
@@ -131,7 +134,8 @@ def plain_loop(data: Path, steps: int, log_every: int) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from mmvq.batch import MODEL_COLUMNS, to_model_inputs
+    from mmvq.batch import to_model_inputs
+    from mmvq.columns import MODEL_COLUMNS
     from mmvq.train_step import generator_step
     from pipeline.formats.preprocessed import model_config_for_data
     from pipeline.train_loop import build_parts
@@ -167,6 +171,38 @@ def plain_loop(data: Path, steps: int, log_every: int) -> None:
         epoch += 1
 
 
+def floor_command() -> list[str]:
+    return [sys.executable, "-m", "workflows.bench_train", "--floor-loop"]
+
+
+def floor_loop() -> None:
+    """Ray Train with nothing to train: the stage's Ray (in-process, the workflow's CPUs, no
+    dashboard), trainer class and scaling; each worker imports torch, rank 0 prints a line."""
+    import ray.train
+
+    from pipeline.raydata import init_single_node
+    from pipeline.train import trainer_class
+    from workflows.plan import load_workflow, plan_workflow
+
+    workflow = load_workflow(WORKFLOW, [f"data_root={tempfile.mkdtemp()}"])
+    config = next(p.config for p in plan_workflow(workflow) if p.name == "train")
+    init_single_node(num_cpus=workflow.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+    trainer_class()(
+        _floor_worker,
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers,
+                                               resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-floor-")),
+    ).fit()
+
+
+def _floor_worker(_config: dict[str, Any] | None = None) -> None:
+    import ray.train
+    import torch  # noqa: F401  what every train worker imports before its first step
+
+    if ray.train.get_context().get_world_rank() == 0:
+        print("[floor] step 1/1", flush=True)
+
+
 def _read_columns(table: Any) -> dict[str, Any]:
     """Parquet columns as numpy without Ray: Ray Data's tensor columns are stored as lists whose
     field metadata gives each row's shape."""
@@ -194,12 +230,15 @@ def run(settings: TrainBenchSettings) -> dict[str, Any]:
     workflow = load_workflow(WORKFLOW, [f"data_root={tempfile.mkdtemp()}"])
     train = next(p.config for p in plan_workflow(workflow) if p.name == "train")
     global_batch = train.num_workers * train.batch_size
-    runs: dict[str, list[dict[str, float]]] = {"stage": [], "plain": []}
+    runs: dict[str, list[dict[str, float]]] = {"stage": [], "plain": [], "floor": []}
     for repeat in range(settings.repeats):
         with tempfile.TemporaryDirectory(prefix="bench-train-") as out_root:
             for name, command in (("stage", stage_command(data, Path(out_root), settings)),
-                                  ("plain", plain_command(data, settings))):
-                result = summarize(timed(command), global_batch, settings.warmup)
+                                  ("plain", plain_command(data, settings)),
+                                  ("floor", floor_command())):
+                timing = timed(command)
+                result = (summarize(timing, global_batch, settings.warmup) if name != "floor"
+                          else {"step0_s": timing["steps"][1], "wall_s": timing["wall_s"]})
                 result["load_average"] = os.getloadavg()[0]
                 runs[name].append(result)
                 print(f"[bench-train] {name} run {repeat + 1}: " + ", ".join(
@@ -222,9 +261,9 @@ def _spread(values: list[float]) -> dict[str, float]:
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{'':8}{'step 0 s':>22}{'steady samples/s':>24}{'wall s':>22}{'data-wait':>11}"]
     for name, cols in result["summary"].items():
-        cells = [f"{c['median']:7.1f} ({c['min']:.1f}-{c['max']:.1f})" for c in
-                 (cols["step0_s"], cols["steady_samples_per_s"], cols["wall_s"])]
-        wait = cols["data_wait"]["median"]
+        cells = [f"{c['median']:7.1f} ({c['min']:.1f}-{c['max']:.1f})" if c else "-" for c in
+                 (cols["step0_s"], cols.get("steady_samples_per_s"), cols["wall_s"])]
+        wait = cols.get("data_wait", {"median": math.nan})["median"]
         shown = "-" if math.isnan(wait) else f"{wait:.0%}"
         lines.append(f"{name:8}{cells[0]:>22}{cells[1]:>24}{cells[2]:>22}{shown:>11}")
     lines.append(f"steady ratio stage/plain {result['steady_ratio']:.2f} "
@@ -250,6 +289,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/train.json"),
                         help="JSON result (default %(default)s)")
     parser.add_argument("--plain-loop", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-loop", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -257,6 +297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if args.plain_loop is not None:  # the child that runs the baseline
         plain_loop(args.plain_loop, args.steps, args.log_every)
+        return None
+    if args.floor_loop:  # the child that times Ray Train's own start-up
+        floor_loop()
         return None
     settings = TrainBenchSettings(steps=args.steps, log_every=args.log_every,
                                   warmup=args.warmup, repeats=args.repeats, root=args.root)

@@ -18,6 +18,7 @@ MLflow and answer at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import re
 import sys
@@ -431,7 +432,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         data = {**data, **load_yaml(args.config)}
     data = apply_overrides(data, args.overrides)
     if args.num_cpus is not None:
-        ray = RayConfig(address=ray.address, num_cpus=args.num_cpus)
+        ray = dataclasses.replace(ray, num_cpus=args.num_cpus)
     inputs = {}
     for item in args.input:
         slot, sep, path = item.partition("=")

@@ -84,8 +84,7 @@ def run_workflow(workflow: Workflow, *, force: Sequence[str] = (), only: Sequenc
     plan = plan_workflow(workflow, only=only, from_=from_, force=force,
                          tracking_uri=tracking_uri)
     writable_dir(data_root, "data_root")
-    client = _start_tracking_and_ray(tracking_uri, workflow.ray, progress, verbose, dashboard=any(
-        STAGES[p.stage].ray_dashboard for p in plan if p.action == "run"))
+    client = _start_tracking_and_ray(tracking_uri, workflow.ray, progress, verbose)
     for planned in plan:  # before anything runs: a stage that cannot be placed fails now
         if planned.action == "run":
             check_resources(planned.name, planned.config)
@@ -402,8 +401,7 @@ def run_single_stage(stage: str, config: Mapping[str, Any], inputs: Mapping[str,
     fp = fingerprint(spec.name, cfg, input_fps, code)
     planned = PlannedStage(stage, stage, cfg, input_fps, {}, fp, code, "run", "stage command",
                            committed_dir(data_root, stage, fp), external=tuple(external))
-    client = _start_tracking_and_ray(tracking_uri, ray or RayConfig(), progress, verbose,
-                                     dashboard=spec.ray_dashboard)
+    client = _start_tracking_and_ray(tracking_uri, ray or RayConfig(), progress, verbose)
     check_resources(spec.name, cfg)
     experiment_id = ensure_experiment(client, f"stage-{stage}",
                                       _artifact_root(tracking_uri, data_root))
@@ -431,8 +429,8 @@ def _artifact_root(tracking_uri: str, data_root: Path) -> Path | None:
     return None if tracking_uri.startswith(("http://", "https://")) else data_root / "mlartifacts"
 
 
-def _start_tracking_and_ray(tracking_uri: str, config: RayConfig, progress: bool, verbose: bool,
-                            dashboard: bool) -> MlflowClient:
+def _start_tracking_and_ray(tracking_uri: str, config: RayConfig, progress: bool,
+                            verbose: bool) -> MlflowClient:
     """The tracking client, opened on a thread while Ray starts (:func:`_init_ray`).
 
     Both mostly wait: ``ray.init`` on the daemons it spawns, the client, for a new SQLite store,
@@ -441,14 +439,13 @@ def _start_tracking_and_ray(tracking_uri: str, config: RayConfig, progress: bool
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmvq-tracking") as pool:
         client = pool.submit(tracking_client, tracking_uri)
-        _init_ray(config, progress, verbose, dashboard=dashboard)
+        _init_ray(config, progress, verbose)
         return client.result()
 
 
-def _init_ray(config: RayConfig, progress: bool, verbose: bool = False,
-              dashboard: bool = True) -> None:
+def _init_ray(config: RayConfig, progress: bool, verbose: bool = False) -> None:
     """Connect to ``config.address`` (or ``RAY_ADDRESS``), else start Ray in this process on
-    loopback; its dashboard only when ``dashboard`` (a stage that needs it will run)."""
+    loopback, with its dashboard only when ``config.dashboard``."""
     import ray
     from ray.data import DataContext
 
@@ -461,10 +458,11 @@ def _init_ray(config: RayConfig, progress: bool, verbose: bool = False,
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # Every port on loopback (init_single_node). The dashboard (nine processes: ~2.5 s
-            # of a start on 2 cores) serves the state API through which Ray Train's
-            # placement-group cleaner watches the controller; a plan without training starts none.
-            init_single_node(verbose, num_cpus=config.num_cpus, include_dashboard=dashboard,
+            # Every port on loopback (init_single_node). No dashboard unless asked for: nothing
+            # here needs its state API (pipeline.train drops the one Ray Train callback that
+            # polls it), and its nine processes are ~2.5 s of a start on 2 cores.
+            init_single_node(verbose, num_cpus=config.num_cpus,
+                             include_dashboard=config.dashboard,
                              dashboard_host="127.0.0.1", **kwargs)
     context = DataContext.get_current()
     context.enable_progress_bars = progress

@@ -25,6 +25,10 @@ class RayConfig:
     # Logical CPUs for in-process Ray. Train workers, data actors and read tasks each hold
     # one; more logical than physical CPUs lets them share a small machine instead of waiting.
     num_cpus: int | None = None
+    # Start the in-process Ray's dashboard (http://127.0.0.1:8265). Off by default: its head and
+    # eight module processes took half of a 2-core machine's CPU while training started
+    # (BENCHMARKS.md, issue 15). A cluster's dashboard is the cluster's own.
+    dashboard: bool = False
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ STAGES: dict[str, StageSpec] = {
                             inputs=("shards",), external_inputs=("shards",),
                             libraries=_DECODERS, contract=shapes_of),
     "train": StageSpec("train", TrainConfig, train.run, inputs=("data",), libraries=_MODEL,
-                       derive=_model_from_data, ray_dashboard=True),
+                       derive=_model_from_data),
     "tokenize": StageSpec("tokenize", tokenize.TokenizeConfig, tokenize.run,
                           inputs=("data", "model"), libraries=_MODEL),
     "evaluate": StageSpec("evaluate", evaluate.EvaluateConfig, evaluate.run,

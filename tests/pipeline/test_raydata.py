@@ -69,3 +69,34 @@ def test_bounded_pipelines_keep_their_pool_and_a_store_budget(ray_local):
                                                (ACTORS_PER_IO_TASK + 1, 2), (64, 8)])
 def test_io_tasks_follow_the_pool(actors, tasks):
     assert io_tasks(actors) == tasks
+
+
+def test_a_small_split_is_preloaded_and_a_large_one_streams_the_same_rows(ray_local, tmp_path):
+    """Issue 15: a split under ``preload_bytes`` reaches Ray Data from the object store (no read
+    task, no file sampling before the first row); above it, from its files. Both give the model's
+    columns, tensors included, in the same order."""
+    from ray.data.dataset import MaterializedDataset
+    from traindata import write_dataset
+
+    from mmvq.columns import MODEL_COLUMNS
+    from pipeline.raydata import parquet_split
+
+    train = write_dataset(tmp_path) / "train"
+    columns = list(MODEL_COLUMNS)
+    preloaded = parquet_split(train, columns, preload_bytes=1 << 30)
+    streamed = parquet_split(train, columns, preload_bytes=1)
+    # Already in the object store, so nothing is left to read; the other reads as it streams.
+    assert isinstance(preloaded, MaterializedDataset)
+    assert not isinstance(streamed, MaterializedDataset)
+
+    def rows(dataset):
+        # In order, as the train stage reads (its ingest sets preserve_order).
+        dataset.context.execution_options.preserve_order = True
+        batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+        return {name: np.concatenate([b[name] for b in batches]) for name in columns}
+
+    a, b = rows(preloaded), rows(streamed)
+    assert set(a) == set(columns)
+    assert a["image"].dtype == np.uint8 and a["image"].ndim == 4  # a tensor column, not lists
+    for name in columns:
+        np.testing.assert_array_equal(a[name], b[name])

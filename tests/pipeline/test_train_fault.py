@@ -122,7 +122,6 @@ def _main(data: str, out: str, uri: str, run_id: str, marker: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from traindata import tiny_config
 
-    import pipeline.train_loop
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "gcs_server_port": _free_port(), "include_dashboard": False})
@@ -130,9 +129,9 @@ def _main(data: str, out: str, uri: str, run_id: str, marker: str) -> None:
     ray.init(address=cluster.address)
     try:
         snapshot = Path(out) / "ckpt" / "fault" / "checkpoint_manager_snapshot.json"
-        # What _trainer hands Ray (it imports the loop when it builds the trainer). Only this
-        # driver sees the patch: the workers unpickle the closure and import the real loop.
-        pipeline.train_loop.train_loop_per_worker = _crashing_loop(marker, snapshot)
+        # What _trainer hands Ray as every worker's function. Only this driver sees the patch:
+        # the workers unpickle the closure and import the real loop.
+        train._run_worker = _crashing_loop(marker, snapshot)
         config = dataclasses.replace(
             tiny_config(steps=STEPS, checkpoint_every=CHECKPOINT_EVERY, val_every=0,
                         run_name="fault", storage_path=str(Path(out) / "ckpt")),
