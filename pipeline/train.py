@@ -160,10 +160,10 @@ def trainer_class() -> Any:
     The cleaner is a detached actor that polls the controller through Ray's state API, served
     by the dashboard, to remove the workers' placement group should the controller die while
     the cluster lives on. The embedded Ray lives and dies with this process, its placement
-    groups with it, and it starts no dashboard (a third of the CPU of a 2-core machine while
-    training starts; BENCHMARKS.md, issue 15), without which the cleaner warns every second.
+    groups with it, and it starts no dashboard (half the CPU of a 2-core machine while
+    training started; BENCHMARKS.md, issue 15), without which the cleaner warns every second.
     ``_create_default_callbacks`` is Ray Train 2.58's (ray is pinned);
-    ``tests/pipeline/test_train.py`` checks that the cleaner is gone and the run still trains.
+    ``tests/workflows/test_stage_alone.py`` trains on the embedded Ray and fails on the warning.
     """
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import (
