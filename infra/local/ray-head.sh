@@ -61,6 +61,13 @@ case "${1:-}" in
     for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     # Whatever outlived it (workers, dashboard modules) is in its process group, and only there.
     kill -KILL -- "-$pid" 2>/dev/null || true
+    # A process that left the group, or was still exiting, names this head's private temp dir
+    # on its command line: wait for those, and end the ones that stay (this head's alone).
+    for _ in $(seq 20); do
+      pgrep -f -- "$temp" >/dev/null || break
+      pkill -KILL -f -- "$temp" 2>/dev/null || true
+      sleep 0.5
+    done
     rm -f "$pidfile"
     echo stopped;;
   status)

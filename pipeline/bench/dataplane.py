@@ -50,6 +50,7 @@ from pipeline.config import from_dict
 from pipeline.formats.samples import BadSample, Resamplers, preprocess_sample
 from pipeline.formats.shards import SHARD_MANIFEST, read_shard
 from pipeline.preprocess import PreprocessConfig, preprocessed_dataset, shard_paths
+from pipeline.raydata import init_single_node
 
 DEMO_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "demo.yaml"
 PATHS = ("floor", "webdataset", "ray-data")
@@ -319,8 +320,10 @@ def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
     loader = _timed("webdataset", image_size, cores,
                     lambda p: run_webdataset(paths, config, cores, p))
     # Ray last and fresh per size: forking DataLoader workers from a process that runs Ray's
-    # threads is unsafe, and Ray's daemons would count in the other paths' memory.
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    # threads is unsafe, and Ray's daemons would count in the other paths' memory. Started as
+    # `mmvq run` starts the embedded Ray (init_single_node: loopback, the workers' environment,
+    # MALLOC_ARENA_MAX among it), not with a bare ray.init that no user's stage gets.
+    init_single_node(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
         context = DataContext.get_current()
         context.enable_progress_bars = False
