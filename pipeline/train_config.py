@@ -74,9 +74,11 @@ class TrainConfig:
     data_memory_bytes: int | None = 512 * 1024 * 1024
     # A split whose parquet holds at most this many bytes (uncompressed, from the files'
     # metadata) is read once by the driver into the object store, so that Ray Data starts no
-    # read task and samples no file before the first step (pipeline.raydata.parquet_split);
-    # a larger one streams from its files. 0: always stream.
-    preload_bytes: int = 256 * 1024 * 1024
+    # read task and samples no file before the first step (pipeline.raydata.parquet_split,
+    # ~4 s of the demo's step 0); a larger one streams from its files. 0: always stream, the
+    # default until a seed sweep settles what it does to quality: the demo's image PSNR was
+    # 20.32 / 20.44 dB preloaded against 20.80 / 21.36 streamed (seeds 0 / 1; BENCHMARKS.md).
+    preload_bytes: int = 0
 
     def min_resources(self) -> dict[str, float]:
         """What Ray must have before training can start: one CPU or GPU per worker."""
