@@ -172,7 +172,7 @@ def mixed(photos, tmp_path) -> tuple[Path, dict[str, str]]:
 
 def _check_reports(err: str, command: str, expected: dict[str, str]) -> None:
     """One stderr line per bad item, starting with its file(s), with no object repr."""
-    lines = own_stderr_lines(err)
+    lines = own_stderr_lines(err.strip())
     assert len(lines) == len(expected), err
     for where, reason in expected.items():
         assert any(line.startswith(f"mmvq {command}: {where}: {reason}") for line in lines), \

@@ -122,7 +122,6 @@ def _main(data: str, out: str, uri: str, run_id: str, marker: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from traindata import tiny_config
 
-
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "gcs_server_port": _free_port(), "include_dashboard": False})
     cluster.add_node(num_cpus=2)

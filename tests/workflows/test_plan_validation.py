@@ -45,7 +45,7 @@ def test_bad_value_is_one_line_at_plan_time(override, message, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err
-    assert len(own_stderr_lines(err)) == 1, err  # one line, no traceback
+    assert len(own_stderr_lines(err.strip())) == 1, err  # one line, no traceback
     assert not (tmp_path / "data").exists()  # nothing ran, nothing was written
 
 
@@ -53,7 +53,7 @@ def test_missing_workflow_file_is_one_line(tmp_path, capsys):
     code = main(["run", str(tmp_path / "nosuch.yaml"), "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and "nosuch.yaml: cannot read it (No such file or directory)" in err
-    assert len(own_stderr_lines(err)) == 1, err
+    assert len(own_stderr_lines(err.strip())) == 1, err
 
 
 def test_unwritable_data_root_is_one_line(tmp_path, capsys):
@@ -63,7 +63,7 @@ def test_unwritable_data_root_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"data_root {root}: cannot write there (Not a directory)" in err
-    assert len(own_stderr_lines(err)) == 1, err
+    assert len(own_stderr_lines(err.strip())) == 1, err
 
 
 def test_scaling_request_larger_than_the_cluster_fails_before_any_stage(ray_local, tmp_path,
@@ -86,7 +86,7 @@ def test_dead_submit_address_is_one_line(capsys):
     code = main(["submit", "workflows/demo.yaml", "--address", address])
     err = capsys.readouterr().err
     assert code == 2, err
-    last = own_stderr_lines(err)[-1]  # after submit's own notes: one line, no traceback
+    last = own_stderr_lines(err.strip())[-1]  # after submit's own notes: one line, no traceback
     assert last.startswith(f"mmvq: config error: --address {address}: no Ray dashboard "
                            "answers there"), err
     assert "Traceback" not in err
