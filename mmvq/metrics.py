@@ -183,16 +183,50 @@ def cross_modal_nmi(codes_a: torch.Tensor | np.ndarray, codes_b: torch.Tensor | 
     return normalized_mutual_information(dominant_codes(codes_a), dominant_codes(codes_b))
 
 
-def retrieval_recall(queries: torch.Tensor, targets: torch.Tensor,
-                     ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Cross-modal retrieval recall: query i's match is target i, ranked by cosine similarity.
+def retrieval_ranks(queries: torch.Tensor, targets: torch.Tensor,
+                    groups: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+    """0-based rank of each query's best match among the targets, by cosine similarity.
 
     ``queries`` and ``targets`` are (B, D) embeddings of the same B samples in two modalities.
-    Returns ``{k: fraction of queries whose match is among the top k targets}``.
+    Query i's matches are target i and, with ``groups`` (B,) ints, every target j of the same
+    group (e.g. samples whose captions are identical, which no embedding could tell apart).
+    The rank is how many non-matching targets score strictly higher than the best match.
     """
     q = torch.nn.functional.normalize(queries.float(), dim=1)
     t = torch.nn.functional.normalize(targets.float(), dim=1)
     sim = q @ t.T  # (B, B)
-    # Rank of the true match = how many targets score strictly higher than it.
-    rank = (sim > sim.diagonal()[:, None]).sum(dim=1)  # (B,)
+    if groups is None:
+        match = torch.eye(len(q), dtype=torch.bool, device=sim.device)
+    else:
+        g = torch.as_tensor(np.asarray(groups), device=sim.device)
+        match = g[:, None] == g[None, :]  # (B, B), the diagonal included
+    best = sim.masked_fill(~match, -torch.inf).max(dim=1).values  # (B,)
+    return ((sim > best[:, None]) & ~match).sum(dim=1)  # (B,)
+
+
+def retrieval_recall(queries: torch.Tensor, targets: torch.Tensor,
+                     ks: Sequence[int] = (1, 5),
+                     groups: torch.Tensor | np.ndarray | None = None) -> dict[int, float]:
+    """Cross-modal retrieval recall: ``{k: fraction of queries with a match in the top k}``.
+
+    Matches as in :func:`retrieval_ranks`: target i for query i, and with ``groups`` every
+    target of the query's group.
+    """
+    rank = retrieval_ranks(queries, targets, groups)
     return {k: float((rank < k).float().mean()) for k in ks}
+
+
+def chance_recall(groups: np.ndarray, k: int) -> float:
+    """Expected recall@k of a random ranking when query i's matches are its group's members.
+
+    A query whose group has m of the N targets misses the top k with probability
+    C(N - m, k) / C(N, k); the result is the mean hit probability over the queries.
+    """
+    groups = np.asarray(groups)
+    n = len(groups)
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    m = counts[inverse]  # (N,) matches per query
+    miss = np.ones(n)
+    for i in range(min(k, n)):  # prod_{i<k} (N - m - i) / (N - i), without big binomials
+        miss *= np.clip(n - m - i, 0, None) / (n - i)
+    return float(np.mean(1.0 - miss))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,12 +260,9 @@ class MultimodalTokenizer(nn.Module):
         )
 
     def _fuse(self, vq: dict[str, QuantizerOutput], inputs: ModelInputs) -> FusionOutput:
-        latents = {"image": rearrange(vq["image"].quantized, "b h w d -> b (h w) d"),
-                   "audio": vq["audio"].quantized,  # (B, frames, D)
-                   "text": vq["text"].quantized}  # (B, L, D)
         present = {"image": inputs.has_image, "audio": inputs.has_audio,
                    "text": inputs.has_text}
-        return self.fusion(latents, present)
+        return self.fusion(_latent_sequences(vq), present)
 
     # -- inference API -------------------------------------------------------------------------
 
@@ -324,6 +322,18 @@ class MultimodalTokenizer(nn.Module):
         vq = {"image": self._quantize_image(inputs), "audio": self._quantize_audio(inputs),
               "text": self._quantize_text(inputs)}
         return self._fuse(vq, inputs).embeddings
+
+    @torch.no_grad()
+    def pooled_latents(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
+        """Each modality's quantized latents averaged over its positions: (B, D_m) float32.
+
+        Fusion's modality embeddings are linear maps of exactly these, so a probe fitted on
+        them (``mmvq.alignment_probe``) sees what the tokens carry, with or without fusion.
+        """
+        self._check_inputs(inputs)
+        vq = {"image": self._quantize_image(inputs), "audio": self._quantize_audio(inputs),
+              "text": self._quantize_text(inputs)}
+        return {m: x.float().mean(dim=1) for m, x in _latent_sequences(vq).items()}
 
     @torch.no_grad()
     def decode(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -426,6 +436,13 @@ class MultimodalTokenizer(nn.Module):
             # Raw bytes via a uint8 view: exact, and works for dtypes numpy lacks (bfloat16).
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+
+def _latent_sequences(vq: Mapping[str, QuantizerOutput]) -> dict[str, torch.Tensor]:
+    """Modality -> (B, N_m, D_m) quantized latents, image grids flattened row by row."""
+    return {"image": rearrange(vq["image"].quantized, "b h w d -> b (h w) d"),
+            "audio": vq["audio"].quantized,  # (B, frames, D)
+            "text": vq["text"].quantized}  # (B, L, D)
 
 
 def _upgrade_config(data: Any, version: int) -> Any:

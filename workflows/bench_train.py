@@ -131,13 +131,12 @@ def plain_command(data: Path, settings: TrainBenchSettings) -> list[str]:
 def plain_loop(data: Path, steps: int, log_every: int) -> None:
     """The baseline: the demo's train config and model, one process, whole global batches."""
     import numpy as np
-    import pyarrow.parquet as pq
     import torch
 
     from mmvq.batch import to_model_inputs
     from mmvq.columns import MODEL_COLUMNS
     from mmvq.train_step import generator_step
-    from pipeline.formats.preprocessed import model_config_for_data
+    from pipeline.formats.preprocessed import model_config_for_data, read_split
     from pipeline.train_loop import build_parts
     from workflows.plan import load_workflow, plan_workflow
 
@@ -147,7 +146,7 @@ def plain_loop(data: Path, steps: int, log_every: int) -> None:
     config = dataclasses.replace(config, model=model_config)
     torch.set_num_threads(config.num_workers * config.threads_per_worker)
     torch.manual_seed(config.seed)
-    rows = _read_columns(pq.read_table(str(data / "train"), columns=list(MODEL_COLUMNS)))
+    rows = read_split(data / "train", MODEL_COLUMNS)
     parts = build_parts(config, torch.device("cpu"), vocab)
     opt = parts.optimizers["generator"]
     batch = config.num_workers * config.batch_size
@@ -201,26 +200,6 @@ def _floor_worker(_config: dict[str, Any] | None = None) -> None:
 
     if ray.train.get_context().get_world_rank() == 0:
         print("[floor] step 1/1", flush=True)
-
-
-def _read_columns(table: Any) -> dict[str, Any]:
-    """Parquet columns as numpy without Ray: Ray Data's tensor columns are stored as lists whose
-    field metadata gives each row's shape."""
-    import numpy as np
-    import pyarrow as pa
-
-    rows = {}
-    for field, column in zip(table.schema, table.columns, strict=True):
-        array = column.combine_chunks()
-        if isinstance(field.type, pa.ExtensionType):  # Ray imported: its tensor type, known
-            shape, array = tuple(field.type.shape), array.storage
-        elif b"ARROW:extension:metadata" in (field.metadata or {}):  # the same, unregistered
-            shape = tuple(json.loads(field.metadata[b"ARROW:extension:metadata"]))
-        else:
-            rows[field.name] = array.to_numpy(zero_copy_only=False)
-            continue
-        rows[field.name] = np.ascontiguousarray(array.flatten().to_numpy().reshape(-1, *shape))
-    return rows
 
 
 def run(settings: TrainBenchSettings) -> dict[str, Any]:

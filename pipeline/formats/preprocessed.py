@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +130,34 @@ def model_config_for_data(model: TokenizerConfig, data_dir: str | Path,
             f"{text.vocab_sha256}) but the data in {data_dir} was encoded with "
             f"{vocab.kind} (vocab_size {vocab.vocab_size}, sha256 {vocab.sha256})")
     return dataclasses.replace(model, text=text_config_for(text, vocab)), vocab
+
+
+def read_split(directory: str | Path, columns: Sequence[str]) -> dict[str, Any]:
+    """A split's ``columns`` as numpy arrays, whole, in one process and without Ray (for
+    benchmarks and probes over a split that fits in memory; the stages stream instead)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(directory).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no parquet files in {directory}")
+    return read_columns(pq.read_table([str(f) for f in files], columns=list(columns)))
+
+
+def read_columns(table: Any) -> dict[str, Any]:
+    """A pyarrow table's columns as numpy. Ray Data's tensor columns are stored as lists whose
+    field metadata gives each row's shape; they come back as (N, *shape) arrays."""
+    import numpy as np
+    import pyarrow as pa
+
+    rows = {}
+    for field, column in zip(table.schema, table.columns, strict=True):
+        array = column.combine_chunks()
+        if isinstance(field.type, pa.ExtensionType):  # Ray imported: its tensor type, known
+            shape, array = tuple(field.type.shape), array.storage
+        elif b"ARROW:extension:metadata" in (field.metadata or {}):  # the same, unregistered
+            shape = tuple(json.loads(field.metadata[b"ARROW:extension:metadata"]))
+        else:
+            rows[field.name] = array.to_numpy(zero_copy_only=False)
+            continue
+        rows[field.name] = np.ascontiguousarray(array.flatten().to_numpy().reshape(-1, *shape))
+    return rows

@@ -57,3 +57,35 @@ def test_retrieval_recall_against_brute_force():
         assert ours[k] == pytest.approx(expected)
     perfect = M.retrieval_recall(torch.eye(6), torch.eye(6), ks=(1,))
     assert perfect == {1: 1.0}
+
+
+def test_retrieval_with_duplicate_groups_against_brute_force():
+    # Samples 0-3 share one caption, 4-5 another: any of a group's targets is a hit.
+    rng = np.random.default_rng(1)
+    groups = np.array([0, 0, 0, 0, 1, 1] + list(range(2, 16)))
+    q = rng.normal(size=(20, 8)).astype(np.float32)
+    t = q + rng.normal(0, 1.5, q.shape).astype(np.float32)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    tn = t / np.linalg.norm(t, axis=1, keepdims=True)
+    order = np.argsort(-(qn @ tn.T), axis=1)
+    first_hit = np.array([np.flatnonzero(groups[order[i]] == groups[i])[0] for i in range(20)])
+    ranks = M.retrieval_ranks(torch.from_numpy(q), torch.from_numpy(t), groups)
+    assert ranks.tolist() == first_hit.tolist()
+    ours = M.retrieval_recall(torch.from_numpy(q), torch.from_numpy(t), (1, 5), groups)
+    alone = M.retrieval_recall(torch.from_numpy(q), torch.from_numpy(t), (1, 5))
+    for k in (1, 5):
+        assert ours[k] == pytest.approx(np.mean(first_hit < k))
+        assert ours[k] >= alone[k]  # a duplicate can only add hits
+
+
+def test_chance_recall_matches_random_rankings():
+    groups = np.array([0] * 10 + [1] * 3 + list(range(2, 50)))  # 61 targets
+    rng = np.random.default_rng(2)
+    q = torch.from_numpy(rng.normal(size=(61, 4)).astype(np.float32))
+    draws = [M.retrieval_recall(q, torch.from_numpy(rng.normal(size=(61, 4)).astype(np.float32)),
+                                (1, 5), groups) for _ in range(3000)]
+    for k in (1, 5):
+        simulated = np.mean([d[k] for d in draws])
+        assert M.chance_recall(groups, k) == pytest.approx(simulated, abs=0.005)
+    assert M.chance_recall(np.arange(100), 5) == pytest.approx(0.05)
+    assert M.chance_recall(np.zeros(7), 1) == 1.0

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray.data
 
-from workflows.bench_train import _read_columns, summarize, timed
+from pipeline.formats.preprocessed import read_columns
+from workflows.bench_train import summarize, timed
 
 
 def test_step_lines_are_stamped_and_summarized():
@@ -38,7 +39,7 @@ def test_the_baseline_reads_the_stage_parquet_as_ray_does(tmp_path, ray_local):
     rows = [{"image": np.full((4, 4, 3), i, np.uint8), "audio_len": i,
              "text_ids": np.arange(6, dtype=np.int32) + i} for i in range(5)]
     ray.data.from_items(rows).write_parquet(str(tmp_path))
-    columns = _read_columns(pq.read_table(str(tmp_path)))
+    columns = read_columns(pq.read_table(str(tmp_path)))
     order = np.argsort(columns["audio_len"])
     assert columns["image"].shape == (5, 4, 4, 3) and columns["image"].dtype == np.uint8
     assert (columns["image"][order][:, 0, 0, 0] == np.arange(5)).all()
