@@ -95,7 +95,8 @@ def generator_step(
     -------
     The losses as floats (keys as in ``TokenizerOutput.losses``), the batch's codebook
     statistics (:func:`code_stats`), all averaged over micro-batches, plus
-    ``grad_norm``, the global gradient norm before clipping.
+    ``grad_norm``, the gradient norm before clipping (of everything but fusion, which is
+    clipped on its own and reported as ``fusion/grad_norm``).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -107,7 +108,7 @@ def generator_step(
                 out = model(mb)
             (out.losses["total"] / len(micro)).backward()
         _accumulate(stats, _loss_stats(out) | code_stats(model, out, mb), len(micro))
-    stats["grad_norm"] = _clip_and_step(model, optimizer, grad_clip)
+    stats |= _clip_and_step(model, optimizer, grad_clip)
     return stats
 
 
@@ -273,7 +274,7 @@ def gan_generator_step(
                                                       perceptual, len(micro), amp_dtype)
         _accumulate(stats, mb_stats, len(micro))
         recons.append(recon)
-    stats["grad_norm"] = _clip_and_step(model, optimizer, grad_clip)
+    stats |= _clip_and_step(model, optimizer, grad_clip)
     return stats, recons[0] if isinstance(inputs, ModelInputs) else recons
 
 
@@ -355,13 +356,33 @@ def _adversarial_term(
 
 def _clip_and_step(
     module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None
-) -> float:
-    """Clip the global gradient norm (if asked), step, and return the norm before clipping."""
-    params = [p for p in module.parameters() if p.grad is not None]
+) -> dict[str, float]:
+    """Clip the gradient norm of each part on its own (if asked), step, and return the norms
+    before clipping: ``grad_norm`` of the whole module, or of everything but fusion, and
+    ``fusion/grad_norm`` of a tokenizer's fusion module.
+
+    One global norm over both would let fusion's gradients shrink every codec step: in the
+    fused demo they made the mean norm 2.9 against 0.39 without fusion, so a clip at 1.0
+    divided the codecs' updates by about 3 although no fusion loss but the alignment reaches
+    them (BENCHMARKS.md "Fusion benchmark").
+    """
     max_norm = math.inf if grad_clip is None else grad_clip
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = {}
+    for key, params in _clip_parts(_unwrap(module)).items():
+        with_grad = [p for p in params if p.grad is not None]
+        norms[key] = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm)) if with_grad else 0.0
     optimizer.step()
-    return float(grad_norm)
+    return norms
+
+
+def _clip_parts(module: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Stat key -> the parameters clipped together: fusion apart from the rest."""
+    fusion = getattr(module, "fusion", None)
+    if not isinstance(fusion, nn.Module):
+        return {"grad_norm": list(module.parameters())}
+    own = {id(p) for p in fusion.parameters()}
+    return {"grad_norm": [p for p in module.parameters() if id(p) not in own],
+            "fusion/grad_norm": list(fusion.parameters())}
 
 
 def discriminator_step(
@@ -408,7 +429,7 @@ def discriminator_step(
                 mb_stats, total = _discriminator_losses(recon, mb, discriminators, gan)
             (total / len(micro)).backward()
         _accumulate(stats, mb_stats, len(micro))
-    stats["disc/grad_norm"] = _clip_and_step(discriminators, optimizer, grad_clip)
+    stats["disc/grad_norm"] = _clip_and_step(discriminators, optimizer, grad_clip)["grad_norm"]
     return stats
 
 

@@ -46,6 +46,34 @@ def test_grad_clip_bounds_the_applied_gradient(inputs):
     assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
 
 
+def _codec_gradient_after_a_clipped_step(inputs, fusion_recon_weight: float) -> torch.Tensor:
+    import dataclasses
+
+    from mmvq.config import FusionConfig
+
+    base = TokenizerConfig(fusion=FusionConfig(enabled=True, dim=32, num_layers=1, num_queries=4))
+    weights = dict(base.loss_weights) | {"fusion/recon": fusion_recon_weight,
+                                         "align/infonce": 0.0}
+    torch.manual_seed(0)
+    model = MultimodalTokenizer(dataclasses.replace(base, loss_weights=weights))
+    stats = generator_step(model, inputs, torch.optim.SGD(model.parameters(), lr=0.0),
+                           grad_clip=1.0)
+    assert set(stats) >= {"grad_norm", "fusion/grad_norm"}
+    own = {id(p) for p in model.fusion.parameters()}
+    return torch.cat([p.grad.flatten() for p in model.parameters()
+                      if p.grad is not None and id(p) not in own])
+
+
+def test_huge_fusion_gradients_do_not_shrink_the_codec_step(inputs):
+    # No fusion loss reaches the codecs here (align weight 0, detached joint path), so their
+    # clipped gradient must not depend on how large fusion's own gradient is. Under one global
+    # norm the 1000x fusion loss made the clip shrink the codec gradient too.
+    normal = _codec_gradient_after_a_clipped_step(inputs, 1.0)
+    huge = _codec_gradient_after_a_clipped_step(inputs, 1000.0)
+    assert torch.allclose(normal, huge, rtol=1e-4, atol=1e-7)
+    assert normal.norm() <= 1.0 + 1e-4
+
+
 def test_build_optimizer_decays_only_conv_and_linear_weights():
     model = MultimodalTokenizer(TokenizerConfig())
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
