@@ -3,13 +3,14 @@
 Cross-modal retrieval needs the modalities' embeddings in one space. A fused tokenizer has its
 own heads for that (``MultimodalTokenizer.embed``); a tokenizer trained without fusion has none,
 so comparing the two on fusion's heads alone would compare a trained head with no head. The
-probe gives every model the same one: each modality's pooled quantized latents
-(``MultimodalTokenizer.pooled_latents``, the very vectors fusion's heads read), standardised,
-through a linear map of its own into a shared space, fitted with fusion's symmetric InfoNCE
-(:func:`mmvq.losses.info_nce_loss`) on training samples while the tokenizer stays frozen. Same
-pooling, same head shape and the same loss for every model, so a difference in probe retrieval
-is a difference in what the tokens carry (a linear-probe evaluation, as in CLIP's, Radford et
-al. 2021, applied across modalities).
+probe gives every model the same one: each modality's quantized latents
+(``MultimodalTokenizer.latent_sequences``, what fusion's heads read), standardised, pooled the
+way fusion pools them (``FusionConfig.embedding_pool``: the mean of a small MLP of every
+position, or the plain mean) and mapped linearly into a shared space, fitted with fusion's
+symmetric InfoNCE (:func:`mmvq.losses.info_nce_loss`) on training samples while the tokenizer
+stays frozen. The same pooling, head and loss for every model, so a difference in probe
+retrieval is a difference in what the tokens carry (a probe evaluation, as CLIP's linear probes,
+Radford et al. 2021, applied across modalities).
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from mmvq.losses import info_nce_loss
 
 @dataclass(frozen=True)
 class ProbeConfig:
+    """The probe's size and optimisation."""
+
     embed_dim: int = 64  # shared space, fusion's default embed_dim
+    pool: str = "mlp"  # "mlp" or "mean", as FusionConfig.embedding_pool
+    hidden: int = 128  # width of the per-position MLP, fusion's default dim
     temperature: float = 0.07  # fusion's default InfoNCE temperature
     steps: int = 400  # Adam steps over random minibatches of the fitting samples
     batch_size: int = 256  # InfoNCE negatives per step
@@ -36,30 +41,40 @@ class ProbeConfig:
 
 
 class AlignmentProbe(nn.Module):
-    """Per modality: standardise the (B, D_m) pooled latents, map linearly, normalise."""
+    """Per modality: standardise the (B, N_m, D_m) latents, pool over positions, map linearly
+    to a unit embedding."""
 
-    def __init__(self, dims: Mapping[str, int], embed_dim: int) -> None:
+    def __init__(self, dims: Mapping[str, int], config: ProbeConfig) -> None:
         super().__init__()
-        self.modalities = tuple(dims)
-        self.maps = nn.ModuleDict({m: nn.Linear(d, embed_dim) for m, d in dims.items()})
+        self.modalities, self.pool = tuple(dims), config.pool
+        width = config.hidden if config.pool == "mlp" else None
+        if width is not None:
+            self.position_mlps = nn.ModuleDict({
+                m: nn.Sequential(nn.Linear(d, width), nn.GELU(), nn.Linear(width, width))
+                for m, d in dims.items()})
+        self.maps = nn.ModuleDict({m: nn.Linear(width or d, config.embed_dim)
+                                   for m, d in dims.items()})
         for m, d in dims.items():
             self.register_buffer(f"mean_{m}", torch.zeros(d))
             self.register_buffer(f"scale_{m}", torch.ones(d))
 
-    def set_standardization(self, pooled: Mapping[str, torch.Tensor],
+    def set_standardization(self, latents: Mapping[str, torch.Tensor],
                             present: Mapping[str, torch.Tensor]) -> None:
-        """Feature means and inverse spreads from the rows where the modality is present."""
+        """Feature means and inverse spreads over every position of the rows that have the
+        modality."""
         for m in self.modalities:
-            rows = pooled[m][present[m]].float()  # (n, D_m)
+            rows = latents[m][present[m]].float().flatten(0, 1)  # (n * N_m, D_m)
             getattr(self, f"mean_{m}").copy_(rows.mean(dim=0))
             getattr(self, f"scale_{m}").copy_(rows.std(dim=0).clamp_min(1e-6).reciprocal())
 
-    def forward(self, pooled: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Modality -> (B, embed_dim) unit embeddings."""
+    def forward(self, latents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Modality -> (B, embed_dim) unit embeddings, from (B, N_m, D_m) latents."""
         out = {}
         for m in self.modalities:
-            x = (pooled[m].float() - getattr(self, f"mean_{m}")) * getattr(self, f"scale_{m}")
-            out[m] = nn.functional.normalize(self.maps[m](x), dim=-1)
+            x = (latents[m].float() - getattr(self, f"mean_{m}")) * getattr(self, f"scale_{m}")
+            if self.pool == "mlp":
+                x = self.position_mlps[m](x)
+            out[m] = nn.functional.normalize(self.maps[m](x.mean(dim=1)), dim=-1)
         return out
 
 
@@ -76,27 +91,27 @@ def probe_loss(embeddings: Mapping[str, torch.Tensor], present: Mapping[str, tor
     return torch.stack(terms).mean()
 
 
-def fit_probe(pooled: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor],
+def fit_probe(latents: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor],
               config: ProbeConfig = ProbeConfig()) -> AlignmentProbe:
-    """Fit an :class:`AlignmentProbe` on frozen pooled latents.
+    """Fit an :class:`AlignmentProbe` on frozen latents.
 
     Parameters
     ----------
-    pooled : modality -> (N, D_m) pooled quantized latents of the fitting samples
+    latents : modality -> (N, N_m, D_m) quantized latents of the fitting samples
     present : modality -> (N,) bool, whether each sample has that modality
     config : the probe's size and optimisation
     """
     generator = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the maps' init
-        probe = AlignmentProbe({m: x.shape[1] for m, x in pooled.items()}, config.embed_dim)
-    probe.set_standardization(pooled, present)
+        probe = AlignmentProbe({m: x.shape[-1] for m, x in latents.items()}, config)
+    probe.set_standardization(latents, present)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
-    n = len(next(iter(pooled.values())))
+    n = len(next(iter(latents.values())))
     for _ in range(config.steps):
         index = torch.randperm(n, generator=generator)[: config.batch_size]
-        loss = probe_loss(probe({m: x[index] for m, x in pooled.items()}),
+        loss = probe_loss(probe({m: x[index] for m, x in latents.items()}),
                           {m: p[index] for m, p in present.items()}, config.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

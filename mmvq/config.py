@@ -285,6 +285,8 @@ class QuantizerConfig:
                 raise ConfigError(f"quantizer.{name} is out of range: {getattr(self, name)!r}")
 
 
+EMBEDDING_POOLS = ("mlp", "mean")  # FusionConfig.embedding_pool
+
 # The joint tokens' default quantizer (FusionConfig.quantizer says why).
 JOINT_QUANTIZER = QuantizerConfig(kind="vq", ema=True, kmeans_init=True, restart_threshold=1.0,
                                   code_dim=16)
@@ -306,7 +308,15 @@ class FusionConfig:
     max_tokens_per_modality: int | None = 32
     codebook_size: int = 64  # joint-token vocabulary
     embed_dim: int = 64  # per-modality embedding size for the contrastive loss and retrieval
+    # How a modality's quantized latents become the vector its embedding is a linear map of:
+    # "mlp" averages a small MLP of every position (Deep Sets, Zaheer et al. 2017), "mean"
+    # averages the latents themselves (checkpoints before format 5). The demo's codes are 8-wide
+    # (code_dim), so a plain mean leaves at most 8 directions per modality to align: retrieval
+    # stayed at 3x chance on a 512-sample gallery (BENCHMARKS.md "Fusion benchmark").
+    embedding_pool: str = "mlp"
     temperature: float = 0.07  # InfoNCE temperature (CLIP's initial value)
+    # Softmax temperature of the soft joint-code assignments of the fusion/diversity loss.
+    diversity_temperature: float = 0.1
     # Probability that a present modality is hidden from fusion for a training sample; at least
     # one modality always stays, so every sample still gets joint tokens.
     modality_dropout: float = 0.2
@@ -326,6 +336,9 @@ class FusionConfig:
         if self.quantizer.kind == "rvq":
             raise ConfigError("fusion.quantizer.kind 'rvq' is not supported: joint tokens have "
                               "one code per query")
+        if self.embedding_pool not in EMBEDDING_POOLS:
+            raise ConfigError(f"fusion.embedding_pool must be one of {', '.join(EMBEDDING_POOLS)}, "
+                              f"got {self.embedding_pool!r}")
 
 
 # Loss names with their default weight in ``total``. MultimodalTokenizer.forward computes the
@@ -352,6 +365,8 @@ DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
         # Predict each modality's pooled latent from the joint tokens (mmvq.fusion): the target
         # that makes the joint tokens carry information; at 0 their codebook collapses.
         "fusion/recon": 1.0,
+        # Spread the joint latents over the whole joint codebook (Fusion.diversity_loss).
+        "fusion/diversity": 0.1,
         "align/infonce": 0.1,
     }
 )

@@ -29,6 +29,7 @@ still a target, so the joint tokens also learn to predict a missing modality fro
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -46,7 +47,8 @@ class FusionOutput:
     indices: torch.Tensor  # (B, num_queries) joint token ids
     quantized: torch.Tensor  # (B, num_queries, dim)
     embeddings: dict[str, torch.Tensor]  # modality -> (B, embed_dim), unit norm
-    losses: dict[str, torch.Tensor]  # fusion/commit, fusion/codebook, fusion/recon, align/infonce
+    # fusion/commit, fusion/codebook, fusion/recon, fusion/diversity, align/infonce
+    losses: dict[str, torch.Tensor]
 
 
 class Fusion(nn.Module):
@@ -73,6 +75,11 @@ class Fusion(nn.Module):
                                                  enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.dim)
         self.quantizer = build_quantizer(config.quantizer, config.codebook_size, config.dim)
+        if config.embedding_pool == "mlp":  # per position, before the average
+            self.pool = nn.ModuleDict({
+                m: nn.Sequential(nn.Linear(latent_dims[m], config.dim), nn.GELU(),
+                                 nn.Linear(config.dim, config.dim))
+                for m in self.modalities})
         self.embed = nn.ModuleDict({m: nn.Linear(config.dim, config.embed_dim)
                                     for m in self.modalities})
         # The joint tokens' target: all quantized queries -> each modality's pooled latent.
@@ -103,9 +110,7 @@ class Fusion(nn.Module):
             x = x + self.modality_embedding[m]  # (B, min(N_m, limit), dim)
             tokens.append(x)
             masks.append(~visible[m][:, None].expand(-1, x.shape[1]))  # True = hidden
-            # (B, dim), for InfoNCE; project is linear, so projecting the mean equals averaging
-            # the projections, without projecting every one of the N_m positions.
-            pooled[m] = self.project[m](latents[m].float().mean(dim=1))
+            pooled[m] = self.pool_latents(m, latents[m])  # (B, dim), for InfoNCE
         batch = tokens[0].shape[0]
         queries = self.queries.expand(batch, -1, -1)  # (B, Q, dim)
         sequence = torch.cat([queries, *tokens], dim=1)  # (B, Q + sum N_m, dim)
@@ -114,15 +119,26 @@ class Fusion(nn.Module):
         mask = torch.cat([query_mask, *masks], dim=1)  # (B, Q + sum N_m)
         joint = self.norm(self.transformer(sequence, src_key_padding_mask=mask))
         joint = joint[:, : self.config.num_queries]  # (B, Q, dim)
-        q = self.quantizer(rearrange(joint, "b q d -> (b q) d"))
+        flat = rearrange(joint, "b q d -> (b q) d")
+        q = self.quantizer(flat)
         quantized = rearrange(q.quantized, "(b q) d -> b q d", b=batch)
         embeddings = {m: nn.functional.normalize(self.embed[m](pooled[m]), dim=-1)
                       for m in self.modalities}
         losses = {"fusion/commit": q.commit_loss, "fusion/codebook": q.codebook_loss,
                   "fusion/recon": self.prediction_loss(quantized, latents, present),
+                  "fusion/diversity": self.diversity_loss(flat),
                   "align/infonce": self.alignment_loss(embeddings, present)}
         return FusionOutput(indices=rearrange(q.indices, "(b q) -> b q", b=batch),
                             quantized=quantized, embeddings=embeddings, losses=losses)
+
+    def pool_latents(self, modality: str, latents: torch.Tensor) -> torch.Tensor:
+        """(B, N, D_m) quantized latents -> (B, dim), the vector the modality's embedding is a
+        linear map of (``FusionConfig.embedding_pool``)."""
+        if self.config.embedding_pool == "mlp":
+            return self.pool[modality](latents.float()).mean(dim=1)
+        # project is linear, so projecting the mean equals averaging the projections, without
+        # projecting every one of the N positions.
+        return self.project[modality](latents.float().mean(dim=1))
 
     def prediction_loss(self, quantized: torch.Tensor, latents: Mapping[str, torch.Tensor],
                         present: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -136,6 +152,30 @@ class Fusion(nn.Module):
             error = (self.predict[m](joint) - target).pow(2).mean(dim=-1)  # (B,)
             terms.append(masked_mean(error, present[m]))
         return torch.stack(terms).mean()
+
+    def diversity_loss(self, joint: torch.Tensor) -> torch.Tensor:
+        """``log K - H(p)`` for the batch's mean soft assignment ``p`` over the K joint codes
+        (0 when the batch spreads evenly over them); ``joint`` (N, dim) unquantized latents.
+
+        EMA, k-means and restarts keep codes alive in training, but the joint latents of
+        complete samples still crowded onto half of the 64 codes on the val split (usage 0.52,
+        BENCHMARKS.md "Fusion benchmark"). This term (the batch-entropy half of LFQ's entropy
+        penalty, Yu et al. 2023, applied to soft nearest-code assignments) pushes the queries'
+        latents apart over the whole codebook. Quantizers without searchable codes (fsq, lfq)
+        give 0.
+        """
+        to_code_space = getattr(self.quantizer, "to_code_space", None)
+        if to_code_space is None:
+            return joint.sum() * 0.0
+        with torch.autocast(device_type=joint.device.type, enabled=False):
+            x = to_code_space(joint.float())  # (N, d)
+            codes = self.quantizer.codes().detach()  # (K, d)
+            # Cosine codes: similarity over a temperature; others: negative squared distance.
+            logits = (x @ codes.T if self.quantizer.l2_normalize
+                      else -torch.cdist(x, codes).pow(2)) / self.config.diversity_temperature
+            mean = torch.softmax(logits, dim=-1).mean(dim=0)  # (K,)
+            entropy = -(mean * mean.clamp_min(1e-12).log()).sum()
+            return math.log(codes.shape[0]) - entropy
 
     def alignment_loss(self, embeddings: Mapping[str, torch.Tensor],
                        present: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -51,8 +51,8 @@ from mmvq.vocabulary import vocabulary_layout
 #    (fusion.predict.*) and a configurable joint quantizer.
 # 4: fusion.max_tokens_per_modality (fusion pools each modality's latents). A version-3
 #    config has no such key; it loads with None, which is what those models did.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (3, 4, 5)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -324,16 +324,13 @@ class MultimodalTokenizer(nn.Module):
         return self._fuse(vq, inputs).embeddings
 
     @torch.no_grad()
-    def pooled_latents(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
-        """Each modality's quantized latents averaged over its positions: (B, D_m) float32.
-
-        Fusion's modality embeddings are linear maps of exactly these, so a probe fitted on
-        them (``mmvq.alignment_probe``) sees what the tokens carry, with or without fusion.
-        """
+    def latent_sequences(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
+        """Each modality's quantized latents, (B, N_m, D_m) float32, image grids flattened:
+        what fusion reads, and what ``mmvq.alignment_probe`` fits on, with or without fusion."""
         self._check_inputs(inputs)
         vq = {"image": self._quantize_image(inputs), "audio": self._quantize_audio(inputs),
               "text": self._quantize_text(inputs)}
-        return {m: x.float().mean(dim=1) for m, x in _latent_sequences(vq).items()}
+        return {m: x.float() for m, x in _latent_sequences(vq).items()}
 
     @torch.no_grad()
     def decode(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -448,6 +445,11 @@ def _latent_sequences(vq: Mapping[str, QuantizerOutput]) -> dict[str, torch.Tens
 def _upgrade_config(data: Any, version: int) -> Any:
     """A saved config of ``version`` as this FORMAT_VERSION reads it: keys added since then get
     the value that reproduces what the saved model computed, not today's default."""
-    if version == 3 and isinstance(data, dict) and isinstance(data.get("fusion"), dict):
-        data = {**data, "fusion": {"max_tokens_per_modality": None, **data["fusion"]}}
-    return data
+    if not (isinstance(data, dict) and isinstance(data.get("fusion"), dict)):
+        return data
+    fusion = dict(data["fusion"])
+    if version <= 3:  # fused every latent
+        fusion = {"max_tokens_per_modality": None, **fusion}
+    if version <= 4:  # embeddings from the plain mean of the latents
+        fusion = {"embedding_pool": "mean", **fusion}
+    return {**data, "fusion": fusion}

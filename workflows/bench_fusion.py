@@ -16,9 +16,10 @@ Then, in this process, over the val split of each trained model:
   (1 = first). A hit is the sample itself or any sample whose caption is identical (same text
   ids): no embedding could tell those apart. How many val samples share their caption, and the
   recall a random ranking would get, are reported beside them.
-  - ``probe``: every model's pooled quantized latents through the linear InfoNCE probe of
-    :mod:`mmvq.alignment_probe`, fitted on the train split with the tokenizer frozen. Same
-    pooling, head and loss for both variants: the fair comparison of what the tokens carry.
+  - ``probe``: every model's quantized latents through the InfoNCE probe of
+    :mod:`mmvq.alignment_probe` (fusion's default pooling, the mean of a per-position MLP, then
+    a linear map), fitted on the train split with the tokenizer frozen. The same pooling, head
+    and loss for both variants: the fair comparison of what the tokens carry.
   - ``heads``: the fused model's own embedding heads (``MultimodalTokenizer.embed``), what it
     ships; the separate tokenizers have none.
 - From evaluate's ``metrics.json`` (the token dataset's codes, decoded): the cross-modal NMI of
@@ -117,9 +118,10 @@ def caption_groups(text_ids: Any, text_len: Any) -> Any:
 
 
 def model_embeddings(model_dir: Path, data_dir: Path, batch_size: int = 64) -> dict[str, Any]:
-    """Pooled latents of the train and val splits, and the fused model's head embeddings of val.
+    """Quantized latents of the train and val splits, and the fused model's head embeddings of
+    val.
 
-    Returns ``{"train": {m: (N, D_m)}, "val": {...}, "present": {split: {m: (N,)}},
+    Returns ``{"train": {m: (N, N_m, D_m)}, "val": {...}, "present": {split: {m: (N,)}},
     "heads": {m: (N, E)} or None, "groups": (N_val,)}``.
     """
     import torch
@@ -139,7 +141,7 @@ def model_embeddings(model_dir: Path, data_dir: Path, batch_size: int = 64) -> d
         for begin in range(0, n, batch_size):
             inputs = to_model_inputs({k: v[begin:begin + batch_size] for k, v in rows.items()})
             with torch.no_grad():
-                for m, x in model.pooled_latents(inputs).items():
+                for m, x in model.latent_sequences(inputs).items():
                     pooled.setdefault(m, []).append(x)
                 if split == "val" and model.fusion is not None:
                     for m, x in model.embed(inputs).items():

@@ -10,18 +10,21 @@ from mmvq.alignment_probe import ProbeConfig, fit_probe
 
 def _latents(classes: np.ndarray, rng: np.random.Generator, dims: dict[str, int],
              related: bool) -> dict[str, torch.Tensor]:
-    """Pooled latents whose every modality is a different linear image of the class (plus
-    noise); with ``related`` False, text is a function of a class the others do not see."""
+    """(N, 3, D_m) latents whose every position and modality is a different linear image of the
+    class (plus noise); with ``related`` False, text is a function of a class the others do
+    not see."""
     out = {}
     for m, d in dims.items():
-        basis = rng.normal(size=(8, d))
+        basis = rng.normal(size=(8, 3, d))
         labels = classes if related or m != "text" else rng.permutation(classes)
-        out[m] = torch.from_numpy(basis[labels] + rng.normal(0, 0.5, (len(classes), d))).float()
+        noise = rng.normal(0, 0.5, (len(classes), 3, d))
+        out[m] = torch.from_numpy(basis[labels] + noise).float()
     return out
 
 
+@pytest.mark.parametrize("pool", ["mlp", "mean"])
 @pytest.mark.parametrize("related", [True, False])
-def test_probe_retrieves_held_out_pairs_only_when_the_latents_agree(related):
+def test_probe_retrieves_held_out_pairs_only_when_the_latents_agree(related, pool):
     rng = np.random.default_rng(0)
     dims = {"image": 12, "audio": 6, "text": 9}
     train_classes, val_classes = rng.integers(0, 8, 800), rng.integers(0, 8, 200)
@@ -32,7 +35,7 @@ def test_probe_retrieves_held_out_pairs_only_when_the_latents_agree(related):
     present = {m: torch.ones(800, dtype=torch.bool) for m in dims}
     # Audio missing from half the fitting samples: the probe fits it from the other half.
     present["audio"][::2] = False
-    probe = fit_probe(train, present, ProbeConfig(steps=200))
+    probe = fit_probe(train, present, ProbeConfig(steps=200, pool=pool))
     with torch.no_grad():
         emb = probe(val)
     groups = val_classes  # same class = same caption: any of them is a hit

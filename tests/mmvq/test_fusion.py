@@ -1,5 +1,9 @@
 """Fusion: joint tokens from any subset of modalities; contrastive alignment that learns."""
 
+import dataclasses
+import math
+
+import pytest
 import torch
 
 from mmvq import metrics as M
@@ -36,7 +40,8 @@ def test_shapes_ranges_and_unit_embeddings():
     assert int(out.indices.min()) >= 0 and int(out.indices.max()) < 32
     for emb in out.embeddings.values():
         assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
-    assert set(out.losses) == {"fusion/commit", "fusion/codebook", "fusion/recon", "align/infonce"}
+    assert set(out.losses) == {"fusion/commit", "fusion/codebook", "fusion/recon",
+                               "fusion/diversity", "align/infonce"}
 
 
 def test_absent_modality_does_not_influence_joint_tokens():
@@ -155,3 +160,49 @@ def test_a_version_3_fusion_checkpoint_loads_without_pooling(make_batch, tmp_pat
     pooled_model = MultimodalTokenizer(dataclasses.replace(loaded.config, fusion=pooled)).eval()
     pooled_model.load_state_dict(old.state_dict())
     assert not torch.equal(pooled_model.encode(inputs)["joint"], old.encode(inputs)["joint"])
+
+
+def test_a_version_4_fusion_checkpoint_loads_with_mean_pooled_embeddings(make_batch, tmp_path):
+    """Version 4 embedded each modality from the plain mean of its latents; loading one gives it
+    that pooling (its weights have no per-position MLP), and its embeddings stay the same."""
+    import dataclasses
+    import json
+
+    from mmvq import MultimodalTokenizer, TokenizerConfig, to_model_inputs
+
+    torch.manual_seed(0)
+    fusion = FusionConfig(enabled=True, dim=32, num_layers=1, num_heads=4, num_queries=4,
+                          codebook_size=32, embedding_pool="mean")
+    old = MultimodalTokenizer(dataclasses.replace(TokenizerConfig(), fusion=fusion)).eval()
+    assert not any(name.startswith("fusion.pool.") for name in old.state_dict())
+    old.save(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["config"]["fusion"]["embedding_pool"]  # as version 4 wrote it
+    meta["format_version"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded = MultimodalTokenizer.load(tmp_path)
+    assert loaded.config.fusion.embedding_pool == "mean"
+    inputs = to_model_inputs(make_batch(4, seed=0))
+    for m, emb in old.embed(inputs).items():
+        assert torch.allclose(loaded.embed(inputs)[m], emb), m
+    assert FusionConfig().embedding_pool == "mlp"  # today's default, for new models
+
+
+def test_diversity_loss_is_zero_when_spread_and_log_k_when_collapsed():
+    torch.manual_seed(0)
+    fusion = Fusion(CONFIG, DIMS)
+    codes = fusion.quantizer.codes().detach()  # (32, d) unit codes
+    project = fusion.quantizer.project_in
+    # Latents whose code-space images are the codes themselves, each once: an even spread at a
+    # low temperature. Solve the (factorised) projection back for them by least squares.
+    weight, bias = project.weight.detach(), project.bias.detach()
+    spread = torch.linalg.lstsq(weight, (codes * 50 - bias).T).solution.T  # (32, dim)
+    sharp = Fusion(dataclasses.replace(CONFIG, diversity_temperature=1e-3), DIMS)
+    sharp.load_state_dict(fusion.state_dict())
+    with torch.no_grad():
+        assert float(sharp.diversity_loss(spread)) < 0.05
+        collapsed = spread[:1].expand(64, -1)
+        assert float(sharp.diversity_loss(collapsed)) == pytest.approx(math.log(32), abs=0.05)
+    loss = fusion.diversity_loss(torch.randn(16, CONFIG.dim, requires_grad=True))
+    loss.backward()  # reaches the latents, not the codes
+    assert 0 < float(loss) < math.log(32)

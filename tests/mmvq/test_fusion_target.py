@@ -25,14 +25,16 @@ def _aligned(labels: torch.Tensor, proto: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def _train_joint_tokens(recon_weight: float, config: FusionConfig = CONFIG,
-                        steps: int = 100) -> dict[str, float]:
-    """Train fusion alone on a fixed aligned batch; score its joint tokens on a fresh draw."""
+                        steps: int = 100, diversity_weight: float = 0.0) -> dict[str, float]:
+    """Train fusion alone on a fixed aligned batch; score its joint tokens on a fresh draw.
+    The diversity term is off unless asked, so that the tests see what the target does."""
     torch.manual_seed(0)
     proto = {m: torch.randn(CLASSES, 4, d) for m, d in DIMS.items()}
     labels = torch.randint(0, CLASSES, (BATCH,))
     latents = _aligned(labels, proto)
     present = {m: torch.ones(BATCH, dtype=torch.bool) for m in DIMS}
-    weights = {**DEFAULT_LOSS_WEIGHTS, "fusion/recon": recon_weight}
+    weights = {**DEFAULT_LOSS_WEIGHTS, "fusion/recon": recon_weight,
+               "fusion/diversity": diversity_weight}
     fusion = Fusion(config, DIMS).train()
     optimizer = torch.optim.Adam(fusion.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -98,3 +100,14 @@ def test_prediction_loss_is_one_minus_r2_one_for_a_constant_guess():
     present = {m: torch.ones(16, dtype=torch.bool) for m in DIMS}
     loss = fusion(latents, present).losses["fusion/recon"]
     torch.testing.assert_close(loss, torch.tensor(1.0), atol=1e-4, rtol=0)
+
+
+def test_diversity_term_spreads_joint_tokens_over_more_codes():
+    """The default fusion/diversity weight against none, default quantizer and target: more of
+    the codebook in use on unseen samples, and the codes still follow the class."""
+    without = _train_joint_tokens(DEFAULT_LOSS_WEIGHTS["fusion/recon"])
+    spread = _train_joint_tokens(DEFAULT_LOSS_WEIGHTS["fusion/recon"],
+                                 diversity_weight=DEFAULT_LOSS_WEIGHTS["fusion/diversity"])
+    print(f"without {without}\nwith diversity {spread}")
+    assert spread["usage"] > without["usage"]
+    assert spread["nmi"] > 0.85
