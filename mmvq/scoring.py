@@ -18,7 +18,8 @@ so a key means the same number in both. Keys are ``{modality}/{metric}``:
   ``audio/codebook_usage_level{k}``, ``audio/codebook_perplexity_level{k}`` for each level
   ``k`` (from 0) of residual audio: :func:`codebook_stats`
 - ``cross/nmi_{a}_{b}``: NMI of the dominant codes of the samples that carry every modality;
-  ``cross/retrieval_{a}_to_{b}_r{k}``: recall@k of fusion's modality embeddings
+  ``cross/retrieval_{a}_to_{b}_r{k}`` (k = 1, 5, 10): recall@k of fusion's modality
+  embeddings over those samples, a sample with the same caption counting as a hit
 - ``loss/{name}``: the model's losses, when given (:meth:`ReconstructionScores.add_losses`)
 - ``samples``: how many samples had an image
 
@@ -102,6 +103,7 @@ class ReconstructionScores:
         self.codes: dict[str, list[torch.Tensor]] = {m: [] for m in self.sizes}  # on the CPU
         self.paired: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
         self.embeddings: dict[str, list[torch.Tensor]] = {}  # fusion models only
+        self.captions: list[bytes] = []  # text ids of the complete samples, for retrieval hits
 
     @torch.no_grad()
     def add(self, inputs: ModelInputs, reconstructions: Mapping[str, torch.Tensor],
@@ -154,6 +156,10 @@ class ReconstructionScores:
             self.paired[modality].append(chosen.flatten(1).cpu().numpy())
         for modality, emb in (embeddings or {}).items():
             self.embeddings.setdefault(modality, []).append(emb[complete])
+        if embeddings:
+            ids, lengths = inputs.text_ids[complete].cpu(), inputs.text_len[complete].cpu()
+            self.captions += [row[:n].numpy().tobytes()
+                              for row, n in zip(ids, lengths.tolist(), strict=True)]
 
     def add_losses(self, losses: Mapping[str, torch.Tensor]) -> None:
         """The model's scalar losses of one batch, as ``loss/{name}`` (means over batches)."""
@@ -191,8 +197,12 @@ class ReconstructionScores:
             if a in paired and b in paired and len(paired[a]) > 1:
                 result[f"cross/nmi_{a}_{b}"] = M.cross_modal_nmi(paired[a], paired[b])
             if a in self.embeddings and b in self.embeddings:
+                # Samples with the same caption are hits for each other: nothing could rank
+                # one above the other.
+                groups = np.unique(np.array(self.captions, dtype=object), return_inverse=True)[1]
                 recall = M.retrieval_recall(torch.cat(self.embeddings[a]),
-                                            torch.cat(self.embeddings[b]), ks=(1, 5))
+                                            torch.cat(self.embeddings[b]), ks=(1, 5, 10),
+                                            groups=groups)
                 for k, value in recall.items():
                     result[f"cross/retrieval_{a}_to_{b}_r{k}"] = value
         result["samples"] = float(len(self.values.get("image/psnr", [])))

@@ -146,3 +146,20 @@ def test_to_uint8_inverts_the_model_input_scaling(make_batch):
     out_of_range = torch.tensor([-3.0, -1.0, 0.0, 1.0, 5.0]).view(1, 1, 5).expand(3, 1, 5)
     assert to_uint8(out_of_range)[0].tolist() == [[0] * 3, [0] * 3, [128] * 3, [255] * 3,
                                                   [255] * 3]
+
+
+def test_retrieval_counts_a_sample_with_the_same_caption_as_a_hit(make_batch):
+    batch = make_batch(4, seed=3)
+    batch["text_ids"][1] = batch["text_ids"][0]  # samples 0 and 1: one caption
+    batch["text_len"][1] = batch["text_len"][0]
+    inputs = to_model_inputs(batch)
+    # Image i is closest to text 1 - i for the first pair (a duplicate, so still a hit) and to
+    # itself for the others.
+    image = torch.eye(4)
+    text = torch.eye(4)[[1, 0, 2, 3]]
+    scores = ReconstructionScores(SIZES, RATE)
+    scores.add(inputs, _perfect(inputs), _codes(), {"image": image, "audio": image, "text": text})
+    summary = scores.summary()
+    assert summary["cross/retrieval_image_to_text_r1"] == 1.0
+    assert summary["cross/retrieval_image_to_audio_r1"] == 1.0
+    assert {"cross/retrieval_image_to_text_r5", "cross/retrieval_image_to_text_r10"} <= set(summary)
