@@ -40,6 +40,7 @@ from torch import nn
 from mmvq.config import MODALITIES, FusionConfig
 from mmvq.losses import info_nce_loss, masked_mean
 from mmvq.quantizers import build_quantizer
+from mmvq.quantizers.distributed import all_gather_rows_local_grad, world_size
 
 
 @dataclass
@@ -179,7 +180,15 @@ class Fusion(nn.Module):
 
     def alignment_loss(self, embeddings: Mapping[str, torch.Tensor],
                        present: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean symmetric InfoNCE over modality pairs, on the samples that have both."""
+        """Mean symmetric InfoNCE over modality pairs, on the samples that have both.
+
+        In DDP training the negatives are every rank's samples, not only this rank's (a
+        per-rank batch of 16 gives 15 negatives; CLIP gathers them the same way).
+        """
+        if self.training and world_size() > 1:
+            embeddings = {m: all_gather_rows_local_grad(e) for m, e in embeddings.items()}
+            present = {m: all_gather_rows_local_grad(p.to(torch.uint8)).bool()
+                       for m, p in present.items()}
         terms = []
         for a, b in itertools.combinations(self.modalities, 2):
             both = present[a] & present[b]

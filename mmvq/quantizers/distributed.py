@@ -52,3 +52,19 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)])
+
+
+def all_gather_rows_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (n_r, ...) concatenated in rank order; this rank's own rows keep their
+    autograd graph, the other ranks' are constants here (they get their gradients on their
+    own ranks, as in open_clip's default contrastive gather). Ranks may hold different numbers
+    of rows."""
+    if world_size() == 1:
+        return x
+    flat = x.reshape(x.shape[0], -1)
+    gathered = all_gather_rows(flat.detach().contiguous())  # (sum n_r, prod(...))
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    begin = sum(int(s) for s in sizes[: dist.get_rank()])
+    rows = torch.cat([gathered[:begin], flat, gathered[begin + x.shape[0]:]])
+    return rows.reshape(-1, *x.shape[1:])
