@@ -314,6 +314,11 @@ class FusionConfig:
     # (code_dim), so a plain mean leaves at most 8 directions per modality to align: retrieval
     # stayed at 3x chance on a 512-sample gallery (BENCHMARKS.md "Fusion benchmark").
     embedding_pool: str = "mlp"
+    # The alignment's gradient at each modality's quantized latents is capped at this times the
+    # running norm of the reconstruction gradient there (mmvq.grad_balance), so that however
+    # large align/infonce's weight, it cannot outweigh reconstruction; None: no cap. Training
+    # only: encode and decode do not depend on it.
+    align_grad_ratio: float | None = 0.5
     temperature: float = 0.07  # InfoNCE temperature (CLIP's initial value)
     # Softmax temperature of the soft joint-code assignments of the fusion/diversity loss.
     diversity_temperature: float = 0.1
@@ -336,6 +341,9 @@ class FusionConfig:
         if self.quantizer.kind == "rvq":
             raise ConfigError("fusion.quantizer.kind 'rvq' is not supported: joint tokens have "
                               "one code per query")
+        if self.align_grad_ratio is not None and self.align_grad_ratio <= 0:
+            raise ConfigError("fusion.align_grad_ratio must be positive or null, got "
+                              f"{self.align_grad_ratio!r}")
         if self.embedding_pool not in EMBEDDING_POOLS:
             raise ConfigError(f"fusion.embedding_pool must be one of {', '.join(EMBEDDING_POOLS)}, "
                               f"got {self.embedding_pool!r}")

@@ -29,6 +29,7 @@ from mmvq.config import (
     tokenizer_config_from_dict,
 )
 from mmvq.fusion import Fusion, FusionOutput
+from mmvq.grad_balance import GradientCap
 from mmvq.modalities import (
     AudioDecoder,
     AudioEncoder,
@@ -119,6 +120,10 @@ class MultimodalTokenizer(nn.Module):
                                               "audio": config.audio.latent_dim,
                                               "text": config.text.latent_dim})
                        if config.fusion.enabled else None)
+        # Holds the alignment's gradient at the latents below the reconstruction's (training).
+        ratio = config.fusion.align_grad_ratio
+        self.align_cap = (GradientCap(MODALITIES, ratio)
+                          if self.fusion is not None and ratio is not None else None)
 
     # -- shapes --------------------------------------------------------------------------------
 
@@ -228,9 +233,13 @@ class MultimodalTokenizer(nn.Module):
             "audio": self._quantize_audio(inputs),
             "text": self._quantize_text(inputs),
         }
-        image = self._decode_image(vq["image"].quantized)
-        audio = self._decode_audio(vq["audio"].quantized)
-        text_logits = self._decode_text(vq["text"].quantized)
+        # The decoders' gradient at the latents is the reference the alignment's is capped to.
+        cap = self.align_cap if self.training else None
+        seen = {m: cap.reference(m, out.quantized) if cap else out.quantized
+                for m, out in vq.items()}
+        image = self._decode_image(seen["image"])
+        audio = self._decode_audio(seen["audio"])
+        text_logits = self._decode_text(seen["text"])
         losses = {
             "image/l1": L.masked_l1(image, inputs.image, inputs.has_image),
             "audio/l1": L.masked_l1(audio, inputs.audio, inputs.has_audio),
@@ -249,7 +258,7 @@ class MultimodalTokenizer(nn.Module):
         indices = {name: out.indices for name, out in vq.items()}
         embeddings: dict[str, torch.Tensor] = {}
         if self.fusion is not None:
-            fused = self._fuse(vq, inputs)
+            fused = self._fuse(vq, inputs, cap)
             losses.update(fused.losses)
             indices["joint"] = fused.indices
             embeddings = fused.embeddings
@@ -259,10 +268,14 @@ class MultimodalTokenizer(nn.Module):
             indices=indices, losses=losses, embeddings=embeddings,
         )
 
-    def _fuse(self, vq: dict[str, QuantizerOutput], inputs: ModelInputs) -> FusionOutput:
+    def _fuse(self, vq: dict[str, QuantizerOutput], inputs: ModelInputs,
+              cap: GradientCap | None = None) -> FusionOutput:
         present = {"image": inputs.has_image, "audio": inputs.has_audio,
                    "text": inputs.has_text}
-        return self.fusion(_latent_sequences(vq), present)
+        latents = _latent_sequences(vq)
+        if cap is not None:  # only the alignment's gradient flows back through these
+            latents = {m: cap.capped(m, x) for m, x in latents.items()}
+        return self.fusion(latents, present)
 
     # -- inference API -------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ def _scores(r5: float, nmi: float, psnr: float, mel: float, usage: float | None)
             "reconstruction": {"image/psnr": psnr, "audio/mel_distance": mel}}
 
 
-def test_acceptance_compares_fused_heads_with_separate_probe_and_costs():
+def test_acceptance_compares_the_same_probe_on_both_and_the_costs():
     separate = _scores(0.04, 0.30, 20.0, 0.080, None)
     good = acceptance({"separate": separate, "fused": _scores(0.12, 0.40, 19.8, 0.083, 0.9)})
     assert all(good.values()), good
