@@ -210,6 +210,7 @@ def _group_sizes(groups: Any) -> list[int]:
 def run(settings: FusionBenchSettings) -> dict[str, Any]:
     from pipeline.formats.checkpoint import TOKENIZER_DIR
     from pipeline.formats.registry import METRICS_FILE
+    from pipeline.stage import STAGE_RECORD
 
     root = Path(settings.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -221,7 +222,10 @@ def run(settings: FusionBenchSettings) -> dict[str, Any]:
             outputs = planned_outputs(settings, overrides)
             scores = score_variant(outputs["train"] / TOKENIZER_DIR, outputs["preprocess"],
                                    outputs["evaluate"] / METRICS_FILE)
-            train = stages.get("train", {"seconds": float("nan"), "ran": False})
+            train = stages.get("train", {"ran": False})
+            # The seconds the train stage took when it ran, also when this run reused it.
+            record = json.loads((outputs["train"] / STAGE_RECORD).read_text())
+            train["seconds"] = float(record["summary"]["seconds"])
             scores |= {"seed": seed, "train_s": train["seconds"], "train_ran": train["ran"],
                        "train_dir": str(outputs["train"])}
             runs[variant].append(scores)
