@@ -6,14 +6,19 @@ tokens). A small transformer runs over learned query tokens followed by every pr
 modality's latents (average-pooled to at most ``max_tokens_per_modality`` each, for cost), each
 tagged with a modality embedding; the queries come out as the joint
 latents and are quantized into ``num_queries`` joint tokens per sample (Q-Former-style learned
-queries, Li et al. 2023). A pooled embedding per modality feeds a symmetric InfoNCE loss
-(van den Oord et al. 2018; CLIP, Radford et al. 2021) that pulls the modalities of one sample
-together, raising the mutual information between their tokens. Modality dropout hides whole
-modalities during training so fusion works with whatever a sample has.
+queries, Li et al. 2023). A pooled embedding per modality (the mean of a small MLP of every
+position, ``FusionConfig.embedding_pool``) feeds a symmetric InfoNCE loss (van den Oord et al.
+2018; CLIP, Radford et al. 2021) that pulls the modalities of one sample together, raising the
+mutual information between their tokens; under DDP its negatives are every rank's samples.
+Modality dropout hides whole modalities during training so fusion works with whatever a sample
+has.
 
-Loss balance: only that alignment loss reaches the modality encoders. The joint path reads the
-latents detached, so the joint tokens' losses (commitment, ``fusion/recon``) shape fusion alone
-and cannot pull the modality latents away from what reconstruction needs.
+Loss balance: only that alignment loss reaches the modality encoders, and the tokenizer caps
+its gradient at the latents relative to the reconstruction gradient there
+(``FusionConfig.align_grad_ratio``, :mod:`mmvq.grad_balance`). The joint path reads the latents
+detached, so the joint tokens' losses (commitment, ``fusion/recon``, ``fusion/diversity``)
+shape fusion alone and cannot pull the modality latents away from what reconstruction needs;
+the train step clips fusion's gradient apart from the codecs' for the same reason.
 
 The joint tokens get their own training target, without which nothing depends on their value
 and the joint codebook collapses to one code: a small head reads the quantized joint tokens
