@@ -205,4 +205,4 @@ def test_diversity_loss_is_zero_when_spread_and_log_k_when_collapsed():
         assert float(sharp.diversity_loss(collapsed)) == pytest.approx(math.log(32), abs=0.05)
     loss = fusion.diversity_loss(torch.randn(16, CONFIG.dim, requires_grad=True))
     loss.backward()  # reaches the latents, not the codes
-    assert 0 < float(loss) < math.log(32)
+    assert 0 < loss.item() < math.log(32)
