@@ -14,9 +14,11 @@ then starts it again (importing torch). The scale benchmark's 4k-sample preproce
 its 119 s in that cycle (1k: 15 s); :func:`write` reserves no CPU and caps the writes instead.
 
 Actor pools:
-every pool starts with one actor and grows to its configured size as work queues up
-(``min_size=1``): a cluster with fewer free CPUs or GPUs than ``num_actors`` still makes
-progress, and Ray Data does not warn that the pool's fixed size cannot be met.
+every pool asks for all its actors at once (``initial_size=num_actors``): growing from one
+actor as work queued up cost the bench-data run a second of an idle driver per stage, each new
+actor importing torch after the previous one. ``min_size=1`` stays, so a cluster with fewer
+free CPUs or GPUs than ``num_actors`` still makes progress on the actors it can place, and
+Ray Data does not warn that the pool's fixed size cannot be met.
 
 Restarts: Ray Data makes its actors restartable, and Ray then logs an ERROR line for every pool
 ("has constructor arguments in the object store and max_restarts > 0", ray-project/ray#57733)
@@ -131,14 +133,17 @@ def bounded(dataset: Any, num_actors: int) -> Any:
 
 
 def actor_pool(num_actors: int, use_gpu: bool = False) -> dict[str, Any]:
-    """``map_batches`` keyword arguments for a pool of 1..``num_actors`` actors.
+    """``map_batches`` keyword arguments for a pool of 1..``num_actors`` actors, all of
+    them requested when the stage starts.
 
     Each actor holds one CPU, or one GPU when ``use_gpu``.
     """
     import ray.data
 
+    size = max(1, num_actors)
     options: dict[str, Any] = {
-        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_actors)),
+        "compute": ray.data.ActorPoolStrategy(
+            min_size=1, max_size=size, initial_size=size),
         "num_gpus": 1 if use_gpu else 0,
     }
     if _in_process_ray:

@@ -3,6 +3,7 @@ not flap, I/O tasks that follow the pool."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -51,6 +52,28 @@ def test_writes_run_while_the_pool_holds_every_cpu(ray_local, tmp_path):
     write(bounded(dataset, 1), SplitParquetSink(root), concurrency=1)
     assert rows_in(root / "train") == 32
     assert sorted(read_status(root)["key"].to_pylist(), key=int) == [str(i) for i in range(32)]
+
+
+def test_a_pool_starts_all_its_actors_before_work_queues_up(ray_local, tmp_path):
+    """One batch of work: a pool grown on demand would never start its second actor."""
+    import ray.data
+
+    class WaitForSecondActor:
+        def __init__(self):
+            (tmp_path / f"actor-{os.getpid()}").touch()
+
+        def __call__(self, batch):
+            deadline = time.monotonic() + 60
+            while len(list(tmp_path.glob("actor-*"))) < 2:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the pool's second actor never started")
+                time.sleep(0.1)
+            return batch
+
+    dataset = ray.data.from_numpy([np.arange(8)]).map_batches(
+        WaitForSecondActor, batch_size=8, num_cpus=1, **actor_pool(2))
+    assert dataset.count() == 8
+    assert len(list(tmp_path.glob("actor-*"))) == 2
 
 
 def test_bounded_pipelines_keep_their_pool_and_a_store_budget(ray_local):
