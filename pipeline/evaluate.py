@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # the scoring runs in a Ray task: a plan importing this stage
     from mmvq.scoring import ReconstructionScores
     from mmvq.text_vocab import TextVocab
 
+# Fusion models: the probe retrieval of this model and of the newest registered separate one.
+FUSED_VS_SEPARATE_FILE = "fused_vs_separate.json"
 CODE_COLUMNS = {"image": "image_tokens", "audio": "audio_tokens", "text": "text_tokens",
                 "joint": "joint_tokens"}  # joint: fusion models only
 
@@ -60,8 +62,14 @@ class EvaluateConfig:
     # image/rfid is left out and a log line says why.
     inception_weights: str | None = None
     # Registered model whose newest version the report compares with (its eval/* tags);
-    # None: no comparison. The register stage registers under the same name.
+    # None: no comparison. The register stage registers under the same name. A model trained
+    # with fusion is also scored beside the newest version trained without it, on this split
+    # and through the same retrieval probe (FUSED_VS_SEPARATE_FILE, the report's "Fused vs
+    # separate" section).
     compare_with: str | None = "mmvq-tokenizer"
+    # The split the retrieval probe of the fused-vs-separate comparison is fitted on (fusion
+    # models only; the probe is scored on ``split``).
+    probe_split: str = "train"
     num_cpus: float = 1.0  # the scoring task's CPUs (torch threads follow them)
     use_gpu: bool = False  # score on one GPU
 
@@ -72,9 +80,10 @@ class EvaluateConfig:
         at_least("evaluate", self, 1, "batch_size")
         at_least("evaluate", self, 0, "grid_samples", "audio_samples", "seed")
         positive("evaluate", self, "num_cpus")
-        if not SPLIT_NAME.fullmatch(self.split):
-            raise ConfigError(f"evaluate.split {self.split!r} is not a split name (letters, "
-                              "digits, '-', '_')")
+        for key in ("split", "probe_split"):
+            if not SPLIT_NAME.fullmatch(getattr(self, key)):
+                raise ConfigError(f"evaluate.{key} {getattr(self, key)!r} is not a split name "
+                                  "(letters, digits, '-', '_')")
 
     def required_splits(self) -> dict[str, str]:
         """Input slot -> the split this stage reads from it (checked when planning)."""
@@ -97,7 +106,8 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
     if ctx.logger:
         flat = {f"{name}/{k}": v for name, r in results.items() for k, v in r.items()}
         ctx.logger.metrics(flat, step=0)
-        for artifact in (METRICS_FILE, "reconstructions.png", "captions.json",
+        for artifact in (METRICS_FILE, FUSED_VS_SEPARATE_FILE, "reconstructions.png",
+                         "captions.json",
                          report.USAGE_PNG, report.SPECTROGRAM_PNG, report.REPORT):
             if (out_dir / artifact).is_file():
                 ctx.logger.artifact(out_dir / artifact)
@@ -146,13 +156,17 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
     # own codes are scored instead, so the text metrics still measure the codec.
     text_ids = read_manifest(tokens_dir)["vocabulary"].get("text_tokens", {}).get("kind") == "ids"
 
+    models = {"trained": trained, "untrained": untrained}
+    separate, note = (_separate_model(config, trained, tracking_uri, device)
+                      if trained.fusion is not None else (None, None))
+    if separate is not None:
+        models["separate"] = separate["model"]
     lpips = _load_lpips(config.lpips_weights)
-    rfid = _load_rfid(config.inception_weights, device)
+    rfid = _load_rfid(config.inception_weights, device, tuple(models))
     rate = trained.config.audio.sample_rate
     scores = {name: ReconstructionScores(model.codebook_sizes(), rate, lpips, speech=True)
-              for name, model in (("trained", trained), ("untrained", untrained))}
+              for name, model in models.items()}
     examples: dict[str, dict[str, Any]] = {}
-    models = {"trained": trained, "untrained": untrained}
     for batch in _batches(data_dir, config.batch_size):
         inputs = to_model_inputs(batch, device)
         # Trained: the token dataset's codes, as a language model will see them.
@@ -166,11 +180,13 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
         with torch.no_grad():
             codes = {"trained": trained_codes,
                      "untrained": untrained.encode(inputs, audio_levels=levels)}
+            if "separate" in models:  # all its levels: it is scored as it was trained
+                codes["separate"] = models["separate"].encode(inputs)
             outputs = {name: models[name].decode(codes[name]) for name in models}
             for name, model in models.items():
                 embeddings = model.embed(inputs) if model.fusion is not None else {}
                 scores[name].add(inputs, outputs[name], codes[name], embeddings)
-                if levels is not None:
+                if codes[name]["audio"].ndim == 3:  # residual levels
                     scores[name].add_bitrates(inputs, model, codes[name]["audio"])
             if rfid is not None:  # the originals' features once, for both models
                 img = inputs.has_image
@@ -183,12 +199,72 @@ def score(config: EvaluateConfig, data_dir: Path, model_dir: Path, tokens_dir: P
     for name, distance in (rfid.distances() if rfid is not None else {}).items():
         results[name]["image/rfid"] = distance
     (out_dir / METRICS_FILE).write_text(json.dumps(results, indent=2))
+    comparison = None
+    if trained.fusion is not None:
+        comparison = _fused_vs_separate(config, data_dir, trained, separate, note)
+        (out_dir / FUSED_VS_SEPARATE_FILE).write_text(json.dumps(comparison, indent=2))
     _write_image_grid(examples, config.grid_samples, out_dir / "reconstructions.png")
     _write_audio(examples, config.audio_samples, trained.config.audio.sample_rate,
                  out_dir / "audio")
     _write_text(examples, out_dir / "captions.json", trained.text_vocab)
-    _write_report(config, out_dir, tracking_uri, trained, scores["trained"], results, text_ids)
+    _write_report(config, out_dir, tracking_uri, trained, scores["trained"], results, text_ids,
+                  comparison)
     return results
+
+
+def _separate_model(config: EvaluateConfig, fused: Any, tracking_uri: str | None,
+                    device: torch.device) -> tuple[dict[str, Any] | None, str | None]:
+    """The newest registered version of ``compare_with`` trained without fusion, loaded, when
+    it takes the same inputs as the fused model; else None and the reason, in a sentence."""
+    from mmvq.tokenizer import MultimodalTokenizer
+    from pipeline.file_tokens import resolve_model
+
+    if not config.compare_with or not tracking_uri:
+        return None, "no registered model to compare with (evaluate.compare_with unset)"
+    found = previous_version(tracking_uri, config.compare_with, fused=False)
+    if found is None:
+        return None, (f"no version of {config.compare_with!r} trained without fusion is "
+                      "registered: run the workflow once with train.model.fusion.enabled=false "
+                      "(its register stage registers one), or run make bench-fusion")
+    spec = f"models:/{config.compare_with}/{found['version']}"
+    try:
+        model = MultimodalTokenizer.load(resolve_model(spec, tracking_uri), map_location=device)
+    except (ValueError, OSError) as err:
+        return None, f"{spec} could not be loaded: {err}"
+    ours, theirs = fused.config, model.config
+    inputs = {"image size": (ours.image.image_size, theirs.image.image_size),
+              "audio rate": (ours.audio.sample_rate, theirs.audio.sample_rate),
+              "audio samples": (ours.audio.num_samples, theirs.audio.num_samples),
+              "text length": (ours.text.max_len, theirs.text.max_len),
+              "text vocabulary": (fused.text_vocab.sha256 or fused.text_vocab.kind,
+                                  model.text_vocab.sha256 or model.text_vocab.kind)}
+    differ = [f"{k} {a} here, {b} there" for k, (a, b) in inputs.items() if a != b]
+    if differ:
+        return None, f"{spec} was trained for other inputs ({'; '.join(differ)})"
+    print(f"[evaluate] fusion: comparing with the separately trained {spec}", flush=True)
+    return {"model": model.eval(), "name": config.compare_with,
+            "version": found["version"]}, None
+
+
+def _fused_vs_separate(config: EvaluateConfig, data_dir: Path, fused: Any,
+                       separate: dict[str, Any] | None, note: str | None) -> dict[str, Any]:
+    """Probe retrieval of the fused model and of the separate one (when there is one), fitted
+    on ``probe_split`` and scored on the evaluated split (:mod:`pipeline.probe_retrieval`)."""
+    from pipeline.probe_retrieval import score_model
+
+    fit_dir = data_dir.parent / config.probe_split
+    result: dict[str, Any] = {"split": config.split, "probe_split": config.probe_split,
+                              "separate": None, "note": note}
+    if not any(fit_dir.glob("*.parquet")):
+        result["note"] = (f"no probe retrieval: the data has no {config.probe_split!r} split "
+                          f"to fit the probe on ({fit_dir})")
+        result["fused"] = None
+        return result
+    result["fused"] = score_model(fused, fit_dir, data_dir)
+    if separate is not None:
+        result["separate"] = {"name": separate["name"], "version": separate["version"],
+                              **score_model(separate["model"], fit_dir, data_dir)}
+    return result
 
 
 def _batches(directory: Path, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -221,7 +297,7 @@ def _load_lpips(path: str | None) -> torch.nn.Module | None:
     return net
 
 
-def _load_rfid(path: str | None, device: torch.device) -> Any:
+def _load_rfid(path: str | None, device: torch.device, models: tuple[str, ...]) -> Any:
     """A :class:`mmvq.fid.ReconstructionFID` over the local Inception weights; None (said in a
     line) without them."""
     from mmvq.fid import ReconstructionFID, find_inception_weights, load_inception
@@ -230,12 +306,12 @@ def _load_rfid(path: str | None, device: torch.device) -> Any:
     if found is None:
         print(f"[evaluate] image/rfid skipped: {reason}", flush=True)
         return None
-    return ReconstructionFID(load_inception(found).to(device), ("trained", "untrained"))
+    return ReconstructionFID(load_inception(found).to(device), models)
 
 
 def _write_report(config: EvaluateConfig, out_dir: Path, tracking_uri: str | None, model: Any,
                   scores: ReconstructionScores, results: dict[str, Any],
-                  text_ids: bool = False) -> None:
+                  text_ids: bool = False, comparison: dict[str, Any] | None = None) -> None:
     """Usage histograms, the comparison with the last registered version, report.html."""
 
     report.plot_usage(scores.code_counts(), out_dir / report.USAGE_PNG)  # trained model
@@ -283,7 +359,7 @@ def _write_report(config: EvaluateConfig, out_dir: Path, tracking_uri: str | Non
         "text": "scored on the text codec's own codes" + (
             " (the token dataset's text tokens are the caption's ids, exact by construction)"
             if text_ids else "")}
-    report.write_report(out_dir, results, previous, protocol)
+    report.write_report(out_dir, results, previous, protocol, fused_vs_separate=comparison)
 
 
 def _read_tokens(directory: Path) -> dict[str, dict[str, np.ndarray]]:

@@ -1,7 +1,9 @@
 """The evaluation report: one self-contained HTML page next to evaluate's outputs.
 
 It shows the protocol, a metrics table (trained, untrained baseline, and the previously
-registered version with the change), the reconstruction grid, a codebook usage histogram per
+registered version with the change), for a model trained with fusion the fused-vs-separate
+comparison (cross-modal retrieval through the same probe, NMI, reconstruction, against the newest
+registered version trained without fusion), the reconstruction grid, a codebook usage histogram per
 codebook, spectrograms and audio players for the WAV clips, and original vs decoded captions.
 Every link is relative (``reconstructions.png``, ``audio/sample0_trained.wav``), so the folder
 can be moved, served, or opened from MLflow's artifact view as it is.
@@ -153,7 +155,8 @@ def plot_spectrograms(clips: Sequence[Mapping[str, np.ndarray]], rate: int, path
 def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]],
                  previous: Mapping[str, Any] | None = None,
                  protocol: Mapping[str, Any] | None = None,
-                 title: str = "mmvq evaluation") -> Path:
+                 title: str = "mmvq evaluation",
+                 fused_vs_separate: Mapping[str, Any] | None = None) -> Path:
     """Write ``out_dir/report.html`` over the files evaluate put in ``out_dir``.
 
     Parameters
@@ -164,6 +167,9 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]],
     previous : the previously registered version (``pipeline.register.previous_version``),
         compared metric by metric; None when there is none
     protocol : what was evaluated (split, sample count, sizes), shown as a list
+    fused_vs_separate : for a fusion model, evaluate's ``fused_vs_separate.json`` (probe
+        retrieval of it and of the separate model); ``results["separate"]`` then holds the
+        separate model's metrics on the same split when there is one
 
     Returns
     -------
@@ -172,6 +178,8 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]],
     out_dir = Path(out_dir)
     sections = [f"<h1>{html.escape(title)}</h1>", _protocol(protocol or {}),
                 "<h2>Metrics</h2>", _metrics_table(results, previous)]
+    if fused_vs_separate is not None:
+        sections += _fused_vs_separate(results, fused_vs_separate)
     for file, heading, caption in (
             ("reconstructions.png", "Reconstructions",
              "rows: original, trained (decoded from the token dataset), untrained baseline"),
@@ -219,6 +227,67 @@ def _metrics_table(results: Mapping[str, Mapping[str, float]],
     header = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
     note = ("" if previous else "<p>No earlier registered version to compare with.</p>")
     return f'<table id="metrics">{header}{"".join(rows)}</table>{note}'
+
+
+_PAIR_NAMES = {"image_to_text": "image→text", "audio_to_text": "audio→text",
+               "image_to_audio": "image→audio"}
+_STAT_NAMES = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "median_rank": "median rank"}
+# Metrics of both models on the evaluated split (evaluate scores the separate model there too).
+_SHARED_METRICS = ("cross/nmi_image_text", "cross/nmi_audio_text", "cross/nmi_image_audio",
+                   "image/psnr", "image/ssim", "audio/mel_distance", "audio/si_snr",
+                   "text/exact_match")
+
+
+def _fused_vs_separate(results: Mapping[str, Mapping[str, float]],
+                       comparison: Mapping[str, Any]) -> list[str]:
+    """The section comparing the fused model with the newest separately trained one."""
+    fused, separate = comparison.get("fused"), comparison.get("separate")
+    out = ["<h2>Fused vs separate</h2>"]
+    if fused is None:
+        return [*out, f"<p>{html.escape(str(comparison.get('note')))}</p>"]
+    chance = fused["chance"]
+    out.append(
+        f"<p>Cross-modal retrieval through the same linear probe for both models (each "
+        f"modality's quantized latents pooled and mapped into one space, fitted on the "
+        f"{html.escape(comparison['probe_split'])} split with the tokenizer frozen; "
+        f"<code>mmvq.alignment_probe</code>), scored on the {html.escape(comparison['split'])} "
+        f"split: {fused['val_samples']} samples, {fused['shared_caption_samples']} of them "
+        f"share their caption with another (those count as hits). Chance: "
+        + ", ".join(f"R@{k[1:]} {v:.3f}" for k, v in chance.items())
+        + ". Fused heads: the fused model's own embeddings.</p>")
+    if separate is None:
+        out.append(f"<p>{html.escape(str(comparison.get('note')))}</p>")
+    label = (f"separate v{separate['version']}" if separate else "separate")
+    header = "".join(f"<th>{h}</th>" for h in ("metric", "fused (this model)", label,
+                                               "fused vs separate"))
+    rows = []
+    for key, value in fused["probe"].items():
+        pair, stat = key.split("/")
+        other = separate["probe"][key] if separate else None
+        name = f"{_PAIR_NAMES.get(pair, pair)} {_STAT_NAMES.get(stat, stat)} (probe)"
+        if other is None:
+            change = "–"
+        elif stat == "median_rank":
+            change = f"{value - other:+.1f}"
+        else:
+            change = f"{value / other:.2f}×" if other > 0 else "–"
+        rows.append((name, _fmt(value), _fmt(other), change))
+    for key, value in (fused.get("heads") or {}).items():
+        if key.endswith("/r5"):
+            rows.append((f"{_PAIR_NAMES.get(key.split('/')[0], key)} R@5 (fused heads)",
+                         _fmt(value), "–", "–"))
+    trained, theirs = results.get("trained", {}), results.get("separate", {})
+    for key in _SHARED_METRICS:
+        if key in trained:
+            other = theirs.get(key)
+            change = "–" if other is None else f"{trained[key] - other:+.4f}"
+            rows.append((key, _fmt(trained[key]), _fmt(other), change))
+    if "joint/codebook_usage" in trained:
+        rows.append(("joint/codebook_usage", _fmt(trained["joint/codebook_usage"]), "–", "–"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    out.append(f'<table id="fused-vs-separate"><tr>{header}</tr>{body}</table>')
+    return out
 
 
 def _audio(out_dir: Path) -> list[str]:

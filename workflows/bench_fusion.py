@@ -47,11 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench import run_meta
+from pipeline.probe_retrieval import KS
 
 WORKFLOW = "workflows/demo.yaml"
 VARIANTS = {"separate": "false", "fused": "true"}  # name -> train.model.fusion.enabled
-PAIRS = (("image", "text"), ("audio", "text"), ("image", "audio"))
-KS = (1, 5, 10)
 # A stage's line in the closing report of ``mmvq run``: "train  205.3s  ran  runs/..."
 REPORT_LINE = re.compile(r"^(\w+)\s+([\d.]+)s\s+(ran|reused)\s", re.MULTILINE)
 RECONSTRUCTION = ("image/psnr", "image/ssim", "audio/si_snr", "audio/mel_distance",
@@ -108,103 +107,20 @@ def planned_outputs(settings: FusionBenchSettings, overrides: list[str]) -> dict
     return {step.name: step.output for step in plan_workflow(workflow)}
 
 
-def caption_groups(text_ids: Any, text_len: Any) -> Any:
-    """(N,) ints, equal for samples whose captions (text ids up to their length) are equal."""
-    import numpy as np
-
-    captions = [row[:n].astype(np.int32).tobytes()
-                for row, n in zip(text_ids, text_len, strict=True)]
-    _, groups = np.unique(np.array(captions, dtype=object), return_inverse=True)
-    return groups
-
-
-def model_embeddings(model_dir: Path, data_dir: Path, batch_size: int = 64) -> dict[str, Any]:
-    """Quantized latents of the train and val splits, and the fused model's head embeddings of
-    val.
-
-    Returns ``{"train": {m: (N, N_m, D_m)}, "val": {...}, "present": {split: {m: (N,)}},
-    "heads": {m: (N, E)} or None, "groups": (N_val,)}``.
-    """
-    import torch
-
-    from mmvq.batch import to_model_inputs
-    from mmvq.columns import MODEL_COLUMNS
-    from mmvq.tokenizer import MultimodalTokenizer
-    from pipeline.formats.preprocessed import read_split
-
-    model = MultimodalTokenizer.load(model_dir).eval()
-    out: dict[str, Any] = {"present": {}, "heads": None}
-    for split in ("train", "val"):
-        rows = read_split(data_dir / split, MODEL_COLUMNS)
-        n = len(rows["has_image"])
-        pooled: dict[str, list[torch.Tensor]] = {}
-        heads: dict[str, list[torch.Tensor]] = {}
-        for begin in range(0, n, batch_size):
-            inputs = to_model_inputs({k: v[begin:begin + batch_size] for k, v in rows.items()})
-            with torch.no_grad():
-                for m, x in model.latent_sequences(inputs).items():
-                    pooled.setdefault(m, []).append(x)
-                if split == "val" and model.fusion is not None:
-                    for m, x in model.embed(inputs).items():
-                        heads.setdefault(m, []).append(x)
-        out[split] = {m: torch.cat(chunks) for m, chunks in pooled.items()}
-        out["present"][split] = {m: torch.from_numpy(rows[f"has_{m}"]) for m in out[split]}
-        if heads:
-            out["heads"] = {m: torch.cat(chunks) for m, chunks in heads.items()}
-        if split == "val":
-            out["groups"] = caption_groups(rows["text_ids"], rows["text_len"])
-    return out
-
-
-def retrieval(embeddings: dict[str, Any], present: dict[str, Any], groups: Any) -> dict[str, float]:
-    """R@k and median rank per pair over the val samples that have both modalities."""
-    import numpy as np
-
-    from mmvq import metrics as M
-
-    result = {}
-    for a, b in PAIRS:
-        both = (present[a] & present[b]).numpy()
-        ranks = M.retrieval_ranks(embeddings[a][both], embeddings[b][both], groups[both])
-        for k in KS:
-            result[f"{a}_to_{b}/r{k}"] = float((ranks < k).float().mean())
-        result[f"{a}_to_{b}/median_rank"] = float(np.median(ranks.numpy() + 1))
-    return result
-
-
 def score_variant(model_dir: Path, data_dir: Path, metrics_file: Path) -> dict[str, Any]:
     """Retrieval (probe for every model, heads for a fused one), NMI, usage, reconstruction."""
-    import torch
+    from mmvq.tokenizer import MultimodalTokenizer
+    from pipeline.probe_retrieval import score_model
 
-    from mmvq import metrics as M
-    from mmvq.alignment_probe import fit_probe
-
-    emb = model_embeddings(model_dir, data_dir)
-    probe = fit_probe(emb["train"], emb["present"]["train"])
-    with torch.no_grad():
-        probed = probe(emb["val"])
-    val_present = emb["present"]["val"]
-    groups = emb["groups"]
+    result = score_model(MultimodalTokenizer.load(model_dir), data_dir / "train",
+                         data_dir / "val")
     trained = json.loads(metrics_file.read_text())["trained"]
-    result: dict[str, Any] = {
-        "val_samples": len(groups),
-        "shared_caption_samples": int(sum(c for c in _group_sizes(groups) if c > 1)),
-        "chance": {f"r{k}": M.chance_recall(groups, k) for k in KS},
-        "probe": retrieval(probed, val_present, groups),
-        "heads": (retrieval(emb["heads"], val_present, groups) if emb["heads"] is not None
-                  else None),
+    return result | {
         "nmi": {f"{a}_{b}": trained.get(f"cross/nmi_{a}_{b}") for a, b in
                 (("image", "audio"), ("image", "text"), ("audio", "text"))},
         "joint_usage": trained.get("joint/codebook_usage"),
         "reconstruction": {k: trained.get(k) for k in RECONSTRUCTION},
     }
-    return result
-
-
-def _group_sizes(groups: Any) -> list[int]:
-    import numpy as np
-
-    return np.unique(groups, return_counts=True)[1].tolist()
 
 
 def run(settings: FusionBenchSettings) -> dict[str, Any]:

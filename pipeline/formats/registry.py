@@ -25,11 +25,19 @@ def version_tags(metrics: Mapping[str, float]) -> dict[str, str]:
     return {f"{METRIC_TAG_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}
 
 
-def previous_version(tracking_uri: str, name: str) -> dict[str, Any] | None:
-    """The newest registered version of ``name``: version, metrics from its tags, tokenizer id.
+# A version whose evaluation scored joint tokens was trained with fusion (mmvq.fusion).
+FUSED_METRIC = "joint/codebook_usage"
 
-    None when the model is not registered (or the registry cannot be reached: a comparison is
-    a nice-to-have, never a reason to fail an evaluation).
+
+def previous_version(tracking_uri: str, name: str,
+                     fused: bool | None = None) -> dict[str, Any] | None:
+    """The newest registered version of ``name``: version, metrics from its tags, tokenizer id,
+    and whether it was trained with fusion.
+
+    ``fused``: only versions trained with (True) or without (False) fusion, told apart by their
+    evaluation's joint-token metric; None: any version. None is returned when there is no such
+    version (or the registry cannot be reached: a comparison is a nice-to-have, never a reason
+    to fail an evaluation).
     """
     try:
         from mlflow.tracking import MlflowClient
@@ -37,10 +45,14 @@ def previous_version(tracking_uri: str, name: str) -> dict[str, Any] | None:
         versions = MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'")
     except Exception:  # noqa: BLE001 - no registry, no comparison
         return None
-    if not versions:
+    found = []
+    for version in versions:
+        metrics = {k[len(METRIC_TAG_PREFIX):]: float(v) for k, v in version.tags.items()
+                   if k.startswith(METRIC_TAG_PREFIX)}
+        if fused is None or (FUSED_METRIC in metrics) == fused:
+            found.append((int(version.version), version, metrics))
+    if not found:
         return None
-    newest = max(versions, key=lambda v: int(v.version))
-    metrics = {k[len(METRIC_TAG_PREFIX):]: float(v) for k, v in newest.tags.items()
-               if k.startswith(METRIC_TAG_PREFIX)}
-    return {"name": name, "version": int(newest.version), "metrics": metrics,
-            "tokenizer_id": newest.tags.get("tokenizer_id", "")}
+    number, newest, metrics = max(found, key=lambda item: item[0])
+    return {"name": name, "version": number, "metrics": metrics,
+            "fused": FUSED_METRIC in metrics, "tokenizer_id": newest.tags.get("tokenizer_id", "")}

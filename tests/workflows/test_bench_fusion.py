@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from workflows.bench_fusion import _median_tree, acceptance, caption_groups
+from pipeline.probe_retrieval import caption_groups
+from workflows.bench_fusion import _median_tree, acceptance
 
 
 def test_identical_captions_share_a_group_whatever_their_padding():
