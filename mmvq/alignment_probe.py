@@ -5,8 +5,8 @@ own heads for that (``MultimodalTokenizer.embed``); a tokenizer trained without 
 so comparing the two on fusion's heads alone would compare a trained head with no head. The
 probe gives every model the same one: each modality's quantized latents
 (``MultimodalTokenizer.latent_sequences``, what fusion's heads read), standardised, pooled the
-way fusion pools them (``FusionConfig.embedding_pool``: the mean of a small MLP of every
-position, or the plain mean) and mapped linearly into a shared space, fitted with fusion's
+way fusion pools them (``FusionConfig.embedding_pool``, :mod:`mmvq.pooling`: by default the
+mean of a small MLP of every position that knows where the position is) and mapped linearly into a shared space, fitted with fusion's
 symmetric InfoNCE (:func:`mmvq.losses.info_nce_loss`) on training samples while the tokenizer
 stays frozen. The same pooling, head and loss for every model, so a difference in probe
 retrieval is a difference in what the tokens carry (a probe evaluation, as CLIP's linear probes,
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mmvq.losses import info_nce_loss
+from mmvq.pooling import PositionMLP
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,13 @@ class ProbeConfig:
     """The probe's size and optimisation."""
 
     embed_dim: int = 64  # shared space, fusion's default embed_dim
-    pool: str = "mlp"  # "mlp" or "mean", as FusionConfig.embedding_pool
+    pool: str = "position_mlp"  # as FusionConfig.embedding_pool (mmvq.pooling)
     hidden: int = 128  # width of the per-position MLP, fusion's default dim
     temperature: float = 0.07  # fusion's default InfoNCE temperature
-    steps: int = 400  # Adam steps over random minibatches of the fitting samples
+    # Adam steps over random minibatches of the fitting samples. At 400 the probe had not
+    # converged: on a 300-step demo model's tokens (1536 fitting samples) audio->text R@5 was
+    # 0.11 after 400 steps and 0.31 after 800 (BENCHMARKS.md "Fusion benchmark").
+    steps: int = 800
     batch_size: int = 256  # InfoNCE negatives per step
     lr: float = 3e-3
     weight_decay: float = 1e-2
@@ -47,11 +51,11 @@ class AlignmentProbe(nn.Module):
     def __init__(self, dims: Mapping[str, int], config: ProbeConfig) -> None:
         super().__init__()
         self.modalities, self.pool = tuple(dims), config.pool
-        width = config.hidden if config.pool == "mlp" else None
+        width = config.hidden if config.pool in ("position_mlp", "mlp") else None
         if width is not None:
-            self.position_mlps = nn.ModuleDict({
-                m: nn.Sequential(nn.Linear(d, width), nn.GELU(), nn.Linear(width, width))
-                for m, d in dims.items()})
+            positional = config.pool == "position_mlp"
+            self.position_mlps = nn.ModuleDict({m: PositionMLP(d, width, positional)
+                                                for m, d in dims.items()})
         self.maps = nn.ModuleDict({m: nn.Linear(width or d, config.embed_dim)
                                    for m, d in dims.items()})
         for m, d in dims.items():
@@ -72,9 +76,8 @@ class AlignmentProbe(nn.Module):
         out = {}
         for m in self.modalities:
             x = (latents[m].float() - getattr(self, f"mean_{m}")) * getattr(self, f"scale_{m}")
-            if self.pool == "mlp":
-                x = self.position_mlps[m](x)
-            out[m] = nn.functional.normalize(self.maps[m](x.mean(dim=1)), dim=-1)
+            pooled = x.mean(dim=1) if self.pool == "mean" else self.position_mlps[m](x)
+            out[m] = nn.functional.normalize(self.maps[m](pooled), dim=-1)
         return out
 
 

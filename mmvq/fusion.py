@@ -7,7 +7,7 @@ modality's latents (average-pooled to at most ``max_tokens_per_modality`` each, 
 tagged with a modality embedding; the queries come out as the joint
 latents and are quantized into ``num_queries`` joint tokens per sample (Q-Former-style learned
 queries, Li et al. 2023). A pooled embedding per modality (the mean of a small MLP of every
-position, ``FusionConfig.embedding_pool``) feeds a symmetric InfoNCE loss (van den Oord et al.
+position that knows where the position is, ``FusionConfig.embedding_pool``, :mod:`mmvq.pooling`) feeds a symmetric InfoNCE loss (van den Oord et al.
 2018; CLIP, Radford et al. 2021) that pulls the modalities of one sample together, raising the
 mutual information between their tokens; under DDP its negatives are every rank's samples.
 Modality dropout hides whole modalities during training so fusion works with whatever a sample
@@ -44,6 +44,7 @@ from torch import nn
 
 from mmvq.config import MODALITIES, FusionConfig
 from mmvq.losses import info_nce_loss, masked_mean
+from mmvq.pooling import PositionMLP
 from mmvq.quantizers import build_quantizer
 from mmvq.quantizers.distributed import all_gather_rows_local_grad, world_size
 
@@ -81,11 +82,10 @@ class Fusion(nn.Module):
                                                  enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.dim)
         self.quantizer = build_quantizer(config.quantizer, config.codebook_size, config.dim)
-        if config.embedding_pool == "mlp":  # per position, before the average
-            self.pool = nn.ModuleDict({
-                m: nn.Sequential(nn.Linear(latent_dims[m], config.dim), nn.GELU(),
-                                 nn.Linear(config.dim, config.dim))
-                for m in self.modalities})
+        if config.embedding_pool in ("position_mlp", "mlp"):  # per position, then averaged
+            positional = config.embedding_pool == "position_mlp"
+            self.pool = nn.ModuleDict({m: PositionMLP(latent_dims[m], config.dim, positional)
+                                       for m in self.modalities})
         self.embed = nn.ModuleDict({m: nn.Linear(config.dim, config.embed_dim)
                                     for m in self.modalities})
         # The joint tokens' target: all quantized queries -> each modality's pooled latent.
@@ -140,8 +140,8 @@ class Fusion(nn.Module):
     def pool_latents(self, modality: str, latents: torch.Tensor) -> torch.Tensor:
         """(B, N, D_m) quantized latents -> (B, dim), the vector the modality's embedding is a
         linear map of (``FusionConfig.embedding_pool``)."""
-        if self.config.embedding_pool == "mlp":
-            return self.pool[modality](latents.float()).mean(dim=1)
+        if self.config.embedding_pool in ("position_mlp", "mlp"):
+            return self.pool[modality](latents.float())
         # project is linear, so projecting the mean equals averaging the projections, without
         # projecting every one of the N positions.
         return self.project[modality](latents.float().mean(dim=1))

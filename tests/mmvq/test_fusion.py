@@ -185,7 +185,45 @@ def test_a_version_4_fusion_checkpoint_loads_with_mean_pooled_embeddings(make_ba
     inputs = to_model_inputs(make_batch(4, seed=0))
     for m, emb in old.embed(inputs).items():
         assert torch.allclose(loaded.embed(inputs)[m], emb), m
-    assert FusionConfig().embedding_pool == "mlp"  # today's default, for new models
+    assert FusionConfig().embedding_pool == "position_mlp"  # today's default, for new models
+
+
+def test_a_checkpoint_with_position_free_pooling_loads_and_embeds_as_before(make_batch,
+                                                                           tmp_path):
+    """Format-5 checkpoints saved before positions were pooled say embedding_pool "mlp" and
+    have no per-position bias; they load with that pooling and give the same embeddings."""
+    import dataclasses
+
+    from mmvq import MultimodalTokenizer, TokenizerConfig, to_model_inputs
+
+    torch.manual_seed(0)
+    fusion = FusionConfig(enabled=True, dim=32, num_layers=1, num_heads=4, num_queries=4,
+                          codebook_size=32, embedding_pool="mlp")
+    old = MultimodalTokenizer(dataclasses.replace(TokenizerConfig(), fusion=fusion)).eval()
+    assert not any(name.endswith(".position") for name in old.state_dict())
+    old.save(tmp_path)
+    loaded = MultimodalTokenizer.load(tmp_path)
+    assert loaded.config.fusion.embedding_pool == "mlp"
+    inputs = to_model_inputs(make_batch(4, seed=0))
+    for m, emb in old.embed(inputs).items():
+        assert torch.allclose(loaded.embed(inputs)[m], emb), m
+
+
+def test_position_pooling_tells_a_sequence_from_its_reverse():
+    from mmvq.pooling import PositionMLP
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    reverse = x.flip(1)
+    plain, positional = PositionMLP(8, 16, positional=False), PositionMLP(8, 16, positional=True)
+    assert torch.allclose(plain(x), plain(reverse), atol=1e-6)  # a bag forgets the order
+    with torch.no_grad():
+        positional[0].load_state_dict(plain[0].state_dict())
+        positional[2].load_state_dict(plain[2].state_dict())
+        assert torch.allclose(positional(x), plain(x))  # zero biases: the plain MLP
+        positional.position.normal_()
+    assert not torch.allclose(positional(x), positional(reverse), atol=1e-3)
+    assert positional(torch.randn(2, 64, 8)).shape == (2, 16)  # any length: relative buckets
 
 
 def test_diversity_loss_is_zero_when_spread_and_log_k_when_collapsed():
