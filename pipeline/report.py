@@ -271,7 +271,11 @@ def _fused_vs_separate(results: Mapping[str, Mapping[str, float]],
             change = f"{value - other:+.1f}"
         else:
             change = f"{value / other:.2f}×" if other > 0 else "–"
-        rows.append((name, _fmt(value), _fmt(other), change))
+        if stat == "median_rank":  # a rank, not a score: one decimal (a median of two)
+            rows.append((name, f"{value:.1f}", "–" if other is None else f"{other:.1f}",
+                         change))
+        else:
+            rows.append((name, _fmt(value), _fmt(other), change))
     for key, value in (fused.get("heads") or {}).items():
         if key.endswith("/r5"):
             rows.append((f"{_PAIR_NAMES.get(key.split('/')[0], key)} R@5 (fused heads)",
