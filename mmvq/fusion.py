@@ -167,8 +167,10 @@ class Fusion(nn.Module):
         complete samples still crowded onto half of the 64 codes on the val split (usage 0.52,
         BENCHMARKS.md "Fusion benchmark"). This term (the batch-entropy half of LFQ's entropy
         penalty, Yu et al. 2023, applied to soft nearest-code assignments) pushes the queries'
-        latents apart over the whole codebook. Quantizers without searchable codes (fsq, lfq)
-        give 0.
+        latents apart over the whole codebook. The assignments are soft only so that the term
+        has a gradient; ``FusionConfig.diversity_temperature`` keeps them close to the hard
+        lookup, or a batch can look evenly spread while its hard codes are not. Quantizers
+        without searchable codes (fsq, lfq) give 0.
         """
         to_code_space = getattr(self.quantizer, "to_code_space", None)
         if to_code_space is None:
