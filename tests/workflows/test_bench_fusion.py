@@ -1,6 +1,7 @@
 """The fusion benchmark's own logic: caption duplicates, medians over seeds, the acceptance."""
 
 import numpy as np
+import pytest
 
 from pipeline.probe_retrieval import caption_groups
 from workflows.bench_fusion import _median_tree, acceptance
@@ -34,3 +35,19 @@ def test_median_over_seeds_of_every_numeric_leaf():
                                                           "e": "y"},
             {"a": 2.0, "b": {"c": 4}, "d": None, "e": "z"}]
     assert _median_tree(runs) == {"a": 2.0, "b": {"c": 4}, "d": None}
+
+
+def test_joint_bench_reports_each_run_and_the_median_per_variant():
+    from workflows.bench_joint import format_table, summarize
+
+    def run(seed, usage):
+        return {"seed": seed, "usage": usage, "perplexity": 40.0 * usage, "fusion_recon": 0.3,
+                "codes_per_query": [8, 9], "train_s": 100.0}
+    runs = {"": [run(2, 0.95), run(0, 0.86), run(1, 0.91)],
+            "train.model.fusion.diversity_temperature=0.1": [run(2, 0.50), run(0, 0.67)]}
+    median = summarize(runs)
+    assert median[""]["usage"] == 0.91
+    assert median["train.model.fusion.diversity_temperature=0.1"]["usage"] == pytest.approx(0.585)
+    table = format_table(runs)
+    assert "| default | median | 0.910 |" in table
+    assert "| train.model.fusion.diversity_temperature=0.1 | 0 | 0.670 |" in table
