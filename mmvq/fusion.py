@@ -137,6 +137,15 @@ class Fusion(nn.Module):
         return FusionOutput(indices=rearrange(q.indices, "(b q) -> b q", b=batch),
                             quantized=quantized, embeddings=embeddings, losses=losses)
 
+    def alignment_heads(self) -> list[nn.Parameter]:
+        """The parameters only ``align/infonce`` trains: the pooling and embedding heads (for
+        ``embedding_pool: mean`` only the embeddings; ``project`` also feeds the joint path).
+        The train step clips their gradient apart from the joint path's, whose losses would
+        otherwise shrink the alignment's step (BENCHMARKS.md "Joint codebook usage")."""
+        pooled = self.config.embedding_pool in ("position_mlp", "mlp")
+        heads = [self.embed, self.pool] if pooled else [self.embed]
+        return [p for head in heads for p in head.parameters()]
+
     def pool_latents(self, modality: str, latents: torch.Tensor) -> torch.Tensor:
         """(B, N, D_m) quantized latents -> (B, dim), the vector the modality's embedding is a
         linear map of (``FusionConfig.embedding_pool``)."""

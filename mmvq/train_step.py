@@ -95,8 +95,9 @@ def generator_step(
     -------
     The losses as floats (keys as in ``TokenizerOutput.losses``), the batch's codebook
     statistics (:func:`code_stats`), all averaged over micro-batches, plus
-    ``grad_norm``, the gradient norm before clipping (of everything but fusion, which is
-    clipped on its own and reported as ``fusion/grad_norm``).
+    ``grad_norm``, the gradient norm before clipping (of everything but fusion, whose joint
+    path and alignment heads are clipped on their own and reported as ``fusion/grad_norm`` and
+    ``align/grad_norm``).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -358,13 +359,16 @@ def _clip_and_step(
     module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None
 ) -> dict[str, float]:
     """Clip the gradient norm of each part on its own (if asked), step, and return the norms
-    before clipping: ``grad_norm`` of the whole module, or of everything but fusion, and
-    ``fusion/grad_norm`` of a tokenizer's fusion module.
+    before clipping: ``grad_norm`` of the whole module, or of everything but fusion, and for a
+    tokenizer with fusion ``fusion/grad_norm`` of its joint path and ``align/grad_norm`` of its
+    alignment heads (:meth:`mmvq.fusion.Fusion.alignment_heads`).
 
-    One global norm over both would let fusion's gradients shrink every codec step: in the
-    fused demo they made the mean norm 2.9 against 0.39 without fusion, so a clip at 1.0
-    divided the codecs' updates by about 3 although no fusion loss but the alignment reaches
-    them (BENCHMARKS.md "Fusion benchmark").
+    One global norm over all would let one part's gradients shrink the others' steps: in the
+    fused demo fusion's gradients made the mean norm 2.9 against 0.39 without fusion, so a
+    clip at 1.0 divided the codecs' updates by about 3 although no fusion loss but the
+    alignment reaches them (BENCHMARKS.md "Fusion benchmark"); and once the diversity term
+    was sharpened, the joint path's norm (1-2) shrank the alignment heads' step so that
+    align/infonce hardly fell (BENCHMARKS.md "Joint codebook usage").
     """
     max_norm = math.inf if grad_clip is None else grad_clip
     norms = {}
@@ -376,13 +380,17 @@ def _clip_and_step(
 
 
 def _clip_parts(module: nn.Module) -> dict[str, list[torch.Tensor]]:
-    """Stat key -> the parameters clipped together: fusion apart from the rest."""
+    """Stat key -> the parameters clipped together: the codecs, fusion's joint path, and
+    fusion's alignment heads."""
     fusion = getattr(module, "fusion", None)
     if not isinstance(fusion, nn.Module):
         return {"grad_norm": list(module.parameters())}
     own = {id(p) for p in fusion.parameters()}
+    heads = fusion.alignment_heads()
+    in_heads = {id(p) for p in heads}
     return {"grad_norm": [p for p in module.parameters() if id(p) not in own],
-            "fusion/grad_norm": list(fusion.parameters())}
+            "fusion/grad_norm": [p for p in fusion.parameters() if id(p) not in in_heads],
+            "align/grad_norm": heads}
 
 
 def discriminator_step(

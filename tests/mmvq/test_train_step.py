@@ -74,6 +74,31 @@ def test_huge_fusion_gradients_do_not_shrink_the_codec_step(inputs):
     assert normal.norm() <= 1.0 + 1e-4
 
 
+def _head_gradient_after_a_clipped_step(inputs, fusion_recon_weight: float) -> torch.Tensor:
+    import dataclasses
+
+    from mmvq.config import FusionConfig
+
+    base = TokenizerConfig(fusion=FusionConfig(enabled=True, dim=32, num_layers=1, num_queries=4,
+                                               modality_dropout=0.0))
+    weights = dict(base.loss_weights) | {"fusion/recon": fusion_recon_weight}
+    torch.manual_seed(0)
+    model = MultimodalTokenizer(dataclasses.replace(base, loss_weights=weights))
+    stats = generator_step(model, inputs, torch.optim.SGD(model.parameters(), lr=0.0),
+                           grad_clip=1.0)
+    assert stats["align/grad_norm"] > 0 and stats["fusion/grad_norm"] > 0
+    return torch.cat([p.grad.flatten() for p in model.fusion.alignment_heads()])
+
+
+def test_huge_joint_path_gradients_do_not_shrink_the_alignment_heads_step(inputs):
+    # Only align/infonce trains the pooling and embedding heads; a 1000x joint-token loss must
+    # not change their clipped gradient. With one norm over all of fusion it scaled them down.
+    normal = _head_gradient_after_a_clipped_step(inputs, 1.0)
+    huge = _head_gradient_after_a_clipped_step(inputs, 1000.0)
+    assert normal.norm() > 0
+    assert torch.allclose(normal, huge, rtol=1e-4, atol=1e-7)
+
+
 def test_build_optimizer_decays_only_conv_and_linear_weights():
     model = MultimodalTokenizer(TokenizerConfig())
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
