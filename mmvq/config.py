@@ -328,8 +328,8 @@ class FusionConfig:
     # cosine similarities in [-1, 1]. It must be sharp enough that the soft assignments look
     # like the hard lookup: at 0.1 each latent's soft assignment still spread over many nearby
     # codes, so the loss was near 0 while the hard codes crowded onto half the codebook (val
-    # usage 0.50 / 0.67 / 0.63 over seeds 2 / 0 / 1 with positional heads); at 0.02 it was
-    # 0.95 / 0.86 / 0.91, and the joint tokens predicted the modalities better (BENCHMARKS.md
+    # usage 0.48 / 0.53 / 0.83 over seeds 2 / 0 / 1 with positional heads); at 0.02 it was
+    # 0.95 / 0.88 / 0.92, and the joint tokens predicted the modalities better (BENCHMARKS.md
     # "Joint codebook usage and the diversity temperature").
     diversity_temperature: float = 0.02
     # Probability that a present modality is hidden from fusion for a training sample; at least
