@@ -1,32 +1,37 @@
-"""Joint codebook usage: the demo's fused model trained without Ray, per setting and seed.
+"""The fused demo model trained without Ray, per setting and seed: joint tokens, alignment and
+reconstruction on val, for sweeping fusion's settings in minutes.
 
     python -m workflows.bench_joint --data runs/bench/fusion/preprocess/<fingerprint>
         [--seeds 2 0 1] [--steps 300] [--variant "train.model.fusion.diversity_temperature=0.1"]
+        [--variant "train.model.fusion.enabled=false"]
 
 Each run trains the demo's model (``workflows/demo.yaml``'s train config with
 ``train.model.fusion.enabled=true``, the seed and the variant's overrides) in this process on the
-preprocessed train split, with the train stage's optimizer, schedule and step function
-(:func:`pipeline.train_loop.build_parts`, :func:`mmvq.train_step.generator_step`) on whole
-global batches (``num_workers x batch_size``), as bench-train's plain loop does. It then encodes
-the val split and reports what the joint tokens of the trained model look like there: codebook
-usage (the acceptance asks >= 0.8 with the default config), perplexity, the distinct codes of
-each query, and ``fusion/recon`` (1 - R^2 of predicting each modality from the joint tokens;
-lower means the joint tokens carry more). The default configuration is always a variant, so
-every setting is compared with it in the same run on the same seeds.
+preprocessed train split, with the train stage's optimizer, schedule and step function on whole
+global batches (:func:`workflows.bench_train.train_in_process`, bench-train's plain loop). It then
+scores the val split:
 
-A run takes about two minutes on 2 cores, half a fused train stage's time (no Ray start-up and
-no discriminator steps), so settings of the joint path can be swept on seeds here; ``make
-bench-fusion`` runs the whole workflow for the numbers that count.
+- the joint tokens: codebook usage (the acceptance asks >= 0.8 with the default config),
+  perplexity and ``fusion/recon`` (1 - R^2 of predicting each modality from the joint tokens;
+  lower means the joint tokens carry more);
+- alignment: R@5 of image->text, audio->text and image->audio retrieval through the probe fitted
+  on the frozen train tokens (:mod:`pipeline.probe_retrieval`, the same for every model, so it
+  compares fused with separate) and through fusion's own embedding heads, and the cross-modal
+  NMI of the tokens;
+- reconstruction: image PSNR and mel distance (:class:`mmvq.scoring.ReconstructionScores`).
+
+The default configuration is always a variant, so every setting is compared with it in the same
+run on the same seeds; ``train.model.fusion.enabled=false`` is the separate tokenizers' variant
+(no joint tokens or heads). A run takes about three minutes on 2 cores (no Ray start-up, no
+discriminator steps); ``make bench-fusion`` runs the whole workflow for the numbers that count.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,17 @@ from pipeline.bench import run_meta
 
 WORKFLOW = "workflows/demo.yaml"
 DEFAULT_VARIANT = ""  # no overrides: the configuration a user gets
+SEPARATE_VARIANT = "train.model.fusion.enabled=false"  # the same model without fusion
+CROSS_PAIRS = (("image", "audio"), ("image", "text"), ("audio", "text"))
+RETRIEVAL = ("image_to_text", "audio_to_text", "image_to_audio")
+# Result key -> table column. Retrieval is R@5 on val: the probe fitted on frozen train tokens
+# (pipeline.probe_retrieval, the same for every model) and fusion's own embedding heads.
+SCORES = {"usage": "joint usage", "perplexity": "joint perplexity",
+          "fusion_recon": "fusion/recon",
+          **{f"probe_{p}": f"probe {p.replace('_to_', '→')} R@5" for p in RETRIEVAL},
+          **{f"heads_{p}": f"heads {p.replace('_to_', '→')} R@5" for p in RETRIEVAL},
+          **{f"nmi_{a}_{b}": f"NMI {a}/{b}" for a, b in CROSS_PAIRS},
+          "image_psnr": "image PSNR", "mel_distance": "mel distance"}
 
 
 @dataclass(frozen=True)
@@ -48,79 +64,78 @@ class JointBenchSettings:
 
 def train_and_score(data: Path, overrides: list[str], seed: int,
                     steps: int | None = None) -> dict[str, Any]:
-    """Train the fused demo model under ``overrides`` with ``seed``; its val joint tokens."""
+    """Train the fused demo model under ``overrides`` with ``seed``; its scores on val."""
     import numpy as np
     import torch
 
-    from mmvq import metrics as M
     from mmvq.batch import to_model_inputs
     from mmvq.columns import MODEL_COLUMNS
-    from mmvq.train_step import generator_step
-    from pipeline.formats.preprocessed import model_config_for_data, read_split
-    from pipeline.train_loop import build_parts
-    from workflows.plan import load_workflow, plan_workflow
+    from mmvq.scoring import ReconstructionScores
+    from pipeline.formats.preprocessed import read_split
+    from pipeline.probe_retrieval import score_model
+    from workflows.bench_train import train_in_process
 
     extra = [f"train.steps={steps}"] if steps else []
-    workflow = load_workflow(WORKFLOW, [f"data_root={tempfile.mkdtemp()}",
-                                        "train.model.fusion.enabled=true", f"train.seed={seed}",
-                                        *extra, *overrides])
-    config = next(p.config for p in plan_workflow(workflow) if p.name == "train")
-    model_config, vocab = model_config_for_data(config.model, data)
-    config = dataclasses.replace(config, model=model_config)
-    torch.set_num_threads(config.num_workers * config.threads_per_worker)
-    torch.manual_seed(config.seed)
-    rows = read_split(data / "train", MODEL_COLUMNS)
-    val = read_split(data / "val", MODEL_COLUMNS)
-    parts = build_parts(config, torch.device("cpu"), vocab)
-    batch = config.num_workers * config.batch_size
-    n = len(rows["has_image"])
-    step, epoch, started = 0, 0, time.perf_counter()
-    while step < config.steps:
-        order = np.random.default_rng(config.seed + epoch).permutation(n)
-        for begin in range(0, n - batch + 1, batch):
-            inputs = to_model_inputs({k: v[order[begin:begin + batch]] for k, v in rows.items()})
-            generator_step(parts.model, [inputs], parts.optimizers["generator"],
-                           config.grad_clip)
-            for scheduler in parts.schedulers.values():
-                scheduler.step()
-            step += 1
-            if step == config.steps:
-                break
-        epoch += 1
+    started = time.perf_counter()
+    config, parts = train_in_process(data, ["train.model.fusion.enabled=true",
+                                            f"train.seed={seed}", *extra, *overrides])
     seconds = time.perf_counter() - started
     model = parts.model.eval()
+    fused = model.fusion is not None
+    val = read_split(data / "val", MODEL_COLUMNS)
+    scores = ReconstructionScores(model.codebook_sizes(), config.model.audio.sample_rate)
     joint, recon = [], []
     with torch.no_grad():
         for begin in range(0, len(val["has_image"]), 64):
             inputs = to_model_inputs({k: v[begin:begin + 64] for k, v in val.items()})
-            joint.append(model.encode(inputs)["joint"])
-            recon.append(float(model(inputs).losses["fusion/recon"]))
-    codes = torch.cat(joint)  # (N, num_queries)
-    size = config.model.fusion.codebook_size
-    return {"seed": seed, "usage": M.codebook_usage(codes, size),
-            "perplexity": M.codebook_perplexity(codes, size),
-            "codes_per_query": [int(codes[:, q].unique().numel()) for q in range(codes.shape[1])],
-            "fusion_recon": float(np.mean(recon)), "train_s": seconds}
+            codes = model.encode(inputs)
+            scores.add(inputs, model.decode(codes), codes, model.embed(inputs) if fused else {})
+            if fused:
+                joint.append(codes["joint"])
+                recon.append(float(model(inputs).losses["fusion/recon"]))
+    summary = scores.summary()
+    retrieval = score_model(model, data / "train", data / "val")
+    result = {"seed": seed, "train_s": seconds,
+              "image_psnr": summary["image/psnr"], "mel_distance": summary["audio/mel_distance"],
+              **{f"nmi_{a}_{b}": summary[f"cross/nmi_{a}_{b}"] for a, b in CROSS_PAIRS},
+              **{f"probe_{pair}": retrieval["probe"][f"{pair}/r5"] for pair in RETRIEVAL},
+              **{f"heads_{pair}": retrieval["heads"][f"{pair}/r5"] if fused else None
+                 for pair in RETRIEVAL},
+              "chance_r5": retrieval["chance"]["r5"],
+              "usage": None, "perplexity": None, "codes_per_query": None, "fusion_recon": None}
+    if fused:
+        codes = torch.cat(joint)  # (N, num_queries)
+        result |= {"usage": summary["joint/codebook_usage"],
+                   "perplexity": summary["joint/codebook_perplexity"],
+                   "codes_per_query": [int(codes[:, q].unique().numel())
+                                       for q in range(codes.shape[1])],
+                   "fusion_recon": float(np.mean(recon))}
+    return result
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """Per variant, the median over seeds of usage, perplexity and fusion/recon."""
-    return {variant: {key: statistics.median(r[key] for r in results)
-                      for key in ("usage", "perplexity", "fusion_recon")}
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
+    """Per variant, the median over seeds of every score (None where the variant has none:
+    a variant without fusion has no joint tokens)."""
+    def median(results: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in results if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    return {variant: {key: median(results, key) for key in SCORES}
             for variant, results in runs.items()}
 
 
 def format_table(runs: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["| variant | seed | val joint usage | perplexity | fusion/recon | codes per query |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    """One row per variant and seed, then one per variant of medians over seeds."""
+    header = ["variant", "seed", *SCORES.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+
+    def row(variant: str, seed: str, values: dict[str, Any]) -> str:
+        cells = ["-" if values[k] is None else f"{values[k]:.3f}" for k in SCORES]
+        return f"| {variant or 'default'} | {seed} | " + " | ".join(cells) + " |"
+
     for variant, results in runs.items():
-        for r in results:
-            lines.append(f"| {variant or 'default'} | {r['seed']} | {r['usage']:.3f} | "
-                         f"{r['perplexity']:.1f} | {r['fusion_recon']:.3f} | "
-                         f"{r['codes_per_query']} |")
-    for variant, median in summarize(runs).items():
-        lines.append(f"| {variant or 'default'} | median | {median['usage']:.3f} | "
-                     f"{median['perplexity']:.1f} | {median['fusion_recon']:.3f} | |")
+        lines += [row(variant, str(r["seed"]), r) for r in results]
+    lines += [row(variant, "median", medians) for variant, medians in summarize(runs).items()]
     return "\n".join(lines)
 
 
@@ -128,8 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m workflows.bench_joint",
         description="The fused demo model trained in one process (no Ray) per setting and seed; "
-                    "the joint tokens' codebook usage, perplexity and fusion/recon on val, "
-                    "beside the default configuration's.")
+                    "on val its joint tokens' usage and fusion/recon, probe and head retrieval "
+                    "R@5, cross-modal NMI, PSNR and mel distance, beside the default "
+                    "configuration's.")
     parser.add_argument("--data", type=Path, required=True,
                         help="a preprocess stage's output folder (with train/ and val/), e.g. "
                              "runs/bench/fusion/preprocess/<fingerprint> after make bench-fusion")
@@ -139,7 +155,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="optimizer steps (default: the demo's train.steps)")
     parser.add_argument("--variant", action="append", default=[],
                         help="space-separated STAGE.KEY=VALUE overrides compared with the "
-                             "default; repeat for more variants")
+                             "default; repeat for more variants; "
+                             f"{SEPARATE_VARIANT!r} is the separate tokenizers")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/joint.json"),
                         help="JSON result (default %(default)s)")
     return parser.parse_args(argv)
@@ -154,9 +171,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for variant in [DEFAULT_VARIANT, *args.variant]:
         for seed in args.seeds:
             result = train_and_score(args.data, variant.split(), seed, args.steps)
-            print(f"[joint] {variant or 'default'} seed {seed}: usage {result['usage']:.3f} "
-                  f"fusion/recon {result['fusion_recon']:.3f} ({result['train_s']:.0f} s)",
-                  flush=True)
+            print(f"[joint] {variant or 'default'} seed {seed}: "
+                  f"probe image->text R@5 {result['probe_image_to_text']:.3f}, "
+                  f"audio->text {result['probe_audio_to_text']:.3f}, "
+                  f"PSNR {result['image_psnr']:.2f}, joint usage {result['usage']} "
+                  f"(trained in {result['train_s']:.0f} s)", flush=True)
             runs.setdefault(variant, []).append(result)
     settings = JointBenchSettings(data=str(args.data), seeds=tuple(args.seeds),
                                   steps=args.steps, variants=tuple(args.variant))

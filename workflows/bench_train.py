@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,15 @@ def plain_command(data: Path, settings: TrainBenchSettings) -> list[str]:
             "--steps", str(settings.steps), "--log-every", str(settings.log_every)]
 
 
-def plain_loop(data: Path, steps: int, log_every: int) -> None:
-    """The baseline: the demo's train config and model, one process, whole global batches."""
+def train_in_process(data: Path, overrides: list[str],
+                     on_step: Callable[[int, int, float], None] | None = None) -> tuple[Any, Any]:
+    """The demo's train config (``WORKFLOW`` under ``overrides``) and model trained in this
+    process on whole global batches of ``data``'s train split, as the stage's workers step it.
+
+    ``on_step(step, global_batch, seconds_since_start)`` is called after every step. Returns
+    the train config (its model config completed from the data contract) and the trained parts
+    (:class:`pipeline.train_loop.TrainParts`).
+    """
     import numpy as np
     import torch
 
@@ -140,7 +148,7 @@ def plain_loop(data: Path, steps: int, log_every: int) -> None:
     from pipeline.train_loop import build_parts
     from workflows.plan import load_workflow, plan_workflow
 
-    workflow = load_workflow(WORKFLOW, [f"data_root={tempfile.mkdtemp()}"])
+    workflow = load_workflow(WORKFLOW, [f"data_root={tempfile.mkdtemp()}", *overrides])
     config = next(p.config for p in plan_workflow(workflow) if p.name == "train")
     model_config, vocab = model_config_for_data(config.model, data)
     config = dataclasses.replace(config, model=model_config)
@@ -153,7 +161,7 @@ def plain_loop(data: Path, steps: int, log_every: int) -> None:
     n = len(next(iter(rows.values())))
     step, epoch = 0, 0
     started = time.perf_counter()
-    while step < steps:
+    while step < config.steps:
         order = np.random.default_rng(config.seed + epoch).permutation(n)
         for begin in range(0, n - batch + 1, batch):
             index = order[begin:begin + batch]
@@ -162,12 +170,22 @@ def plain_loop(data: Path, steps: int, log_every: int) -> None:
             for scheduler in parts.schedulers.values():
                 scheduler.step()
             step += 1
-            if step == 1 or step % log_every == 0 or step == steps:
-                rate = step * batch / (time.perf_counter() - started)
-                print(f"[plain] step {step}/{steps}  {rate:.1f} samples/s", flush=True)
-            if step == steps:
+            if on_step is not None:
+                on_step(step, batch, time.perf_counter() - started)
+            if step == config.steps:
                 break
         epoch += 1
+    return config, parts
+
+
+def plain_loop(data: Path, steps: int, log_every: int) -> None:
+    """The baseline: the demo's train config and model, one process, whole global batches."""
+    def progress(step: int, batch: int, seconds: float) -> None:
+        if step == 1 or step % log_every == 0 or step == steps:
+            print(f"[plain] step {step}/{steps}  {step * batch / seconds:.1f} samples/s",
+                  flush=True)
+
+    train_in_process(data, [f"train.steps={steps}"], progress)
 
 
 def floor_command() -> list[str]:

@@ -38,16 +38,23 @@ def test_median_over_seeds_of_every_numeric_leaf():
 
 
 def test_joint_bench_reports_each_run_and_the_median_per_variant():
-    from workflows.bench_joint import format_table, summarize
+    from workflows.bench_joint import SCORES, SEPARATE_VARIANT, format_table, summarize
 
-    def run(seed, usage):
-        return {"seed": seed, "usage": usage, "perplexity": 40.0 * usage, "fusion_recon": 0.3,
-                "codes_per_query": [8, 9], "train_s": 100.0}
+    def run(seed, usage, probe=0.15):
+        scores = dict.fromkeys(SCORES, 0.3) | {"usage": usage, "probe_image_to_text": probe}
+        if usage is None:  # without fusion: no joint tokens, no heads
+            scores |= {k: None for k in SCORES if k.startswith("heads_")}
+            scores |= {"perplexity": None, "fusion_recon": None}
+        return scores | {"seed": seed, "codes_per_query": None, "train_s": 100.0}
     runs = {"": [run(2, 0.95), run(0, 0.86), run(1, 0.91)],
-            "train.model.fusion.diversity_temperature=0.1": [run(2, 0.50), run(0, 0.67)]}
+            "train.model.fusion.diversity_temperature=0.1": [run(2, 0.50), run(0, 0.67)],
+            SEPARATE_VARIANT: [run(2, None, 0.10), run(0, None, 0.12)]}
     median = summarize(runs)
     assert median[""]["usage"] == 0.91
     assert median["train.model.fusion.diversity_temperature=0.1"]["usage"] == pytest.approx(0.585)
+    assert median[SEPARATE_VARIANT]["usage"] is None
+    assert median[SEPARATE_VARIANT]["probe_image_to_text"] == pytest.approx(0.11)
     table = format_table(runs)
     assert "| default | median | 0.910 |" in table
     assert "| train.model.fusion.diversity_temperature=0.1 | 0 | 0.670 |" in table
+    assert f"| {SEPARATE_VARIANT} | median | - | - | - | 0.110 |" in table
