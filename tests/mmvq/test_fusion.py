@@ -226,6 +226,21 @@ def test_position_pooling_tells_a_sequence_from_its_reverse():
     assert positional(torch.randn(2, 64, 8)).shape == (2, 16)  # any length: relative buckets
 
 
+def test_position_pooling_is_the_mean_of_the_whole_mlp_at_every_position():
+    """The second layer runs once on the mean, not at every position: the same vector as the
+    MLP applied per position and averaged, which is what checkpoints were trained as."""
+    from mmvq.pooling import POSITION_BUCKETS, PositionMLP
+
+    torch.manual_seed(0)
+    pool = PositionMLP(8, 16, positional=True)
+    with torch.no_grad():
+        pool.position.normal_()
+    x = torch.randn(3, 40, 8)
+    buckets = torch.arange(40) * POSITION_BUCKETS // 40
+    per_position = pool[2](pool[1](pool[0](x) + pool.position[buckets]))  # (3, 40, 16)
+    assert torch.allclose(pool(x), per_position.mean(dim=1), atol=1e-6)
+
+
 def test_diversity_loss_is_zero_when_spread_and_log_k_when_collapsed():
     torch.manual_seed(0)
     fusion = Fusion(CONFIG, DIMS)
