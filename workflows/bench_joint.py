@@ -89,7 +89,8 @@ def train_and_score(data: Path, overrides: list[str], seed: int,
         for begin in range(0, len(val["has_image"]), 64):
             inputs = to_model_inputs({k: v[begin:begin + 64] for k, v in val.items()})
             codes = model.encode(inputs)
-            scores.add(inputs, model.decode(codes), codes, model.embed(inputs) if fused else {})
+            # No embeddings: the heads' retrieval is score_model's below, scored once.
+            scores.add(inputs, model.decode(codes), codes, {})
             if fused:
                 joint.append(codes["joint"])
                 recon.append(float(model(inputs).losses["fusion/recon"]))

@@ -136,7 +136,7 @@ def train_in_process(data: Path, overrides: list[str],
 
     ``on_step(step, global_batch, seconds_since_start)`` is called after every step. Returns
     the train config (its model config completed from the data contract) and the trained parts
-    (:class:`pipeline.train_loop.TrainParts`).
+    (what :func:`pipeline.train_loop.build_parts` returns).
     """
     import numpy as np
     import torch
