@@ -324,6 +324,16 @@ class FusionConfig:
     # only: encode and decode do not depend on it.
     align_grad_ratio: float | None = 0.5
     temperature: float = 0.07  # InfoNCE temperature (CLIP's initial value)
+    # Training only (mmvq.head_replay): after each train step the alignment heads take this
+    # many more steps of their own, on batches drawn from a replay of the last
+    # align_replay_samples samples' detached quantized latents, with their own AdamW at
+    # align_head_lr (same warmup-cosine schedule). One step per batch left them near chance on
+    # the demo's schedule (BENCHMARKS.md "Alignment-head replay"). The replay costs 4 bytes x
+    # (latent positions of all modalities) x code width per sample on the model's device
+    # (12 KiB per demo sample, 18 MiB at 1536); 0 steps: no replay, no extra optimizer.
+    align_head_steps: int = 8
+    align_replay_samples: int = 1536
+    align_head_lr: float = 2e-3
     # Softmax temperature of the soft joint-code assignments of the fusion/diversity loss, over
     # cosine similarities in [-1, 1]. It must be sharp enough that the soft assignments look
     # like the hard lookup: at 0.1 each latent's soft assignment still spread over many nearby
@@ -354,6 +364,13 @@ class FusionConfig:
         if self.align_grad_ratio is not None and self.align_grad_ratio <= 0:
             raise ConfigError("fusion.align_grad_ratio must be positive or null, got "
                               f"{self.align_grad_ratio!r}")
+        if self.align_head_steps < 0:
+            raise ConfigError(f"fusion.align_head_steps must be >= 0, got {self.align_head_steps!r}")
+        if self.align_replay_samples < 2:
+            raise ConfigError("fusion.align_replay_samples must be >= 2 (a contrastive batch "
+                              f"needs a negative), got {self.align_replay_samples!r}")
+        if self.align_head_lr <= 0:
+            raise ConfigError(f"fusion.align_head_lr must be positive, got {self.align_head_lr!r}")
         if self.embedding_pool not in EMBEDDING_POOLS:
             raise ConfigError(f"fusion.embedding_pool must be one of {', '.join(EMBEDDING_POOLS)}, "
                               f"got {self.embedding_pool!r}")

@@ -82,7 +82,7 @@ class Fusion(nn.Module):
                                                  enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.dim)
         self.quantizer = build_quantizer(config.quantizer, config.codebook_size, config.dim)
-        if config.embedding_pool in ("position_mlp", "mlp"):  # per position, then averaged
+        if self.pools_per_position:  # per position, then averaged
             positional = config.embedding_pool == "position_mlp"
             self.pool = nn.ModuleDict({m: PositionMLP(latent_dims[m], config.dim, positional)
                                        for m in self.modalities})
@@ -106,7 +106,7 @@ class Fusion(nn.Module):
         """
         visible = self._drop_modalities(present) if self.training else dict(present)
         limit = self.config.max_tokens_per_modality
-        tokens, masks, pooled = [], [], {}
+        tokens, masks = [], []
         for m in self.modalities:
             # The joint path reads the latents detached: the joint tokens' losses train fusion
             # only, never the modality encoders, so they cannot trade reconstruction for
@@ -116,7 +116,6 @@ class Fusion(nn.Module):
             x = x + self.modality_embedding[m]  # (B, min(N_m, limit), dim)
             tokens.append(x)
             masks.append(~visible[m][:, None].expand(-1, x.shape[1]))  # True = hidden
-            pooled[m] = self.pool_latents(m, latents[m])  # (B, dim), for InfoNCE
         batch = tokens[0].shape[0]
         queries = self.queries.expand(batch, -1, -1)  # (B, Q, dim)
         sequence = torch.cat([queries, *tokens], dim=1)  # (B, Q + sum N_m, dim)
@@ -128,8 +127,7 @@ class Fusion(nn.Module):
         flat = rearrange(joint, "b q d -> (b q) d")
         q = self.quantizer(flat)
         quantized = rearrange(q.quantized, "(b q) d -> b q d", b=batch)
-        embeddings = {m: nn.functional.normalize(self.embed[m](pooled[m]), dim=-1)
-                      for m in self.modalities}
+        embeddings = self.embed_latents(latents)
         losses = {"fusion/commit": q.commit_loss, "fusion/codebook": q.codebook_loss,
                   "fusion/recon": self.prediction_loss(quantized, latents, present),
                   "fusion/diversity": self.diversity_loss(flat),
@@ -137,19 +135,30 @@ class Fusion(nn.Module):
         return FusionOutput(indices=rearrange(q.indices, "(b q) -> b q", b=batch),
                             quantized=quantized, embeddings=embeddings, losses=losses)
 
+    @property
+    def pools_per_position(self) -> bool:
+        """Whether embeddings pool an MLP of every position (``embedding_pool`` position_mlp or
+        mlp), so that ``self.pool`` exists and belongs to the alignment heads."""
+        return self.config.embedding_pool in ("position_mlp", "mlp")
+
+    def embed_latents(self, latents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Modality -> (B, embed_dim) unit embeddings of (B, N_m, D_m) quantized latents, for
+        InfoNCE and retrieval (also what :mod:`mmvq.head_replay` trains the heads on)."""
+        return {m: nn.functional.normalize(self.embed[m](self.pool_latents(m, latents[m])), dim=-1)
+                for m in self.modalities}
+
     def alignment_heads(self) -> list[nn.Parameter]:
         """The parameters only ``align/infonce`` trains: the pooling and embedding heads (for
         ``embedding_pool: mean`` only the embeddings; ``project`` also feeds the joint path).
         The train step clips their gradient apart from the joint path's, whose losses would
         otherwise shrink the alignment's step (BENCHMARKS.md "Joint codebook usage")."""
-        pooled = self.config.embedding_pool in ("position_mlp", "mlp")
-        heads = [self.embed, self.pool] if pooled else [self.embed]
+        heads = [self.embed, self.pool] if self.pools_per_position else [self.embed]
         return [p for head in heads for p in head.parameters()]
 
     def pool_latents(self, modality: str, latents: torch.Tensor) -> torch.Tensor:
         """(B, N, D_m) quantized latents -> (B, dim), the vector the modality's embedding is a
         linear map of (``FusionConfig.embedding_pool``)."""
-        if self.config.embedding_pool in ("position_mlp", "mlp"):
+        if self.pools_per_position:
             return self.pool[modality](latents.float())
         # project is linear, so projecting the mean equals averaging the projections, without
         # projecting every one of the N positions.

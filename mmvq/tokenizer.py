@@ -71,12 +71,16 @@ class TokenizerOutput:
         ``fusion/recon``, ``align/infonce`` with fusion) and
         ``total`` (the weighted sum)
     embeddings : modality -> (B, embed_dim) unit vectors for retrieval (fusion only, else {})
+    latents : modality -> (B, N_m, D_m) detached quantized latents (fusion only, else {})
     """
 
     reconstructions: dict[str, torch.Tensor]
     indices: dict[str, torch.Tensor]
     losses: dict[str, torch.Tensor]
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Fusion only: each modality's quantized latents (B, N_m, D_m), detached, as the alignment
+    # heads read them; the train step keeps them for the heads' replay (mmvq.head_replay).
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MultimodalTokenizer(nn.Module):
@@ -257,7 +261,9 @@ class MultimodalTokenizer(nn.Module):
         }
         indices = {name: out.indices for name, out in vq.items()}
         embeddings: dict[str, torch.Tensor] = {}
+        latents: dict[str, torch.Tensor] = {}
         if self.fusion is not None:
+            latents = {m: x.detach() for m, x in _latent_sequences(vq).items()}
             fused = self._fuse(vq, inputs, cap)
             losses.update(fused.losses)
             indices["joint"] = fused.indices
@@ -265,7 +271,7 @@ class MultimodalTokenizer(nn.Module):
         losses["total"] = sum(cfg.loss_weights[name] * value for name, value in losses.items())
         return TokenizerOutput(
             reconstructions={"image": image, "audio": audio, "text_logits": text_logits},
-            indices=indices, losses=losses, embeddings=embeddings,
+            indices=indices, losses=losses, embeddings=embeddings, latents=latents,
         )
 
     def _fuse(self, vq: dict[str, QuantizerOutput], inputs: ModelInputs,

@@ -30,6 +30,7 @@ from torch import nn
 from mmvq import losses as L
 from mmvq.batch import ModelInputs
 from mmvq.config import GanConfig
+from mmvq.head_replay import AlignmentHeadTrainer
 from mmvq.scoring import codebook_stats
 from mmvq.tokenizer import TokenizerOutput
 
@@ -79,6 +80,7 @@ def generator_step(
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None = None,
     amp_dtype: torch.dtype | None = None,
+    heads: AlignmentHeadTrainer | None = None,
 ) -> dict[str, float]:
     """One optimisation step on the reconstruction + VQ losses.
 
@@ -90,6 +92,8 @@ def generator_step(
     optimizer : e.g. from :func:`build_optimizer`
     grad_clip : max global gradient norm, or None for no clipping
     amp_dtype : autocast dtype for the forward pass (``torch.bfloat16`` on GPU), None for fp32
+    heads : with fusion, the alignment heads' replay trainer: it keeps each micro-batch's
+        latents and updates the heads after the step (``align/head_infonce``); None: no replay
 
     Returns
     -------
@@ -109,8 +113,23 @@ def generator_step(
                 out = model(mb)
             (out.losses["total"] / len(micro)).backward()
         _accumulate(stats, _loss_stats(out) | code_stats(model, out, mb), len(micro))
+        _keep_latents(heads, out, mb)
     stats |= _clip_and_step(model, optimizer, grad_clip)
-    return stats
+    return stats | _train_heads(heads, model)
+
+
+def _keep_latents(heads: AlignmentHeadTrainer | None, out: TokenizerOutput,
+                  inputs: ModelInputs) -> None:
+    if heads is not None and out.latents:
+        heads.add(out.latents, {"image": inputs.has_image, "audio": inputs.has_audio,
+                                "text": inputs.has_text})
+
+
+def _train_heads(heads: AlignmentHeadTrainer | None, model: nn.Module) -> dict[str, float]:
+    """The replay's head updates, after the model's own step (outside DDP's forward, so on
+    the unwrapped fusion module)."""
+    fusion = getattr(_unwrap(model), "fusion", None)
+    return heads.step(fusion) if heads is not None and fusion is not None else {}
 
 
 def code_stats(model: nn.Module, out: TokenizerOutput, inputs: ModelInputs) -> dict[str, float]:
@@ -231,6 +250,7 @@ def gan_generator_step(
     perceptual: nn.Module | None = None,
     grad_clip: float | None = None,
     amp_dtype: torch.dtype | None = None,
+    heads: AlignmentHeadTrainer | None = None,
 ) -> tuple[dict[str, float], Reconstructions | list[Reconstructions]]:
     """One generator step: the tokenizer's losses plus perceptual and adversarial terms.
 
@@ -254,6 +274,7 @@ def gan_generator_step(
     perceptual : e.g. from :func:`mmvq.perceptual.build_perceptual`; None: no perceptual loss
     grad_clip : max global gradient norm of the tokenizer, or None
     amp_dtype : autocast dtype of the forward passes, None for fp32
+    heads : the alignment heads' replay trainer, as in :func:`generator_step`
 
     Returns
     -------
@@ -271,11 +292,13 @@ def gan_generator_step(
     recons = []
     for mb, last in _with_last(micro):
         with _no_sync(model, last):
-            mb_stats, recon = _gan_generator_backward(model, mb, discriminators, gan, step,
-                                                      perceptual, len(micro), amp_dtype)
+            mb_stats, recon, out = _gan_generator_backward(model, mb, discriminators, gan, step,
+                                                           perceptual, len(micro), amp_dtype)
         _accumulate(stats, mb_stats, len(micro))
+        _keep_latents(heads, out, mb)
         recons.append(recon)
     stats |= _clip_and_step(model, optimizer, grad_clip)
+    stats |= _train_heads(heads, model)
     return stats, recons[0] if isinstance(inputs, ModelInputs) else recons
 
 
@@ -288,8 +311,9 @@ def _gan_generator_backward(
     perceptual: nn.Module | None,
     num_micro: int,
     amp_dtype: torch.dtype | None,
-) -> tuple[dict[str, float], Reconstructions]:
-    """Forward and backward of one (micro-)batch; gradients scaled by ``1 / num_micro``."""
+) -> tuple[dict[str, float], Reconstructions, TokenizerOutput]:
+    """Forward and backward of one (micro-)batch; gradients scaled by ``1 / num_micro``.
+    Returns the stats, the detached reconstructions and the tokenizer's output."""
     with _autocast(inputs, amp_dtype):
         out = model(inputs)
     weights = _unwrap(model).config.loss_weights
@@ -321,7 +345,7 @@ def _gan_generator_backward(
     stats["total"] += sum(float(v.detach()) for v in extra.values())
     stats.update(code_stats(model, out, inputs))
     reconstructions = {m: out.reconstructions[m].detach().float() for m in RECONSTRUCTION_TERMS}
-    return stats, reconstructions
+    return stats, reconstructions, out
 
 
 def _adversarial_term(

@@ -36,6 +36,7 @@ from torch import nn
 
 from mmvq.batch import to_model_inputs
 from mmvq.discriminators import build_discriminators
+from mmvq.head_replay import AlignmentHeadTrainer
 from mmvq.modalities.image import to_uint8
 from mmvq.perceptual import build_perceptual
 from mmvq.scoring import ReconstructionScores
@@ -68,6 +69,8 @@ class _Parts:
     perceptual: nn.Module | None
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+    # Fusion's alignment heads' replay (mmvq.head_replay), over optimizers["align_heads"].
+    head_trainer: AlignmentHeadTrainer | None = None
 
     def modules(self) -> dict[str, nn.Module | None]:
         return {"generator": self.model, "ema": self.ema, "discriminators": self.discriminators}
@@ -150,7 +153,12 @@ def build_parts(cfg: TrainConfig, device: torch.device, text_vocab: TextVocab | 
         optimizers=list(optimizers.values()))))
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, name))
                   for name, opt in optimizers.items()}
-    return _Parts(model, ema, discriminators, perceptual, optimizers, schedulers)
+    head_trainer = None
+    if "align_heads" in optimizers:
+        fusion = cfg.model.fusion
+        head_trainer = AlignmentHeadTrainer(optimizers["align_heads"], fusion.align_head_steps,
+                                            fusion.align_replay_samples, cfg.grad_clip, cfg.seed)
+    return _Parts(model, ema, discriminators, perceptual, optimizers, schedulers, head_trainer)
 
 
 def _schedule_start(cfg: TrainConfig, name: str) -> int:
@@ -176,9 +184,16 @@ def _schedule(cfg: TrainConfig, name: str) -> Callable[[int], float]:
 
 def _optimizers(cfg: TrainConfig, model: nn.Module,
                 discriminators: nn.ModuleDict | None) -> dict[str, torch.optim.Optimizer]:
-    """AdamW for the generator and, with the GAN on, one for all discriminators."""
+    """AdamW for the generator, with the GAN on one for all discriminators, and with fusion's
+    head replay on (``fusion.align_head_steps`` > 0) one for the alignment heads' extra steps
+    (the generator's still steps them once per batch with the rest of the model)."""
     optimizers = {"generator": build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                betas=cfg.betas)}
+    fusion = cfg.model.fusion
+    if fusion.enabled and fusion.align_head_steps > 0:
+        optimizers["align_heads"] = torch.optim.AdamW(
+            model.fusion.alignment_heads(), lr=fusion.align_head_lr, betas=cfg.betas,
+            weight_decay=0.0)
     if discriminators is not None:
         optimizers["discriminator"] = torch.optim.AdamW(
             discriminators.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.disc_betas,
@@ -266,10 +281,12 @@ class _Loop:
         cfg, parts = self.cfg, self.parts
         opt = parts.optimizers["generator"]
         if self.discriminators is None:
-            stats = generator_step(self.model, micro, opt, cfg.grad_clip)
+            stats = generator_step(self.model, micro, opt, cfg.grad_clip,
+                                   heads=parts.head_trainer)
         else:
             stats, recons = gan_generator_step(self.model, micro, opt, self.discriminators,
-                                               cfg.gan, step, parts.perceptual, cfg.grad_clip)
+                                               cfg.gan, step, parts.perceptual, cfg.grad_clip,
+                                               heads=parts.head_trainer)
             stats |= discriminator_step(recons, micro, self.discriminators,
                                         parts.optimizers["discriminator"], cfg.gan, step,
                                         cfg.grad_clip)

@@ -166,7 +166,7 @@ def train_in_process(data: Path, overrides: list[str],
         for begin in range(0, n - batch + 1, batch):
             index = order[begin:begin + batch]
             inputs = to_model_inputs({k: v[index] for k, v in rows.items()})
-            generator_step(parts.model, [inputs], opt, config.grad_clip)
+            generator_step(parts.model, [inputs], opt, config.grad_clip, heads=parts.head_trainer)
             for scheduler in parts.schedulers.values():
                 scheduler.step()
             step += 1

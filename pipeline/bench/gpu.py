@@ -298,7 +298,8 @@ class TrainSetup:
         parts, clip = self.parts, self.config.grad_clip
         _, recon = gan_generator_step(parts.model, inputs, parts.optimizers["generator"],
                                       parts.discriminators, GAN, step=0,
-                                      perceptual=parts.perceptual, grad_clip=clip)
+                                      perceptual=parts.perceptual, grad_clip=clip,
+                                      heads=parts.head_trainer)
         discriminator_step(recon, inputs, parts.discriminators,
                            parts.optimizers["discriminator"], GAN, step=0, grad_clip=clip)
 
