@@ -127,7 +127,9 @@ def load_checkpoint(
     saved = torch.load(directory / _OPTIM_FILE, map_location="cpu", weights_only=True)
     for name, obj in optim.items():
         if name not in saved:
-            raise ValueError(f"{directory / _OPTIM_FILE}: no state for {name!r}")
+            raise ValueError(f"{directory / _OPTIM_FILE}: no state for {name!r} (switched "
+                             "on after this run started? the GAN adds optimizer/discriminator, "
+                             "fusion.align_head_steps > 0 optimizer/align_heads)")
         obj.load_state_dict(saved[name])
     rng = directory / f"rng_rank{rank}.pt"
     # A run restarted on fewer ranks than it saved finds its own file; more ranks take rank 0's.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from traindata import preprocessed_batch
 
@@ -63,3 +64,12 @@ def test_a_checkpoint_restores_the_heads_optimizer_and_schedule(tmp_path):
         assert torch.equal(state["exp_avg"], loaded["state"][key]["exp_avg"])
     assert (restored.schedulers["align_heads"].last_epoch
             == parts.schedulers["align_heads"].last_epoch == 3)
+
+
+def test_resuming_without_the_heads_optimizer_names_it(tmp_path):
+    off = _config(head_steps=0)
+    parts = build_parts(off, CPU)
+    save_checkpoint(tmp_path, TrainState(0, 0, 0), parts.modules(), parts.optim(), rank=0)
+    on = build_parts(_config(), CPU)
+    with pytest.raises(ValueError, match="optimizer/align_heads.*align_head_steps"):
+        load_checkpoint(tmp_path, on.modules(), on.optim(), rank=0)
