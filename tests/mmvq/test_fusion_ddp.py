@@ -1,12 +1,9 @@
 """Under DDP the alignment's negatives are every rank's samples, and only local rows get grads."""
 
 import importlib
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 WORLD = 2
 DIMS = {"image": 16, "audio": 12, "text": 8}
@@ -28,12 +25,9 @@ def _embeddings(rank: int, rows: int) -> dict[str, torch.Tensor]:
             for m in DIMS}
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+def worker(rank: int, out_dir: str) -> None:
     from mmvq.quantizers.distributed import all_gather_rows_local_grad
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
     rows = 3 + rank  # ranks with different batch sizes
     x = torch.arange(rows * 2, dtype=torch.float).reshape(rows, 2).add(100 * rank)
     x.requires_grad_()
@@ -46,19 +40,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     loss = fusion.alignment_loss(embeddings, present)
     torch.save({"gathered": gathered.detach(), "grad": x.grad, "loss": loss.detach()},
                Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_alignment_uses_every_ranks_samples_as_negatives(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    module = importlib.import_module(Path(__file__).stem)
-    mp.spawn(module.worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    importlib.import_module("gloo_ranks").run_on_ranks(Path(__file__).stem, tmp_path, WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     expected_rows = torch.cat([torch.arange(6.0).reshape(3, 2),
                                torch.arange(8.0).reshape(4, 2) + 100])

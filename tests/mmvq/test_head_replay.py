@@ -1,13 +1,10 @@
 """The alignment heads' replay (mmvq.head_replay): more head steps per batch, on real latents."""
 
 import importlib
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmvq.config import ConfigError, FusionConfig
 from mmvq.fusion import Fusion
@@ -121,10 +118,7 @@ def test_bad_replay_settings_are_config_errors_naming_the_key(key, value):
 WORLD = 2
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+def worker(rank: int, out_dir: str) -> None:
     fusion = _fusion()
     trainer = AlignmentHeadTrainer(torch.optim.AdamW(fusion.alignment_heads(), lr=1e-2),
                                    steps=4, capacity=32, seed=rank)  # different draws too
@@ -133,19 +127,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         trainer.add(latents, _all_present(8))
         trainer.step(fusion)
     torch.save([p.detach() for p in fusion.alignment_heads()], Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ranks_replaying_different_samples_keep_identical_heads(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    module = importlib.import_module(Path(__file__).stem)
-    mp.spawn(module.worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    importlib.import_module("gloo_ranks").run_on_ranks(Path(__file__).stem, tmp_path, WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     initial = _fusion().alignment_heads()
     assert any(not torch.equal(p, q) for p, q in zip(ranks[0], initial, strict=True))

@@ -1,12 +1,9 @@
 """Two gloo ranks with different data keep bit-identical codebooks (EMA, k-means, restarts)."""
 
 import importlib
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 WORLD = 2
 STEPS = 6
@@ -59,11 +56,7 @@ def run_steps(quantizers: dict[str, torch.nn.Module], rank: int) -> dict[str, in
     return restarts
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+def worker(rank: int, out_dir: str) -> None:
     torch.manual_seed(0)  # identical initial codebooks, as DDP's initial broadcast gives
     synced = make_quantizers()
     restarts = run_steps(synced, rank)
@@ -80,21 +73,13 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         {"synced": states, "unsynced": control, "restarts": restarts},
         Path(out_dir) / f"rank{rank}.pt",
     )
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_codebooks_stay_bit_identical_across_ranks(tmp_path, monkeypatch):
     # Spawned children import the worker by module name, so make this file importable as a
     # top-level module (children inherit the parent's sys.path).
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    module = importlib.import_module(Path(__file__).stem)
-    mp.spawn(module.worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    importlib.import_module("gloo_ranks").run_on_ranks(Path(__file__).stem, tmp_path, WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert all(n > 0 for n in ranks[0]["restarts"].values()), ranks[0]["restarts"]
     for name, state in ranks[0]["synced"].items():
