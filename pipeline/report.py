@@ -246,11 +246,15 @@ def _fused_vs_separate(results: Mapping[str, Mapping[str, float]],
     if fused is None:
         return [*out, f"<p>{html.escape(str(comparison.get('note')))}</p>"]
     chance = fused["chance"]
+    probed = fused.get("probe") is not None
+    how = (f"through the same linear probe for both models (each modality's quantized latents "
+           f"pooled and mapped into one space, fitted on the "
+           f"{html.escape(comparison['probe_split'])} split with the tokenizer frozen; "
+           f"<code>mmvq.alignment_probe</code>)" if probed else
+           "through the fused model's own heads (no probe: there is no separate model to "
+           "compare with)")
     out.append(
-        f"<p>Cross-modal retrieval through the same linear probe for both models (each "
-        f"modality's quantized latents pooled and mapped into one space, fitted on the "
-        f"{html.escape(comparison['probe_split'])} split with the tokenizer frozen; "
-        f"<code>mmvq.alignment_probe</code>), scored on the {html.escape(comparison['split'])} "
+        f"<p>Cross-modal retrieval {how}, scored on the {html.escape(comparison['split'])} "
         f"split: {fused['val_samples']} samples, {fused['shared_caption_samples']} of them "
         f"share their caption with another (those count as hits). Chance: "
         + ", ".join(f"R@{k[1:]} {v:.3f}" for k, v in chance.items())
@@ -261,7 +265,7 @@ def _fused_vs_separate(results: Mapping[str, Mapping[str, float]],
     header = "".join(f"<th>{h}</th>" for h in ("metric", "fused (this model)", label,
                                                "fused vs separate"))
     rows = []
-    for key, value in fused["probe"].items():
+    for key, value in (fused.get("probe") or {}).items():
         pair, stat = key.split("/")
         other = separate["probe"][key] if separate else None
         name = f"{_PAIR_NAMES.get(pair, pair)} {_STAT_NAMES.get(stat, stat)} (probe)"
@@ -277,9 +281,11 @@ def _fused_vs_separate(results: Mapping[str, Mapping[str, float]],
         else:
             rows.append((name, _fmt(value), _fmt(other), change))
     for key, value in (fused.get("heads") or {}).items():
-        if key.endswith("/r5"):
-            rows.append((f"{_PAIR_NAMES.get(key.split('/')[0], key)} R@5 (fused heads)",
-                         _fmt(value), "–", "–"))
+        pair, stat = key.split("/")
+        if stat == "r5" or not probed:  # without the probe the heads are all there is
+            text = f"{value:.1f}" if stat == "median_rank" else _fmt(value)
+            name = f"{_PAIR_NAMES.get(pair, pair)} {_STAT_NAMES.get(stat, stat)} (fused heads)"
+            rows.append((name, text, "–", "–"))
     trained, theirs = results.get("trained", {}), results.get("separate", {})
     for key in _SHARED_METRICS:
         if key in trained:

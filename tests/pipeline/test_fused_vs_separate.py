@@ -110,7 +110,11 @@ def test_without_a_comparable_separate_version_the_report_says_why(registry, tmp
                                      MultimodalTokenizer(wide), uri, torch.device("cpu"))
     assert separate is None and "image size 64 here, 32 there" in note
     comparison = _fused_vs_separate(config, data / "val", fused, None, note)
-    assert comparison["separate"] is None and comparison["fused"]["probe"]
+    # Nothing to compare with: no probe is fitted (it costs more than the rest of the stage),
+    # and the fused heads' retrieval stands alone.
+    assert comparison["separate"] is None and comparison["fused"]["probe"] is None
+    assert set(comparison["fused"]["heads"]) >= {"image_to_text/r5", "audio_to_text/median_rank"}
     text = report.write_report(tmp_path, {"trained": {}, "untrained": {}}, None, {},
                                fused_vs_separate=comparison).read_text()
     assert "image size 64 here, 32 there" in text
+    assert "image→text R@10 (fused heads)" in text and "(probe)" not in text
