@@ -335,6 +335,11 @@ class FusionConfig:
     align_head_steps: int = 0
     align_replay_samples: int = 1536
     align_head_lr: float = 2e-3
+    # align/caption (mmvq.caption_target): every modality's pooled quantized latents predict the
+    # hashed 1..caption_ngrams-grams of the sample's text ids, a target that exists from the
+    # first step, unlike InfoNCE's; 0: no caption head.
+    caption_ngrams: int = 3
+    caption_buckets: int = 1024
     # Softmax temperature of the soft joint-code assignments of the fusion/diversity loss, over
     # cosine similarities in [-1, 1]. It must be sharp enough that the soft assignments look
     # like the hard lookup: at 0.1 each latent's soft assignment still spread over many nearby
@@ -372,6 +377,10 @@ class FusionConfig:
                               f"needs a negative), got {self.align_replay_samples!r}")
         if self.align_head_lr <= 0:
             raise ConfigError(f"fusion.align_head_lr must be positive, got {self.align_head_lr!r}")
+        if not 0 <= self.caption_ngrams <= 3:
+            raise ConfigError(f"fusion.caption_ngrams must be in 0..3, got {self.caption_ngrams!r}")
+        if self.caption_buckets < 1:
+            raise ConfigError(f"fusion.caption_buckets must be >= 1, got {self.caption_buckets!r}")
         if self.embedding_pool not in EMBEDDING_POOLS:
             raise ConfigError(f"fusion.embedding_pool must be one of {', '.join(EMBEDDING_POOLS)}, "
                               f"got {self.embedding_pool!r}")
@@ -404,6 +413,8 @@ DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = types.MappingProxyType(
         # Spread the joint latents over the whole joint codebook (Fusion.diversity_loss).
         "fusion/diversity": 0.1,
         "align/infonce": 0.1,
+        # Predict the caption's hashed n-grams from each modality's pooled tokens (mmvq.fusion).
+        "align/caption": 0.0,
     }
 )
 

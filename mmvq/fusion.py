@@ -54,7 +54,8 @@ class FusionOutput:
     indices: torch.Tensor  # (B, num_queries) joint token ids
     quantized: torch.Tensor  # (B, num_queries, dim)
     embeddings: dict[str, torch.Tensor]  # modality -> (B, embed_dim), unit norm
-    # fusion/commit, fusion/codebook, fusion/recon, fusion/diversity, align/infonce
+    # fusion/commit, fusion/codebook, fusion/recon, fusion/diversity, align/infonce,
+    # align/caption
     losses: dict[str, torch.Tensor]
 
 
@@ -88,6 +89,10 @@ class Fusion(nn.Module):
                                        for m in self.modalities})
         self.embed = nn.ModuleDict({m: nn.Linear(config.dim, config.embed_dim)
                                     for m in self.modalities})
+        # align/caption: each modality's pooled vector -> logits of the caption's n-gram bag.
+        self.caption = (nn.ModuleDict({m: nn.Linear(config.dim, config.caption_buckets)
+                                       for m in self.modalities})
+                        if config.caption_ngrams > 0 else None)
         # The joint tokens' target: all quantized queries -> each modality's pooled latent.
         joint_width = config.num_queries * config.dim
         self.predict = nn.ModuleDict({
@@ -96,13 +101,17 @@ class Fusion(nn.Module):
             for m in self.modalities})
 
     def forward(self, latents: Mapping[str, torch.Tensor],
-                present: Mapping[str, torch.Tensor]) -> FusionOutput:
+                present: Mapping[str, torch.Tensor],
+                caption: torch.Tensor | None = None) -> FusionOutput:
         """Joint tokens and modality embeddings for a batch.
 
         Parameters
         ----------
         latents : modality -> (B, N_m, D_m) quantized latents (image grids flattened)
         present : modality -> (B,) bool, whether the sample has that modality
+        caption : (B, caption_buckets) n-gram bag of each sample's text
+            (:func:`mmvq.caption_target.caption_bag`), the target of ``align/caption``; rows
+            without text are ignored. None: that loss is 0.
         """
         visible = self._drop_modalities(present) if self.training else dict(present)
         limit = self.config.max_tokens_per_modality
@@ -127,11 +136,14 @@ class Fusion(nn.Module):
         flat = rearrange(joint, "b q d -> (b q) d")
         q = self.quantizer(flat)
         quantized = rearrange(q.quantized, "(b q) d -> b q d", b=batch)
-        embeddings = self.embed_latents(latents)
+        pooled = {m: self.pool_latents(m, latents[m]) for m in self.modalities}  # (B, dim)
+        embeddings = {m: nn.functional.normalize(self.embed[m](pooled[m]), dim=-1)
+                      for m in self.modalities}
         losses = {"fusion/commit": q.commit_loss, "fusion/codebook": q.codebook_loss,
                   "fusion/recon": self.prediction_loss(quantized, latents, present),
                   "fusion/diversity": self.diversity_loss(flat),
-                  "align/infonce": self.alignment_loss(embeddings, present)}
+                  "align/infonce": self.alignment_loss(embeddings, present),
+                  "align/caption": self.caption_loss(pooled, present, caption)}
         return FusionOutput(indices=rearrange(q.indices, "(b q) -> b q", b=batch),
                             quantized=quantized, embeddings=embeddings, losses=losses)
 
@@ -153,6 +165,8 @@ class Fusion(nn.Module):
         The train step clips their gradient apart from the joint path's, whose losses would
         otherwise shrink the alignment's step (BENCHMARKS.md "Joint codebook usage")."""
         heads = [self.embed, self.pool] if self.pools_per_position else [self.embed]
+        if self.caption is not None:
+            heads.append(self.caption)
         return [p for head in heads for p in head.parameters()]
 
     def pool_latents(self, modality: str, latents: torch.Tensor) -> torch.Tensor:
@@ -222,6 +236,29 @@ class Fusion(nn.Module):
                                            self.config.temperature))
         if not terms:
             return self.queries.sum() * 0.0  # keeps the graph connected for DDP
+        return torch.stack(terms).mean()
+
+    def caption_loss(self, pooled: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor],
+                     caption: torch.Tensor | None) -> torch.Tensor:
+        """Mean over modalities of the binary cross-entropy predicting the caption's n-gram bag
+        (B, buckets) from the modality's pooled latents (B, dim), on the samples that have both
+        the modality and text.
+
+        Per sample the cross-entropy is summed over the buckets and divided by the caption's
+        n-gram count, so a long caption does not outweigh a short one and the ~1000 absent
+        buckets do not drown the ~20 present ones.
+        """
+        if self.caption is None or caption is None or "text" not in present:
+            anchor = self.caption if self.caption is not None else self.embed
+            return sum(p.sum() for p in anchor.parameters()) * 0.0  # keeps DDP's graph whole
+        target = caption.float()
+        count = target.sum(dim=-1).clamp_min(1.0)  # (B,)
+        terms = []
+        for m in self.modalities:
+            logits = self.caption[m](pooled[m])  # (B, buckets)
+            error = nn.functional.binary_cross_entropy_with_logits(
+                logits, target, reduction="none").sum(dim=-1) / count  # (B,)
+            terms.append(masked_mean(error, present[m] & present["text"]))
         return torch.stack(terms).mean()
 
     def _drop_modalities(self, present: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

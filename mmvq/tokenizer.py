@@ -22,6 +22,7 @@ from torch import nn
 
 from mmvq import losses as L
 from mmvq.batch import ModelInputs
+from mmvq.caption_target import caption_bag
 from mmvq.config import (
     MODALITIES,
     TokenizerConfig,
@@ -52,8 +53,10 @@ from mmvq.vocabulary import vocabulary_layout
 #    (fusion.predict.*) and a configurable joint quantizer.
 # 4: fusion.max_tokens_per_modality (fusion pools each modality's latents). A version-3
 #    config has no such key; it loads with None, which is what those models did.
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (3, 4, 5)
+# 6: fusion.caption_ngrams (a caption head per modality, fusion.caption.*). An older config has
+#    no such key; it loads with 0 (no head), which is what those models had.
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (3, 4, 5, 6)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -281,7 +284,10 @@ class MultimodalTokenizer(nn.Module):
         latents = _latent_sequences(vq)
         if cap is not None:  # only the alignment's gradient flows back through these
             latents = {m: cap.capped(m, x) for m, x in latents.items()}
-        return self.fusion(latents, present)
+        fusion = self.config.fusion
+        caption = (caption_bag(inputs.text_ids, inputs.text_len, fusion.caption_ngrams,
+                               fusion.caption_buckets) if fusion.caption_ngrams else None)
+        return self.fusion(latents, present, caption)
 
     # -- inference API -------------------------------------------------------------------------
 
@@ -469,6 +475,8 @@ def _upgrade_config(data: Any, version: int) -> Any:
     fusion = dict(data["fusion"])
     if version <= 3:  # fused every latent
         fusion = {"max_tokens_per_modality": None, **fusion}
+    if version <= 5:  # no caption head
+        fusion = {"caption_ngrams": 0, **fusion}
     if version <= 4:  # embeddings from the plain mean of the latents
         fusion = {"embedding_pool": "mean", **fusion}
     return {**data, "fusion": fusion}

@@ -41,7 +41,7 @@ def test_shapes_ranges_and_unit_embeddings():
     for emb in out.embeddings.values():
         assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
     assert set(out.losses) == {"fusion/commit", "fusion/codebook", "fusion/recon",
-                               "fusion/diversity", "align/infonce"}
+                               "fusion/diversity", "align/infonce", "align/caption"}
 
 
 def test_absent_modality_does_not_influence_joint_tokens():

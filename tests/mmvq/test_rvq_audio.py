@@ -126,7 +126,7 @@ def test_interleave_round_trips_frame_major_levels(model, inputs):
 def test_save_load_keeps_rvq_tokens_identical(model, inputs, tmp_path):
     model.save(tmp_path / "tok")
     meta = json.loads((tmp_path / "tok" / "config.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 5
+    assert meta["format_version"] == FORMAT_VERSION == 6
     assert meta["config"]["audio_quantizer"]["num_levels"] == LEVELS
     loaded = MultimodalTokenizer.load(tmp_path / "tok")
     assert loaded.config == model.config and loaded.audio_levels == LEVELS
