@@ -94,3 +94,27 @@ def test_the_caption_head_learns_to_read_a_caption_from_an_image():
         loss.backward()
         optimizer.step()
     assert before < 0.4 and f1() > 0.95
+
+
+def test_a_version_5_fusion_checkpoint_loads_without_a_caption_head(make_batch, tmp_path):
+    """Format 5 had no caption head; its config loads with caption_ngrams 0, so its weights fit
+    and its joint tokens stay the same."""
+    import dataclasses
+    import json
+
+    from mmvq import MultimodalTokenizer, TokenizerConfig, to_model_inputs
+
+    torch.manual_seed(0)
+    fusion = FusionConfig(enabled=True, dim=32, num_layers=1, num_heads=4, num_queries=4,
+                          codebook_size=32, caption_ngrams=0)
+    old = MultimodalTokenizer(dataclasses.replace(TokenizerConfig(), fusion=fusion)).eval()
+    assert not any(name.startswith("fusion.caption.") for name in old.state_dict())
+    old.save(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["config"]["fusion"]["caption_ngrams"]  # as version 5 wrote it
+    meta["format_version"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded = MultimodalTokenizer.load(tmp_path)
+    assert loaded.config.fusion.caption_ngrams == 0
+    inputs = to_model_inputs(make_batch(4, seed=0))
+    assert torch.equal(loaded.encode(inputs)["joint"], old.encode(inputs)["joint"])
