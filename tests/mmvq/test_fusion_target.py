@@ -12,8 +12,10 @@ from mmvq.fusion import Fusion
 
 DIMS = {"image": 16, "audio": 12, "text": 8}
 CLASSES, BATCH, K = 8, 64, 32
+# No caption head: these tests are about the joint tokens, and a head's initialisation would
+# shift every later random draw.
 CONFIG = FusionConfig(enabled=True, dim=32, num_layers=1, num_heads=4, num_queries=4,
-                      codebook_size=K, embed_dim=16)
+                      codebook_size=K, embed_dim=16, caption_ngrams=0)
 # A gradient-learned codebook (simvq, the modality default): without a target nothing moves its
 # codes toward the joint latents, which shows what the target alone does.
 GRADIENT_CODEBOOK = dataclasses.replace(CONFIG, quantizer=QuantizerConfig())
@@ -25,10 +27,11 @@ def _aligned(labels: torch.Tensor, proto: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def _train_joint_tokens(recon_weight: float, config: FusionConfig = CONFIG,
-                        steps: int = 100, diversity_weight: float = 0.0) -> dict[str, float]:
+                        steps: int = 100, diversity_weight: float = 0.0,
+                        seed: int = 0) -> dict[str, float]:
     """Train fusion alone on a fixed aligned batch; score its joint tokens on a fresh draw.
     The diversity term is off unless asked, so that the tests see what the target does."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     proto = {m: torch.randn(CLASSES, 4, d) for m, d in DIMS.items()}
     labels = torch.randint(0, CLASSES, (BATCH,))
     latents = _aligned(labels, proto)
@@ -116,13 +119,16 @@ def test_diversity_term_spreads_joint_tokens_over_more_codes():
 def test_a_diversity_temperature_near_the_hard_lookup_fills_the_codebook():
     """At the default temperature the soft assignments the diversity term spreads are close to
     the hard codes, so every code ends up in use; at 0.1 the soft batch looks spread while the
-    hard codes leave some unused (0.84 against 1.0 here, 0.48-0.83 against 0.88-0.95 in the
-    demo's training, BENCHMARKS.md)."""
+    hard codes leave some unused (0.90 against 1.0 here over 4 seeds, one of which fills the
+    codebook at 0.1 too; 0.48-0.83 against 0.88-0.95 in the demo's training, BENCHMARKS.md)."""
     weights = {"recon_weight": DEFAULT_LOSS_WEIGHTS["fusion/recon"],
                "diversity_weight": DEFAULT_LOSS_WEIGHTS["fusion/diversity"]}
-    sharp = _train_joint_tokens(config=CONFIG, **weights)
-    soft = _train_joint_tokens(config=dataclasses.replace(CONFIG, diversity_temperature=0.1),
-                               **weights)
+    seeds = range(4)  # one seed decides too little: a single unused code of 32 is 0.03
+    sharp = [_train_joint_tokens(config=CONFIG, seed=s, **weights) for s in seeds]
+    soft = [_train_joint_tokens(config=dataclasses.replace(CONFIG, diversity_temperature=0.1),
+                                seed=s, **weights) for s in seeds]
+    usage_sharp = float(np.mean([r["usage"] for r in sharp]))
+    usage_soft = float(np.mean([r["usage"] for r in soft]))
     print(f"default temperature {sharp}\nat 0.1 {soft}")
-    assert sharp["usage"] > 0.95 and soft["usage"] < 0.9
-    assert sharp["nmi"] > 0.85  # spreading did not cost the class information
+    assert usage_sharp > 0.95 and usage_sharp > usage_soft + 0.05
+    assert min(r["nmi"] for r in sharp) > 0.85  # spreading did not cost the class information
