@@ -337,8 +337,12 @@ class FusionConfig:
     align_head_lr: float = 2e-3
     # align/caption (mmvq.caption_target): every modality's pooled quantized latents predict the
     # hashed 1..caption_ngrams-grams of the sample's text ids, a target that exists from the
-    # first step, unlike InfoNCE's; 0: no caption head.
-    caption_ngrams: int = 3
+    # first step, unlike InfoNCE's; 0: no caption head. Off by default: on bench_joint (seeds
+    # 2 / 0, 512 val) weight 3 raised audio->text R@5 from 0.32 / 0.33 to 0.55 / 0.51 but
+    # lowered image->text from 0.14 / 0.15 to 0.12 / 0.14 and image PSNR by 0.6 dB
+    # (BENCHMARKS.md "Caption objective"). To use it set caption_ngrams: 3 and
+    # loss_weights.align/caption > 0.
+    caption_ngrams: int = 0
     caption_buckets: int = 1024
     # Softmax temperature of the soft joint-code assignments of the fusion/diversity loss, over
     # cosine similarities in [-1, 1]. It must be sharp enough that the soft assignments look
@@ -452,6 +456,11 @@ class TokenizerConfig:
                 f"unknown key loss_weights.{unknown[0]}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}"
             )
         merged = {**DEFAULT_LOSS_WEIGHTS, **{k: float(v) for k, v in self.loss_weights.items()}}
+        if self.fusion.enabled and merged["align/caption"] > 0 and self.fusion.caption_ngrams == 0:
+            # A weight on a loss without its head would train nothing and say nothing.
+            raise ConfigError(f"loss_weights.align/caption is {merged['align/caption']:g} but "
+                              "fusion.caption_ngrams is 0 (no caption head): set "
+                              "fusion.caption_ngrams to 1..3, or the weight to 0")
         # Frozen dataclass: __post_init__ is the one place allowed to normalise a field.
         object.__setattr__(self, "loss_weights", types.MappingProxyType(merged))
 

@@ -37,7 +37,7 @@ def test_ngrams_outside_one_to_three_are_refused():
 
 DIMS = {"image": 16, "audio": 12, "text": 8}
 CONFIG = FusionConfig(enabled=True, dim=32, num_layers=1, num_heads=4, num_queries=4,
-                      codebook_size=32, embed_dim=16, caption_buckets=64)
+                      codebook_size=32, embed_dim=16, caption_ngrams=3, caption_buckets=64)
 
 
 def _inputs(batch: int, seed: int = 0):
@@ -94,6 +94,19 @@ def test_the_caption_head_learns_to_read_a_caption_from_an_image():
         loss.backward()
         optimizer.step()
     assert before < 0.4 and f1() > 0.95
+
+
+def test_a_caption_weight_without_a_caption_head_is_refused():
+    import dataclasses
+
+    from mmvq import TokenizerConfig
+    from mmvq.config import ConfigError
+
+    fusion = FusionConfig(enabled=True)  # caption_ngrams 0 by default
+    with pytest.raises(ConfigError, match="align/caption is 3 but fusion.caption_ngrams is 0"):
+        TokenizerConfig(fusion=fusion, loss_weights={"align/caption": 3.0})
+    TokenizerConfig(fusion=dataclasses.replace(fusion, caption_ngrams=3),
+                    loss_weights={"align/caption": 3.0})  # with its head it is fine
 
 
 def test_a_version_5_fusion_checkpoint_loads_without_a_caption_head(make_batch, tmp_path):
