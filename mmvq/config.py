@@ -344,6 +344,9 @@ class FusionConfig:
     # loss_weights.align/caption > 0.
     caption_ngrams: int = 0
     caption_buckets: int = 1024
+    # Which modalities get a caption head (those of the model among them). Text predicting its
+    # own n-grams is nearly free; an image head pulls the image latents towards the words.
+    caption_modalities: tuple[str, ...] = ("image", "audio", "text")
     # Softmax temperature of the soft joint-code assignments of the fusion/diversity loss, over
     # cosine similarities in [-1, 1]. It must be sharp enough that the soft assignments look
     # like the hard lookup: at 0.1 each latent's soft assignment still spread over many nearby
@@ -385,6 +388,10 @@ class FusionConfig:
             raise ConfigError(f"fusion.caption_ngrams must be in 0..3, got {self.caption_ngrams!r}")
         if self.caption_buckets < 1:
             raise ConfigError(f"fusion.caption_buckets must be >= 1, got {self.caption_buckets!r}")
+        stray = sorted(set(self.caption_modalities) - {"image", "audio", "text"})
+        if stray or not self.caption_modalities:
+            raise ConfigError("fusion.caption_modalities must be a non-empty subset of image, "
+                              f"audio, text, got {list(self.caption_modalities)!r}")
         if self.embedding_pool not in EMBEDDING_POOLS:
             raise ConfigError(f"fusion.embedding_pool must be one of {', '.join(EMBEDDING_POOLS)}, "
                               f"got {self.embedding_pool!r}")

@@ -90,9 +90,10 @@ class Fusion(nn.Module):
         self.embed = nn.ModuleDict({m: nn.Linear(config.dim, config.embed_dim)
                                     for m in self.modalities})
         # align/caption: each modality's pooled vector -> logits of the caption's n-gram bag.
+        captioned = [m for m in self.modalities if m in config.caption_modalities]
         self.caption = (nn.ModuleDict({m: nn.Linear(config.dim, config.caption_buckets)
-                                       for m in self.modalities})
-                        if config.caption_ngrams > 0 else None)
+                                       for m in captioned})
+                        if config.caption_ngrams > 0 and captioned else None)
         # The joint tokens' target: all quantized queries -> each modality's pooled latent.
         joint_width = config.num_queries * config.dim
         self.predict = nn.ModuleDict({
@@ -240,7 +241,7 @@ class Fusion(nn.Module):
 
     def caption_loss(self, pooled: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor],
                      caption: torch.Tensor | None) -> torch.Tensor:
-        """Mean over modalities of the binary cross-entropy predicting the caption's n-gram bag
+        """Mean over the captioned modalities of the binary cross-entropy predicting the caption's n-gram bag
         (B, buckets) from the modality's pooled latents (B, dim), on the samples that have both
         the modality and text.
 
@@ -254,7 +255,7 @@ class Fusion(nn.Module):
         target = caption.float()
         count = target.sum(dim=-1).clamp_min(1.0)  # (B,)
         terms = []
-        for m in self.modalities:
+        for m in self.caption:
             logits = self.caption[m](pooled[m])  # (B, buckets)
             error = nn.functional.binary_cross_entropy_with_logits(
                 logits, target, reduction="none").sum(dim=-1) / count  # (B,)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmvq.caption_target import caption_bag
-from mmvq.config import FusionConfig
+from mmvq.config import ConfigError, FusionConfig
 from mmvq.fusion import Fusion
 
 WIDE = 1 << 20  # buckets: collisions among a few n-grams are then vanishingly unlikely
@@ -67,6 +67,22 @@ def test_the_caption_loss_skips_samples_without_text_and_reaches_every_modality(
     assert all(g.abs().sum() > 0 for g in grads)  # each modality's tokens are asked for it
 
 
+def test_only_the_captioned_modalities_get_a_head_and_a_gradient():
+    import dataclasses
+
+    torch.manual_seed(0)
+    fusion = Fusion(dataclasses.replace(CONFIG, caption_modalities=("audio",)), DIMS).eval()
+    assert list(fusion.caption) == ["audio"]
+    latents, present, caption = _inputs(6)
+    leaves = {m: x.requires_grad_() for m, x in latents.items()}
+    loss = fusion(leaves, present, caption).losses["align/caption"]
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
+    assert grads["audio"].abs().sum() > 0
+    assert all(grads[m] is None or grads[m].abs().sum() == 0 for m in ("image", "text"))
+    with pytest.raises(ConfigError, match="caption_modalities"):
+        dataclasses.replace(CONFIG, caption_modalities=("video",))
+
+
 def test_the_caption_head_learns_to_read_a_caption_from_an_image():
     """Separable data: each of 8 classes has its own caption bag and its own image latents. After
     training on the caption loss alone, the image's predicted bag matches its caption's."""
@@ -100,7 +116,6 @@ def test_a_caption_weight_without_a_caption_head_is_refused():
     import dataclasses
 
     from mmvq import TokenizerConfig
-    from mmvq.config import ConfigError
 
     fusion = FusionConfig(enabled=True)  # caption_ngrams 0 by default
     with pytest.raises(ConfigError, match="align/caption is 3 but fusion.caption_ngrams is 0"):
