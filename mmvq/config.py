@@ -346,7 +346,7 @@ class FusionConfig:
     caption_buckets: int = 1024
     # Which modalities get a caption head (those of the model among them). Text predicting its
     # own n-grams is nearly free; an image head pulls the image latents towards the words.
-    caption_modalities: tuple[str, ...] = ("image", "audio", "text")
+    caption_modalities: tuple[str, ...] = MODALITIES
     # Softmax temperature of the soft joint-code assignments of the fusion/diversity loss, over
     # cosine similarities in [-1, 1]. It must be sharp enough that the soft assignments look
     # like the hard lookup: at 0.1 each latent's soft assignment still spread over many nearby
@@ -388,7 +388,7 @@ class FusionConfig:
             raise ConfigError(f"fusion.caption_ngrams must be in 0..3, got {self.caption_ngrams!r}")
         if self.caption_buckets < 1:
             raise ConfigError(f"fusion.caption_buckets must be >= 1, got {self.caption_buckets!r}")
-        stray = sorted(set(self.caption_modalities) - {"image", "audio", "text"})
+        stray = sorted(set(self.caption_modalities) - set(MODALITIES))
         if stray or not self.caption_modalities:
             raise ConfigError("fusion.caption_modalities must be a non-empty subset of image, "
                               f"audio, text, got {list(self.caption_modalities)!r}")

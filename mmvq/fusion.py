@@ -241,9 +241,9 @@ class Fusion(nn.Module):
 
     def caption_loss(self, pooled: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor],
                      caption: torch.Tensor | None) -> torch.Tensor:
-        """Mean over the captioned modalities of the binary cross-entropy predicting the caption's n-gram bag
-        (B, buckets) from the modality's pooled latents (B, dim), on the samples that have both
-        the modality and text.
+        """Mean over the captioned modalities of the binary cross-entropy predicting the caption's
+        n-gram bag (B, buckets) from the modality's pooled latents (B, dim), on the samples that
+        have both the modality and text.
 
         Per sample the cross-entropy is summed over the buckets and divided by the caption's
         n-gram count, so a long caption does not outweigh a short one and the ~1000 absent
