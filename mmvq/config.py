@@ -289,7 +289,7 @@ EMBEDDING_POOLS = ("position_mlp", "mlp", "mean")  # FusionConfig.embedding_pool
 
 # The joint tokens' default quantizer (FusionConfig.quantizer says why).
 JOINT_QUANTIZER = QuantizerConfig(kind="vq", ema=True, kmeans_init=True, restart_threshold=1.0,
-                                  code_dim=16)
+                                  code_dim=16, decay=0.95)
 
 
 @dataclass(frozen=True)
@@ -363,8 +363,14 @@ class FusionConfig:
     # gradient-learned codebook falls behind and collapses (simvq kept 2 of 256 codes in the
     # demo, BENCHMARKS.md "Demo with fusion on"). EMA codes follow their assigned vectors,
     # k-means starts them on the data, restarts revive the codes that still die, and a 16-wide
-    # factorised lookup spreads the vectors over the codes. A ``fusion.quantizer`` mapping in a
-    # workflow replaces this whole config (missing keys take QuantizerConfig's defaults).
+    # factorised lookup spreads the vectors over the codes. The EMA decay is 0.95, not the
+    # modality codebooks' 0.99: the joint latents drift all through the demo's 300 steps (val
+    # usage 0.2-0.5 until step 200, then rising as the LR decays), and codes that average over
+    # ~100 steps sit where the latents were; at 0.95 val usage was 1.0 / 1.0 against 0.97 / 0.86
+    # (seeds 2 / 0), and 0.94 / 0.89 against 0.86 / 0.75 with an audio caption head
+    # (BENCHMARKS.md "Joint usage and modality dropout"). A ``fusion.quantizer`` mapping in a
+    # workflow changes only the keys it names; one naming another kind starts from
+    # QuantizerConfig's defaults (mmvq.config_io.from_dict).
     quantizer: QuantizerConfig = field(default_factory=lambda: JOINT_QUANTIZER)
 
     def __post_init__(self) -> None:

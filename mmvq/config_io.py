@@ -21,22 +21,33 @@ class ConfigError(ValueError):
     """An invalid config: unknown key, wrong type or bad value; the message names the key path."""
 
 
-def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+def from_dict(cls: type[T], data: Any, path: str = "", base: T | None = None) -> T:
     """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses.
 
-    Missing keys take the dataclass defaults; lists become tuples where the field is a tuple.
+    Missing keys take ``base``'s values, or without it the dataclass defaults; lists become
+    tuples where the field is a tuple. A nested mapping changes only the keys it names of that
+    field's default: ``fusion.quantizer.decay=0.99`` keeps the joint quantizer's other settings
+    instead of building a ``QuantizerConfig()`` with that decay (which silently swapped the
+    joint tokens' EMA codebook for the modality default, simvq). A mapping that names another
+    ``kind`` than the default's starts from the class defaults: one kind's settings do not apply
+    to another.
     """
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or '<root>'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - fields)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config key {_join(path, unknown[0])} "
                           f"(known: {', '.join(sorted(fields))})")
-    values = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
+    values = {name: getattr(base, name) for name in fields} if base is not None else {}
+    for k, v in data.items():
+        default = getattr(base, k) if base is not None else _field_default(fields[k])
+        if isinstance(v, Mapping) and "kind" in v and v["kind"] != getattr(default, "kind", None):
+            default = None
+        values[k] = _coerce(hints[k], v, _join(path, k), default)
     try:
         return cls(**values)
     except TypeError as err:  # a required field was not given
@@ -60,7 +71,17 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-def _coerce(hint: Any, value: Any, path: str) -> Any:
+def _field_default(field: dataclasses.Field) -> Any:
+    """The field's default value (None when it has none)."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _coerce(hint: Any, value: Any, path: str, default: Any = None) -> Any:
+    """``value`` as type ``hint``; a mapping for a dataclass updates ``default`` if it is one."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
@@ -70,12 +91,12 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         last: ConfigError | None = None
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(arg, value, path)
+                return _coerce(arg, value, path, default)
             except ConfigError as err:
                 last = err
         raise last or ConfigError(f"{path}: no type matches {value!r}")
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, path)
+        return from_dict(hint, value, path, default if isinstance(default, hint) else None)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{path} must be one of {list(args)}, got {value!r}")

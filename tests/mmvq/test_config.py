@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import pickle
 
@@ -6,6 +7,7 @@ import pytest
 
 from mmvq.config import (
     DEFAULT_LOSS_WEIGHTS,
+    JOINT_QUANTIZER,
     AudioCodecConfig,
     ImageCodecConfig,
     QuantizerConfig,
@@ -45,6 +47,22 @@ def test_partial_dict_keeps_defaults_and_merges_loss_weights():
     )
     assert cfg.audio.sample_rate == 16000 and cfg.audio.strides == (4, 4, 5)
     assert cfg.loss_weights["text/ce"] == 3.0 and cfg.loss_weights["image/l1"] == 1.0
+
+
+def test_a_partial_nested_mapping_changes_only_its_keys_of_the_fields_default():
+    """The joint quantizer's default is not QuantizerConfig(): setting its decay alone used to
+    build QuantizerConfig(decay=...), a simvq codebook without EMA, k-means or restarts."""
+    cfg = tokenizer_config_from_dict({"fusion": {"enabled": True, "quantizer": {"decay": 0.99}}})
+    assert cfg.fusion.quantizer == dataclasses.replace(JOINT_QUANTIZER, decay=0.99)
+    assert cfg.fusion.quantizer.kind == "vq" and cfg.fusion.quantizer.ema
+    assert tokenizer_config_from_dict({"fusion": {}}).fusion.quantizer == JOINT_QUANTIZER
+    # Another kind starts from QuantizerConfig's defaults: vq's EMA settings do not apply to fsq.
+    other = tokenizer_config_from_dict({"fusion": {"quantizer": {"kind": "fsq"}}})
+    assert other.fusion.quantizer == QuantizerConfig(kind="fsq")
+    # A mapping that names every key is what it says, as a saved config is.
+    saved = config_to_dict(QuantizerConfig(kind="fsq"))
+    assert tokenizer_config_from_dict({"fusion": {"quantizer": saved}}).fusion.quantizer \
+        == QuantizerConfig(kind="fsq")
 
 
 @pytest.mark.parametrize(
