@@ -44,9 +44,11 @@ def from_dict(cls: type[T], data: Any, path: str = "", base: T | None = None) ->
                           f"(known: {', '.join(sorted(fields))})")
     values = {name: getattr(base, name) for name in fields} if base is not None else {}
     for k, v in data.items():
-        default = getattr(base, k) if base is not None else _field_default(fields[k])
-        if isinstance(v, Mapping) and "kind" in v and v["kind"] != getattr(default, "kind", None):
-            default = None
+        default = None  # only a mapping (a nested config) builds on the field's default
+        if isinstance(v, Mapping):
+            default = getattr(base, k) if base is not None else _field_default(fields[k])
+            if "kind" in v and v["kind"] != getattr(default, "kind", None):
+                default = None
         values[k] = _coerce(hints[k], v, _join(path, k), default)
     try:
         return cls(**values)
