@@ -34,7 +34,7 @@ bench: $(STAMP)  ## the benchmark-marked checks, then the quantizer and data-pla
 	$(MAKE) bench-data
 
 # Generates its shards once into runs/bench/dataplane-shards (about two minutes), then reuses them.
-DATA_BENCH_ARGS ?= --samples 768 --image-size 64 256 --passes 3
+DATA_BENCH_ARGS ?= --samples 768 --image-size 64 256 --passes 3 --repeats 3
 bench-data: $(STAMP)  ## data plane: pure-function floor vs webdataset+DataLoader vs our Ray Data path
 	$(BIN)/python -m pipeline.bench.dataplane $(DATA_BENCH_ARGS) --out runs/bench/dataplane.json
 

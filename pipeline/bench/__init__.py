@@ -1,4 +1,4 @@
-"""Benchmarks: scripts that time one part against a baseline run in the same process.
+"""Benchmarks: scripts that time one part against a baseline measured in the same run.
 
 Each prints a table and writes JSON (``python -m pipeline.bench.<name> --help``); the numbers
 worth keeping go to ``BENCHMARKS.md`` with the command that reproduces them.

@@ -18,11 +18,16 @@ For each image size the demo's synth stage generates ``N`` spoken scenes once (c
     ``iter_batches`` as training reads it (default), or materialized as the stage does before
     writing parquet (``--ray-consume materialize``).
 
+Each path runs in a fresh interpreter of its own, so that each starts from nothing but its own
+imports: run in one process, the Ray driver held what the floor and webdataset had left on its heap
+(~700 MiB counted against Ray), and the webdataset workers forked a parent that had just run the
+floor. ``--repeats`` runs the three paths that many times in turn; the ratios are the medians.
+
 Each path is timed from building its pipeline to its last row (DataLoader worker start and Ray
 actor start included; ``ray.init`` and the start of Ray Data's helper actors are not, a workflow
 pays them once per run). ``--passes`` reads the shard list several times, so that start-up weighs
 less; "steady" rates count only the rows after a path's first output. Memory is the peak over the
-whole process tree of this script (DataLoader workers, Ray's daemons and workers), sampled every
+path's process tree (its interpreter, DataLoader workers, Ray's daemons and workers), sampled every
 250 ms (PSS every second): summed RSS, which counts pages shared between processes (forked workers,
 the object store) once per process, and summed PSS, which splits them. Spilled bytes come from the
 object store's own counters after the Ray path.
@@ -33,7 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +50,6 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-import torch
 import yaml
 
 from pipeline.bench import process_table, run_meta
@@ -54,7 +61,9 @@ from pipeline.raydata import init_single_node
 
 DEMO_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "demo.yaml"
 PATHS = ("floor", "webdataset", "ray-data")
-TARGET_VS_WEBDATASET = 1.0  # issue 4: (c) >= 1.0x (b)
+# Issue 15 at 256 px, (c) against (b): end to end >= 0.8x, once started >= 1.0x, peak PSS <= 2x.
+TARGETS_VS_WEBDATASET = {"end_to_end": 0.8, "steady": 1.0}
+TARGET_PSS_VS_WEBDATASET = 2.0
 TARGET_VS_FLOOR = 0.8  # issue 4: (c) >= 80% of (a) x cores
 
 
@@ -70,6 +79,7 @@ class BenchSettings:
     passes: int  # times each path reads the shard list (more work against start-up costs)
     num_actors: int | None  # preprocess.num_actors override; None: the demo's value
     batch_size: int | None  # preprocess.batch_size override; None: the demo's value
+    repeats: int = 1  # runs of the three paths, in turn; ratios are medians over them
 
 
 @dataclass
@@ -92,6 +102,7 @@ class Measurement:
     steady_samples_per_s: float | None = None
     spilled_bytes: int | None = None  # Ray only
     note: str = ""
+    repeat: int = 0  # which of the settings' repeats measured it
 
 
 # -- configs and shards --------------------------------------------------------------------------
@@ -295,35 +306,48 @@ def run_ray(paths: list[str], filesystem: Any, config: PreprocessConfig, consume
             progress.add(len(batch["status"]), int((batch["status"] == "ok").sum()))
 
 
-def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
-    """All three paths over the shards of one image size, in the order a, b, c."""
-    import ray
-    from ray.data import DataContext
-
+def path_config(settings: BenchSettings, image_size: int) -> tuple[Any, PreprocessConfig]:
+    """The synth and preprocess configs one image size is measured with."""
     synth_config, config = demo_configs(image_size)
     synth_config = replace(synth_config, num_samples=settings.samples)
     if settings.num_actors is not None:
         config = replace(config, num_actors=settings.num_actors)
     if settings.batch_size is not None:
         config = replace(config, batch_size=settings.batch_size)
+    return synth_config, config
+
+
+def measure_path(settings: BenchSettings, image_size: int, path: str) -> Measurement:
+    """One path over the (already generated) shards of one image size, in this process."""
+    synth_config, config = path_config(settings, image_size)
     shards = ensure_shards(synth_config, Path(settings.shards_root))
     paths, filesystem = shard_paths(shards)
     paths = paths * settings.passes  # every path reads the same list, shard by shard
     cores = settings.cores
+    if path == "floor":
+        measured = _timed("floor", image_size, 1, lambda p: run_floor(paths, config, p))
+        measured.note = "1 thread"
+        return measured
+    if path == "webdataset":
+        # Imported before the clock starts, as Ray is for (c): the timings are of the pipelines.
+        import torch.utils.data  # noqa: F401
+        import webdataset  # noqa: F401
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the floor is one core; DataLoader workers and actors use 1 too
-    try:
-        floor = _timed("floor", image_size, 1, lambda p: run_floor(paths, config, p))
-    finally:
-        torch.set_num_threads(threads)
-    loader = _timed("webdataset", image_size, cores,
-                    lambda p: run_webdataset(paths, config, cores, p))
-    # Ray last and fresh per size: forking DataLoader workers from a process that runs Ray's
-    # threads is unsafe, and Ray's daemons would count in the other paths' memory. Started as
-    # `mmvq run` starts the embedded Ray (init_single_node: loopback, the workers' environment,
-    # MALLOC_ARENA_MAX among it), not with a bare ray.init that no user's stage gets.
-    init_single_node(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        measured = _timed("webdataset", image_size, cores,
+                          lambda p: run_webdataset(paths, config, cores, p))
+        measured.note = f"{cores} workers, batch {config.batch_size}, {len(paths)} shards"
+        return measured
+    return _measure_ray(settings, image_size, paths, filesystem, config)
+
+
+def _measure_ray(settings: BenchSettings, image_size: int, paths: list[str], filesystem: Any,
+                 config: PreprocessConfig) -> Measurement:
+    import ray
+    from ray.data import DataContext
+
+    # Started as `mmvq run` starts the embedded Ray (init_single_node: loopback, the workers'
+    # environment, MALLOC_ARENA_MAX among it), not with a bare ray.init that no user's stage gets.
+    init_single_node(num_cpus=settings.cores, include_dashboard=False, log_to_driver=False)
     try:
         context = DataContext.get_current()
         context.enable_progress_bars = False
@@ -334,7 +358,7 @@ def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
         began = time.perf_counter()
         ray.data.range(1).materialize()
         warmup_s = time.perf_counter() - began
-        ours = _timed("ray-data", image_size, cores,
+        ours = _timed("ray-data", image_size, settings.cores,
                       lambda p: run_ray(paths, filesystem, config, settings.ray_consume, p))
         ours.spilled_bytes = spilled_bytes()
         ours.note = (f"{settings.ray_consume}, {config.num_actors} actors, "
@@ -342,18 +366,56 @@ def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
                      f"Ray Data warm-up {warmup_s:.1f} s untimed")
     finally:
         ray.shutdown()
-    loader.note = f"{cores} workers, batch {config.batch_size}, {len(paths)} shards"
-    floor.note = "1 thread"
-    return [floor, loader, ours]
+    return ours
+
+
+def measure_in_child(settings: BenchSettings, image_size: int, path: str) -> Measurement:
+    """:func:`measure_path` in a fresh interpreter (``--child``), whose tree is the path's own."""
+    with tempfile.TemporaryDirectory(prefix="dataplane-") as tmp:
+        out = Path(tmp) / "measurement.json"
+        command = [sys.executable, "-m", "pipeline.bench.dataplane", "--child", path,
+                   "--child-settings", json.dumps(asdict(settings)),
+                   "--image-size", str(image_size), "--out", str(out)]
+        done = subprocess.run(command, check=False)
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"the {path} path at {image_size} px failed "
+                               f"(exit {done.returncode}): {' '.join(command)}")
+        return Measurement(**json.loads(out.read_text()))
+
+
+def measure(settings: BenchSettings, image_size: int) -> list[Measurement]:
+    """Every repeat of the three paths over the shards of one image size, each path in its own
+    interpreter, in the order a, b, c (Ray last: its daemons take a few seconds to go)."""
+    ensure_shards(path_config(settings, image_size)[0], Path(settings.shards_root))
+    rows = []
+    for repeat in range(settings.repeats):
+        for path in PATHS:
+            measured = measure_in_child(settings, image_size, path)
+            measured.repeat = repeat
+            rows.append(measured)
+    return rows
 
 
 def ratios(rows: list[Measurement]) -> dict[str, float | None]:
-    """(c)/(b) and (c)/((a) x cores) for one image size, end to end and once started."""
+    """(c)/(b) and (c)/((a) x cores) for one image size, end to end and once started, and the
+    peak PSS of (c) over (b)'s: per repeat, then the median over the repeats."""
+    per_repeat = [_ratios_of_one_repeat([r for r in rows if r.repeat == repeat])
+                  for repeat in sorted({r.repeat for r in rows})]
+    result: dict[str, float | None] = {}
+    for name in per_repeat[0]:
+        values = [r[name] for r in per_repeat if r[name] is not None]
+        result[name] = statistics.median(values) if values else None
+    return result
+
+
+def _ratios_of_one_repeat(rows: list[Measurement]) -> dict[str, float | None]:
     by_path = {r.path: r for r in rows}
     ours, loader, floor = by_path["ray-data"], by_path["webdataset"], by_path["floor"]
     result: dict[str, float | None] = {
         "end_to_end_ray_vs_webdataset": ours.samples_per_s / loader.samples_per_s,
-        "end_to_end_ray_vs_floor_x_cores": ours.samples_per_s / (floor.samples_per_s * ours.cores)}
+        "end_to_end_ray_vs_floor_x_cores": ours.samples_per_s / (floor.samples_per_s * ours.cores),
+        "peak_pss_ray_vs_webdataset": (ours.peak_pss_bytes / loader.peak_pss_bytes
+                                       if ours.peak_pss_bytes and loader.peak_pss_bytes else None)}
     steady = [r.steady_samples_per_s for r in (ours, loader, floor)]
     if None in steady:  # materialized: no rate once started
         result["steady_ray_vs_webdataset"] = result["steady_ray_vs_floor_x_cores"] = None
@@ -378,25 +440,32 @@ def run(settings: BenchSettings) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """The rows and the ratios against the targets as Markdown."""
-    lines = [("| px | path | samples | s | samples/s | per core | first out s | steady samples/s "
-             "| peak RSS MiB | peak PSS MiB | spilled MiB | setting |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [("| px | run | path | samples | s | samples/s | per core | first out s "
+              "| steady samples/s | peak RSS MiB | peak PSS MiB | spilled MiB | setting |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         spilled = "-" if r["path"] != "ray-data" else _mib(r["spilled_bytes"])
-        lines.append(f"| {r['image_size']} | {r['path']} | {r['samples']} | {r['seconds']:.1f} "
-                     f"| {r['samples_per_s']:.1f} | {r['samples_per_s_per_core']:.1f} "
+        lines.append(f"| {r['image_size']} | {r['repeat'] + 1} | {r['path']} | {r['samples']} "
+                     f"| {r['seconds']:.1f} | {r['samples_per_s']:.1f} "
+                     f"| {r['samples_per_s_per_core']:.1f} "
                      f"| {_num(r['first_output_s'])} | {_num(r['steady_samples_per_s'])} "
                      f"| {_mib(r['peak_rss_bytes'])} | {_mib(r['peak_pss_bytes'])} "
                      f"| {spilled} | {r['note']} |")
-    lines += ["", ("| px | rate | ray / webdataset (target >= 1.0) | ray / (floor x cores) "
-              "(target >= 0.8) |"), "| --- | --- | --- | --- |"]
+    lines += ["", "Medians over the runs:", "",
+              "| px | rate | ray / webdataset | ray / (floor x cores) (target >= 0.8) |",
+              "| --- | --- | --- | --- |"]
     for size, r in result["ratios"].items():
-        for rate in ("end_to_end", "steady"):
+        for rate, target in TARGETS_VS_WEBDATASET.items():
             if r.get(f"{rate}_ray_vs_webdataset") is None:
                 continue
             lines.append(f"| {size} | {rate.replace('_', ' ')} "
-                         f"| {_ratio(r[f'{rate}_ray_vs_webdataset'], TARGET_VS_WEBDATASET)} "
+                         f"| {_ratio(r[f'{rate}_ray_vs_webdataset'], target)} "
                          f"| {_ratio(r[f'{rate}_ray_vs_floor_x_cores'], TARGET_VS_FLOOR)} |")
+        pss = r.get("peak_pss_ray_vs_webdataset")
+        if pss is not None:
+            met = "met" if pss <= TARGET_PSS_VS_WEBDATASET else "missed"
+            lines.append(f"| {size} | peak PSS | {pss:.2f}x ({met}: <= "
+                         f"{TARGET_PSS_VS_WEBDATASET:.0f}x) | - |")
     return "\n".join(lines)
 
 
@@ -409,7 +478,7 @@ def _mib(value: int | None) -> str:
 
 
 def _ratio(value: float, target: float) -> str:
-    return f"{value:.2f} ({'met' if value >= target else 'missed'})"
+    return f"{value:.2f} ({'met' if value >= target else 'missed'}: >= {target})"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -432,19 +501,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override preprocess.num_actors (default: the demo's)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="override preprocess.batch_size (default: the demo's)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of the three paths, in turn; ratios are medians (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    # Internal: how the parent runs one path in a fresh interpreter.
+    parser.add_argument("--child", choices=PATHS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-settings", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if min(args.samples, args.cores, args.passes, *args.image_size) < 1:
-        parser.error("--samples, --cores, --passes and --image-size must be positive")
+    if min(args.samples, args.cores, args.passes, args.repeats, *args.image_size) < 1:
+        parser.error("--samples, --cores, --passes, --repeats and --image-size must be positive")
+    if args.child is not None and (args.child_settings is None or args.out is None
+                                   or len(args.image_size) != 1):
+        parser.error("--child needs --child-settings, --out and one --image-size")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table, write JSON if asked; returns the results."""
     args = parse_args(argv)
+    if args.child is not None:
+        child_settings = json.loads(args.child_settings)
+        child_settings["image_sizes"] = tuple(child_settings["image_sizes"])
+        measured = measure_path(BenchSettings(**child_settings), args.image_size[0], args.child)
+        args.out.write_text(json.dumps(asdict(measured)) + "\n")
+        return asdict(measured)
     settings = BenchSettings(args.samples, tuple(args.image_size), args.cores,
                              str(args.shards_root), args.ray_consume, args.passes, args.num_actors,
-                             args.batch_size)
+                             args.batch_size, args.repeats)
     result = {"meta": run_meta("pipeline.bench.dataplane", settings, argv,
                                ("ray", "webdataset", "torch")), **run(settings)}
     print(table(result))
