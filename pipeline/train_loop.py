@@ -222,6 +222,31 @@ def _wrap(parts: _Parts) -> tuple[nn.Module, nn.ModuleDict | None]:
     return model, discriminators
 
 
+def train_step(cfg: TrainConfig, parts: _Parts, model: nn.Module,
+               discriminators: nn.ModuleDict | None, micro: list, step: int) -> dict[str, float]:
+    """Training step ``step`` on the micro-batches ``micro``: the generator (with the
+    adversarial and perceptual terms once the discriminators start), the discriminators, the
+    LR schedules and the EMA. ``model`` and ``discriminators`` are ``parts``' nets, wrapped in
+    DDP on a Ray Train worker and as they are in one process (the benchmarks' plain loop), so
+    both train exactly the same way."""
+    # No autocast here: cfg.speed's bf16 autocast is inside the sped-up nets (mmvq.speed).
+    opt = parts.optimizers["generator"]
+    if discriminators is None:
+        stats = generator_step(model, micro, opt, cfg.grad_clip, heads=parts.head_trainer)
+    else:
+        stats, recons = gan_generator_step(model, micro, opt, discriminators, cfg.gan, step,
+                                           parts.perceptual, cfg.grad_clip,
+                                           heads=parts.head_trainer)
+        stats |= discriminator_step(recons, micro, discriminators,
+                                    parts.optimizers["discriminator"], cfg.gan, step,
+                                    cfg.grad_clip)
+    stats["lr"] = opt.param_groups[0]["lr"]  # the rate this step used
+    advance_schedules(parts.schedulers, cfg, step)
+    if parts.ema is not None:
+        update_ema(parts.ema, model, cfg.ema_decay)
+    return stats
+
+
 class _Loop:
     """The step loop of one worker; state lives in ``_Parts`` and the step counters here."""
 
@@ -277,24 +302,7 @@ class _Loop:
                 epoch, consumed = epoch + 1, 0
 
     def _step(self, micro: list, step: int) -> dict[str, float]:
-        # No autocast here: cfg.speed's bf16 autocast is inside the sped-up nets (mmvq.speed).
-        cfg, parts = self.cfg, self.parts
-        opt = parts.optimizers["generator"]
-        if self.discriminators is None:
-            stats = generator_step(self.model, micro, opt, cfg.grad_clip,
-                                   heads=parts.head_trainer)
-        else:
-            stats, recons = gan_generator_step(self.model, micro, opt, self.discriminators,
-                                               cfg.gan, step, parts.perceptual, cfg.grad_clip,
-                                               heads=parts.head_trainer)
-            stats |= discriminator_step(recons, micro, self.discriminators,
-                                        parts.optimizers["discriminator"], cfg.gan, step,
-                                        cfg.grad_clip)
-        stats["lr"] = opt.param_groups[0]["lr"]  # the rate this step used
-        advance_schedules(parts.schedulers, cfg, step)
-        if parts.ema is not None:
-            update_ema(parts.ema, self.model, cfg.ema_decay)
-        return stats
+        return train_step(self.cfg, self.parts, self.model, self.discriminators, micro, step)
 
     def _report_due(self, step: int) -> bool:
         cfg = self.cfg

@@ -143,9 +143,8 @@ def train_in_process(data: Path, overrides: list[str],
 
     from mmvq.batch import to_model_inputs
     from mmvq.columns import MODEL_COLUMNS
-    from mmvq.train_step import generator_step
     from pipeline.formats.preprocessed import model_config_for_data, read_split
-    from pipeline.train_loop import build_parts
+    from pipeline.train_loop import build_parts, train_step
     from workflows.plan import load_workflow, plan_workflow
 
     workflow = load_workflow(WORKFLOW, [f"data_root={tempfile.mkdtemp()}", *overrides])
@@ -156,7 +155,6 @@ def train_in_process(data: Path, overrides: list[str],
     torch.manual_seed(config.seed)
     rows = read_split(data / "train", MODEL_COLUMNS)
     parts = build_parts(config, torch.device("cpu"), vocab)
-    opt = parts.optimizers["generator"]
     batch = config.num_workers * config.batch_size
     n = len(next(iter(rows.values())))
     step, epoch = 0, 0
@@ -166,9 +164,8 @@ def train_in_process(data: Path, overrides: list[str],
         for begin in range(0, n - batch + 1, batch):
             index = order[begin:begin + batch]
             inputs = to_model_inputs({k: v[index] for k, v in rows.items()})
-            generator_step(parts.model, [inputs], opt, config.grad_clip, heads=parts.head_trainer)
-            for scheduler in parts.schedulers.values():
-                scheduler.step()
+            # The stage's own step: the discriminators from gan.disc_start, schedules, EMA.
+            train_step(config, parts, parts.model, parts.discriminators, [inputs], step)
             step += 1
             if on_step is not None:
                 on_step(step, batch, time.perf_counter() - started)
