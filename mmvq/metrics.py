@@ -164,23 +164,39 @@ def normalized_mutual_information(labels_a: np.ndarray, labels_b: np.ndarray) ->
     return max(0.0, mi / ((ha + hb) / 2))
 
 
-def dominant_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Each sample's most frequent code: (B, ...) -> (B,), ties to the smallest code."""
+def dominant_codes(codes: torch.Tensor | np.ndarray,
+                   real: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+    """Each sample's most frequent code: (B, ...) -> (B,), ties to the smallest code.
+
+    ``real`` (B, ...) bool, the shape of ``codes``, marks the positions that hold the sample
+    (a caption's ids before ``text_len``, audio frames before ``audio_len``); the rest is
+    padding, whose codes say how long the sample is, not what it is. A row without a real
+    position falls back to all of its positions. None: every position counts.
+    """
     flat = np.asarray(torch.as_tensor(codes).detach().cpu()).reshape(len(codes), -1)
-    return np.array([np.bincount(row - row.min()).argmax() + row.min() for row in flat])
+    keep = (np.ones(flat.shape, bool) if real is None
+            else np.asarray(torch.as_tensor(real).detach().cpu()).reshape(flat.shape))
+    labels = []
+    for row, mask in zip(flat, keep, strict=True):
+        values = row[mask] if mask.any() else row
+        labels.append(np.bincount(values - values.min()).argmax() + values.min())
+    return np.array(labels)
 
 
 def cross_modal_nmi(codes_a: torch.Tensor | np.ndarray, codes_b: torch.Tensor | np.ndarray,
-                    ) -> float:
+                    real_a: torch.Tensor | np.ndarray | None = None,
+                    real_b: torch.Tensor | np.ndarray | None = None) -> float:
     """NMI between two modalities' clusterings of the same samples.
 
-    Each sample is labelled by its dominant code in each modality (``dominant_codes``); the NMI
-    of the two labelings is high when one modality's tokens predict the other's, as aligned
-    tokens should, and near 0 for independent codebooks.
+    Each sample is labelled by its dominant code over its real positions in each modality
+    (``dominant_codes``; ``real_a``/``real_b`` as its ``real``); the NMI of the two labelings
+    is high when one modality's tokens predict the other's, as aligned tokens should, and near
+    0 for independent codebooks.
     """
     if len(codes_a) != len(codes_b):
         raise ValueError(f"different sample counts: {len(codes_a)} vs {len(codes_b)}")
-    return normalized_mutual_information(dominant_codes(codes_a), dominant_codes(codes_b))
+    return normalized_mutual_information(dominant_codes(codes_a, real_a),
+                                         dominant_codes(codes_b, real_b))
 
 
 def retrieval_ranks(queries: torch.Tensor, targets: torch.Tensor,

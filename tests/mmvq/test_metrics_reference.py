@@ -89,3 +89,20 @@ def test_chance_recall_matches_random_rankings():
         assert M.chance_recall(groups, k) == pytest.approx(simulated, abs=0.005)
     assert M.chance_recall(np.arange(100), 5) == pytest.approx(0.05)
     assert M.chance_recall(np.zeros(7), 1) == 1.0
+
+
+def test_a_captions_padding_does_not_decide_its_nmi_label():
+    # Content codes equal the image's label; each caption is padded with code 99 to 12
+    # positions, and captions of 3 content positions have more padding than content.
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 6, (600, 4))
+    labels = M.dominant_codes(image)
+    lengths = rng.choice([3, 9], 600)
+    text = np.full((600, 12), 99)
+    real = np.arange(12)[None] < lengths[:, None]
+    text[real] = np.repeat(labels, lengths)
+    short = lengths == 3
+    assert (M.dominant_codes(text)[short] == 99).all()  # padding outvotes the content
+    assert M.dominant_codes(text, real).tolist() == labels.tolist()
+    assert M.cross_modal_nmi(image, text) < 0.7
+    assert M.cross_modal_nmi(image, text, real_b=real) == pytest.approx(1.0)

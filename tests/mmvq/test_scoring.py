@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmvq import MultimodalTokenizer, TokenizerConfig, to_model_inputs
+from mmvq.metrics import normalized_mutual_information as M_nmi
 from mmvq.modalities.image import to_uint8
 from mmvq.scoring import ReconstructionScores, codebook_stats
 from mmvq.train_step import code_stats
@@ -163,3 +164,23 @@ def test_retrieval_counts_a_sample_with_the_same_caption_as_a_hit(make_batch):
     assert summary["cross/retrieval_image_to_text_r1"] == 1.0
     assert summary["cross/retrieval_image_to_audio_r1"] == 1.0
     assert {"cross/retrieval_image_to_text_r5", "cross/retrieval_image_to_text_r10"} <= set(summary)
+
+
+def test_nmi_labels_come_from_real_positions_only(inputs):
+    """Captions whose padding outnumbers their content: NMI is 1 only if padding is ignored."""
+    inputs.has_image[3] = True  # every sample complete, to pair all four
+    codes = _codes()
+    codes["image"] = torch.tensor([0, 1, 2, 3]).view(4, 1, 1).expand(4, 2, 2).clone()
+    inputs.text_len[:] = 2
+    codes["text"] = torch.full((4, 6), 9)  # padding code 9 on positions 2..5
+    codes["text"][:, :2] = torch.tensor([10, 11, 12, 13])[:, None]
+    audio_window = inputs.audio.shape[-1]
+    inputs.audio_len[:] = audio_window // 4  # the first of the 4 frames is real
+    codes["audio"] = torch.full((4, 4), 2)
+    codes["audio"][:, 0] = torch.tensor([0, 1, 3, 0])
+    scores = ReconstructionScores(SIZES, RATE)
+    scores.add(inputs, _perfect(inputs), codes)
+    summary = scores.summary()
+    assert summary["cross/nmi_image_text"] == pytest.approx(1.0)
+    assert summary["cross/nmi_image_audio"] == pytest.approx(M_nmi([0, 1, 2, 3], [0, 1, 3, 0]))
+    assert summary["cross/nmi_audio_text"] == pytest.approx(M_nmi([0, 1, 3, 0], [0, 1, 2, 3]))
