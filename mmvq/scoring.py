@@ -104,7 +104,8 @@ def codebook_stats(codes: Mapping[str, torch.Tensor | np.ndarray],
 
 
 class ReconstructionScores:
-    """Accumulates per-sample scores, the codes seen and the paired codes, for one model.
+    """Accumulates per-sample scores, the codes seen and, for the cross-modal NMI, each complete
+    sample's dominant code per modality, for one model.
 
     Parameters
     ----------
@@ -123,7 +124,7 @@ class ReconstructionScores:
         self.speech = speech
         self.values: dict[str, list[float]] = {}
         self.codes: dict[str, list[torch.Tensor]] = {m: [] for m in self.sizes}  # on the CPU
-        self.paired: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
+        self.paired: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}  # (B,) labels
         self.embeddings: dict[str, list[torch.Tensor]] = {}  # fusion models only
         self.captions: list[bytes] = []  # text ids of the complete samples, for retrieval hits
 
