@@ -173,6 +173,8 @@ def dominant_codes(codes: torch.Tensor | np.ndarray,
     padding, whose codes say how long the sample is, not what it is. A row without a real
     position falls back to all of its positions. None: every position counts.
     """
+    if len(codes) == 0:  # a batch with no sample to label (reshape cannot infer -1 at 0)
+        return np.zeros(0, np.int64)
     flat = np.asarray(torch.as_tensor(codes).detach().cpu()).reshape(len(codes), -1)
     keep = (np.ones(flat.shape, bool) if real is None
             else np.asarray(torch.as_tensor(real).detach().cpu()).reshape(flat.shape))

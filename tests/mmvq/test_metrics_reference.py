@@ -106,3 +106,7 @@ def test_a_captions_padding_does_not_decide_its_nmi_label():
     assert M.dominant_codes(text, real).tolist() == labels.tolist()
     assert M.cross_modal_nmi(image, text) < 0.7
     assert M.cross_modal_nmi(image, text, real_b=real) == pytest.approx(1.0)
+
+
+def test_dominant_codes_of_no_samples_is_empty():
+    assert M.dominant_codes(np.zeros((0, 4), np.int64), np.zeros((0, 4), bool)).shape == (0,)
